@@ -1,0 +1,149 @@
+"""The `headstart` command. Heavy imports (TensorFlow, Prefect, DVC) happen inside commands,
+so `headstart --help` stays instant."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from headstart.errors import UserError
+
+app = typer.Typer(
+    help="headstart: a transfer-learning image classifier, orchestrated by Prefect, versioned by DVC.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="Parameter file.")]
+
+
+def _quiet_environment() -> None:
+    """Defaults that keep TensorFlow, Prefect and DVC quiet and offline-safe (user wins)."""
+    for key, value in {
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    _quiet_environment()
+
+
+def _fail(err: BaseException) -> typer.Exit:
+    typer.echo(f"error: {err}", err=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def step(
+    name: Annotated[str, typer.Argument(help="prepare | baseline | weights | freeze | head | "
+                                              "evaluate | plots")],  # fmt: skip
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Run one pipeline step (what each `dvc repro` stage calls)."""
+    from headstart import params as params_module
+    from headstart import pipeline
+
+    try:
+        params = params_module.load(params_file)
+        out = pipeline.get(name).run(params, params_file.parent)
+    except UserError as err:
+        raise _fail(err) from None
+    typer.echo(f"{name}: wrote {out}")
+
+
+@app.command()
+def run(
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set-param", "-S", help="Override section.key=value (written to params)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run every step, stale or not.")] = False,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Trigger a Prefect flow run of the whole pipeline (stale steps only)."""
+    try:
+        from headstart import params as params_module
+
+        if set_:
+            params_module.write_overrides(params_file, set_)
+        params_module.load(params_file)
+        from flows.pipeline import pipeline_flow
+
+        result = pipeline_flow(root=str(params_file.parent.resolve()), force=force)
+    except UserError as err:
+        raise _fail(err) from None
+    typer.echo(result["summary"])
+
+
+@app.command()
+def status(params_file: ParamsOption = Path("params.yaml")) -> None:
+    """Show which steps are stale (would run) and which are up to date."""
+    from headstart import dvcstate
+
+    try:
+        stale = dvcstate.stale_stages(params_file.parent)
+    except UserError as err:
+        raise _fail(err) from None
+    from headstart.pipeline import STEP_NAMES
+
+    for name in STEP_NAMES:
+        typer.echo(f"{name:10s} {'stale' if name in stale else 'up to date'}")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="A saved .keras model (labels.json beside it).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Classify images with a trained model."""
+    from headstart import predicting
+
+    try:
+        results = predicting.predict_paths(model, inputs, top_k)
+    except UserError as err:
+        raise _fail(err) from None
+    typer.echo(predicting.render(results, as_json))
+    if any("error" in r for r in results):
+        raise typer.Exit(2 if all("error" in r for r in results) else 0)
+
+
+@app.command()
+def schedule(
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * *'.")] = "0 3 * * *",
+    interval: Annotated[
+        float | None, typer.Option(help="Instead of cron: every N seconds.")
+    ] = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled-retraining",
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Serve a Prefect deployment that retrains on a schedule (needs a real Prefect server)."""
+    from flows import scheduling
+
+    try:
+        scheduling.serve(params_file.parent.resolve(), name=name, cron=cron, interval=interval)
+    except UserError as err:
+        raise _fail(err) from None
+
+
+if __name__ == "__main__":
+    app()

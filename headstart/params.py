@@ -1,0 +1,285 @@
+"""params.yaml loaded once into frozen dataclasses and validated up front.
+
+Every user-facing mistake becomes one `ParamsError` whose message names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from headstart.errors import UserError
+
+BACKBONES = ("efficientnet_lite0", "efficientnetb0", "inceptionv3")
+
+
+class ParamsError(UserError):
+    """A bad value in params.yaml (or an override)."""
+
+
+@dataclass(frozen=True)
+class Base:
+    seed: int = 42
+    image_size: int = 96
+    backbone: str = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class Prepare:
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    min_per_class: int = 5
+    resize: str = "pad"
+    max_pixels: int = 89_478_485
+
+
+@dataclass(frozen=True)
+class Baseline:
+    epochs: int = 15
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    patience: int = 3
+    target_accuracy: float = 0.99
+
+
+@dataclass(frozen=True)
+class Weights:
+    url: str = ""
+    cache_dir: str = "~/.cache/headstart/weights"
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class Freeze:
+    cut_layer: str = ""
+
+
+@dataclass(frozen=True)
+class Head:
+    units: int = 1024
+    dropout: float = 0.2
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    epochs: int = 20
+    batch_size: int = 64
+    patience: int = 5
+    target_accuracy: float = 0.999
+    class_weight: str = "none"
+    views: int = 1
+
+
+@dataclass(frozen=True)
+class Finetune:
+    enabled: bool = False
+    blocks: int = 2
+    learning_rate: float = 1e-5
+    epochs: int = 3
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    top_k: int = 3
+
+
+@dataclass(frozen=True)
+class Plots:
+    samples: int = 16
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: str = "data"
+    prepared: str = "artifacts/prepared"
+    baseline: str = "artifacts/baseline"
+    weights: str = "artifacts/weights"
+    backbone: str = "artifacts/backbone"
+    transfer: str = "artifacts/transfer"
+    features: str = "artifacts/features"
+    metrics: str = "artifacts/metrics"
+    plots: str = "artifacts/plots"
+
+
+@dataclass(frozen=True)
+class Params:
+    base: Base = Base()
+    prepare: Prepare = Prepare()
+    baseline: Baseline = Baseline()
+    weights: Weights = Weights()
+    freeze: Freeze = Freeze()
+    head: Head = Head()
+    finetune: Finetune = Finetune()
+    evaluate: Evaluate = Evaluate()
+    plots: Plots = Plots()
+    paths: Paths = Paths()
+
+    def path(self, name: str, root: Path | str = ".") -> Path:
+        """An artifact path from the `paths` section, relative to the project root."""
+        return Path(root) / getattr(self.paths, name)
+
+
+# (section, key) -> check returning an error text, or None when the value is fine.
+_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
+    "base.seed": lambda v: None if v >= 0 else "must be >= 0",
+    "base.image_size": lambda v: None if v >= 32 else "must be >= 32 (pixels)",
+    "base.backbone": lambda v: None if v in BACKBONES else f"must be one of {', '.join(BACKBONES)}",
+    "prepare.resize": lambda v: None if v in ("pad", "stretch") else "must be 'pad' or 'stretch'",
+    "head.optimizer": lambda v: None
+    if v in ("adam", "sgd", "rmsprop")
+    else "must be adam, sgd or rmsprop",
+    "head.class_weight": lambda v: None
+    if v in ("none", "balanced")
+    else "must be 'none' or 'balanced'",
+    "head.dropout": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+    "weights.url": lambda v: None
+    if v == "" or v.startswith(("https://", "file://"))
+    else "must be empty or an https:// (or file://) URL",
+}
+_POSITIVE = {
+    "epochs", "batch_size", "learning_rate", "units", "views", "blocks", "top_k",
+    "samples", "max_pixels", "min_per_class", "retries", "patience",
+}  # fmt: skip
+_FRACTIONS = {"val_fraction", "test_fraction", "target_accuracy"}
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ParamsError(f"params: {name} must be true or false (got {value!r})")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ParamsError(f"params: {name} must be an integer (got {value!r})")
+        try:
+            return int(value)
+        except ValueError:
+            raise ParamsError(f"params: {name} must be an integer (got {value!r})") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ParamsError(f"params: {name} must be a number (got {value!r})")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ParamsError(f"params: {name} must be a number (got {value!r})") from None
+    if value is None:
+        return ""
+    if not isinstance(value, (str, int, float)):
+        raise ParamsError(f"params: {name} must be a string (got {value!r})")
+    return str(value)
+
+
+def _check(name: str, key: str, value: Any) -> None:
+    problem = None
+    if name in _CHECKS:
+        problem = _CHECKS[name](value)
+    elif key in _POSITIVE and value <= 0:
+        problem = "must be > 0"
+    elif key in _FRACTIONS and not 0 < value < 1:
+        problem = "must be between 0 and 1 (exclusive)"
+    elif key == "patience" and value < 0:
+        problem = "must be >= 0"
+    if problem:
+        raise ParamsError(f"params: {name} {problem} (got {value!r})")
+
+
+def from_dict(raw: dict[str, Any] | None) -> Params:
+    """Validate a params mapping (as in params.yaml) and build `Params`."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ParamsError("params: the file must be a mapping of sections")
+    sections = {f.name: f for f in fields(Params)}
+    built = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ParamsError(
+                f"params: unknown section '{section}' (known: {', '.join(sections)})"
+            )
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ParamsError(f"params: section '{section}' must be a mapping")
+        cls = sections[section].type
+        cls = globals()[cls] if isinstance(cls, str) else cls
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if key not in hints:
+                raise ParamsError(
+                    f"params: unknown key '{name}' (known in {section}: {', '.join(hints)})"
+                )
+            kwargs[key] = _coerce(name, value, hints[key])
+            _check(name, key, kwargs[key])
+        built[section] = cls(**kwargs)
+    params = Params(**built)
+    split = params.prepare.val_fraction + params.prepare.test_fraction
+    if split >= 1:
+        raise ParamsError(
+            "params: prepare.val_fraction + prepare.test_fraction must be < 1 "
+            f"(got {split:g}); leave some images for training"
+        )
+    return params
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply DVC-style `section.key=value` overrides to a raw params mapping (a copy)."""
+    merged = {section: dict(values or {}) for section, values in raw.items()}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ParamsError(f"override '{item}' must look like section.key=value")
+        merged.setdefault(section, {})[key] = yaml.safe_load(value) if value else ""
+    return merged
+
+
+def read_raw(path: Path | str = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    return raw or {}
+
+
+def load(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
+    raw = read_raw(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    try:
+        return from_dict(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def to_dict(params: Params) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
+def write_overrides(path: Path | str, overrides: list[str]) -> None:
+    """Validate `section.key=value` overrides and write them into params.yaml, keeping comments
+    (like `dvc exp run -S`), so DVC and the flow see the same parameters."""
+    from ruamel.yaml import YAML
+
+    from headstart.files import write_text
+
+    path = Path(path)
+    load(path, overrides)  # validate the merged result before touching the file
+    parser = YAML()
+    document = parser.load(path.read_text())
+    for item in overrides:
+        name, _, value = item.partition("=")
+        section, _, key = name.strip().partition(".")
+        document.setdefault(section, {})[key] = yaml.safe_load(value) if value else ""
+    buffer = __import__("io").StringIO()
+    parser.dump(document, buffer)
+    write_text(path, buffer.getvalue())

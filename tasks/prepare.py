@@ -1,0 +1,283 @@
+"""prepare: data/<class>/... -> artifacts/prepared/ (validated, decoded once, seeded split).
+
+Output format: one uint8 `.npy` array per split (N x S x S x 3) plus int32 labels. Reasons: the
+images are decoded and resized exactly once here; `np.load(mmap_mode="r")` opens them instantly
+with no decoding and no copy, slices of it feed Keras directly, memory stays flat for large sets,
+and the format is plain numpy (no TFRecord/protobuf parsing, readable from any tool).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from headstart import images
+from headstart.errors import UserError
+from headstart.files import atomic_dir, write_json, write_text
+from headstart.params import Params
+
+log = logging.getLogger("headstart.prepare")
+
+SPLITS = ("train", "val", "test")
+
+
+class PrepareError(UserError):
+    """The data folder cannot make a usable data set; the message says why and what to do."""
+
+
+@dataclass
+class _Seen:
+    path: str  # relative to the data folder, POSIX style
+    label: str
+    status: str  # used | quarantined | ignored
+    reason: str = ""
+    sha256: str = ""
+    row: int = -1  # row in the temporary decoded-image file
+    split: str = ""
+
+
+def _walk(data_dir: Path):
+    """Yield (relative path, class name or None, hidden) for every file, sorted."""
+    for root, dirs, files in os.walk(data_dir):
+        dirs.sort()
+        rel_root = Path(root).relative_to(data_dir)
+        hidden_dir = any(part.startswith(".") for part in rel_root.parts)
+        label = rel_root.parts[0] if rel_root.parts else None
+        for name in sorted(files):
+            rel = (rel_root / name).as_posix()
+            yield rel, label, hidden_dir or name.startswith(".")
+
+
+def split_of(sha256: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split of one image, from its content hash alone.
+
+    Independent per image, so adding or removing files never moves another file, and identical
+    content always lands in the same split. Applied per class it is stratified in expectation.
+    """
+    key = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
+    u = int.from_bytes(key[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _scan(data_dir: Path, params: Params, raw_file) -> list[_Seen]:
+    size, p = params.base.image_size, params.prepare
+    seen: list[_Seen] = []
+    rows = 0
+    for count, (rel, label, hidden) in enumerate(_walk(data_dir), start=1):
+        if count % 500 == 0:
+            log.info("prepare: %d files read", count)
+        if label is None:
+            seen.append(_Seen(rel, "", "ignored", "outside a class folder"))
+            continue
+        if hidden:
+            seen.append(_Seen(rel, label, "ignored", "hidden file"))
+            continue
+        path = data_dir / rel
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            seen.append(_Seen(rel, label, "quarantined", f"unreadable ({err.strerror or err})"))
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            array = images.decode(data, size, p.resize, p.max_pixels)
+        except images.NotAnImage as err:
+            if path.suffix.lower() in images.IMAGE_EXTENSIONS:
+                seen.append(_Seen(rel, label, "quarantined", str(err), digest))
+            else:
+                seen.append(_Seen(rel, label, "ignored", "not an image file", digest))
+            continue
+        except images.BadImage as err:
+            seen.append(_Seen(rel, label, "quarantined", str(err), digest))
+            continue
+        raw_file.write(array.tobytes())
+        seen.append(_Seen(rel, label, "used", "", digest, rows))
+        rows += 1
+    return seen
+
+
+def _resolve_duplicates(seen: list[_Seen]) -> list[dict]:
+    """Quarantine extra copies of identical content; copies under different labels all go."""
+    by_hash: dict[str, list[_Seen]] = defaultdict(list)
+    for item in seen:
+        if item.status == "used":
+            by_hash[item.sha256].append(item)
+    conflicts = []
+    for digest, group in by_hash.items():
+        if len(group) < 2:
+            continue
+        labels = sorted({item.label for item in group})
+        if len(labels) > 1:
+            conflicts.append({"sha256": digest, "labels": labels, "files": [i.path for i in group]})
+            for item in group:
+                item.status = "quarantined"
+                item.reason = f"conflicting labels: same content in classes {', '.join(labels)}"
+        else:
+            for item in group[1:]:
+                item.status = "quarantined"
+                item.reason = f"duplicate of {group[0].path}"
+    return conflicts
+
+
+def _report(seen: list[_Seen], classes: list[str], empty: list[str], conflicts, params) -> dict:
+    per_class: dict[str, Counter] = defaultdict(Counter)
+    for item in seen:
+        key = item.label or "(no class)"
+        per_class[key]["seen"] += 1
+        per_class[key][item.status] += 1
+        if item.status == "used":
+            per_class[key][item.split] += 1
+    counts = {}
+    for key in sorted(per_class):
+        c = per_class[key]
+        counts[key] = {k: c[k] for k in ("seen", "used", "quarantined", "ignored", *SPLITS)}
+    total = Counter()
+    for c in counts.values():
+        total.update(c)
+    return {
+        "data_files_seen": total["seen"],
+        "reconciles": all(
+            c["seen"] == c["used"] + c["quarantined"] + c["ignored"] for c in counts.values()
+        )
+        and total["seen"] == len(seen),
+        "totals": {k: total[k] for k in ("seen", "used", "quarantined", "ignored", *SPLITS)},
+        "classes": classes,
+        "empty_class_folders": empty,
+        "per_class": counts,
+        "quarantined": [
+            {"file": i.path, "label": i.label, "reason": i.reason}
+            for i in seen
+            if i.status == "quarantined"
+        ],
+        "ignored": [{"file": i.path, "reason": i.reason} for i in seen if i.status == "ignored"],
+        "label_conflicts": conflicts,
+        "split": {
+            "seed": params.base.seed,
+            "val_fraction": params.prepare.val_fraction,
+            "test_fraction": params.prepare.test_fraction,
+            "method": "sha256(seed:content sha256) threshold, per image",
+        },
+    }
+
+
+def prepare(data_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
+    """Validate, decode, split and store the images under `data_dir` into `out_dir`."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if not data_dir.is_dir():
+        raise PrepareError(
+            f"{data_dir}: data folder not found; put images in {data_dir}/<class>/ "
+            "(for the demo data: dvc pull)"
+        )
+    folders = sorted(
+        d.name for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
+    size = params.base.image_size
+    pixels = size * size * 3
+    with tempfile.TemporaryFile(dir=out_dir.parent if out_dir.parent.exists() else None) as raw:
+        buffered = io.BufferedWriter(raw, buffer_size=1 << 22)  # type: ignore[arg-type]
+        seen = _scan(data_dir, params, buffered)
+        buffered.flush()
+        conflicts = _resolve_duplicates(seen)
+        used = Counter(i.label for i in seen if i.status == "used")
+        files = Counter(i.label for i in seen if i.label)
+        empty = [f for f in folders if files[f] == 0]
+        classes = [f for f in folders if files[f] > 0]
+        _check_classes(data_dir, classes, used, params.prepare.min_per_class)
+        p = params.prepare
+        for item in seen:
+            if item.status == "used":
+                item.split = split_of(item.sha256, params.base.seed, p.val_fraction, p.test_fraction)
+        for split in SPLITS:
+            if not any(i.split == split for i in seen):
+                raise PrepareError(
+                    f"{data_dir}: the {split} split is empty ({sum(used.values())} usable images);"
+                    f" add images or raise prepare.{split}_fraction"
+                )
+        n_rows = sum(1 for i in seen if i.row >= 0)
+        decoded = np.memmap(raw, dtype=np.uint8, mode="r", shape=(max(n_rows, 1), pixels))
+        report = _report(seen, classes, empty, conflicts, params)
+        with atomic_dir(out_dir) as tmp:
+            _write(tmp, seen, classes, decoded, size)
+            write_json(tmp / "labels.json", {"classes": classes, "image_size": size})
+            write_json(tmp / "report.json", report)
+            write_text(tmp / "report.txt", summary(report))
+        del decoded
+    log.info("prepare: %s", summary(report).splitlines()[0])
+    return out_dir
+
+
+def _check_classes(data_dir: Path, classes: list[str], used: Counter, minimum: int) -> None:
+    if len([c for c in classes if used[c] > 0]) < 2:
+        raise PrepareError(
+            f"{data_dir}: found {len(classes)} class folder(s) with usable images; "
+            "need at least 2 (one folder per class: data/<class>/<images>)"
+        )
+    for name in classes:
+        if used[name] < minimum:
+            raise PrepareError(
+                f"{data_dir / name}: {used[name]} usable image(s), fewer than "
+                f"prepare.min_per_class={minimum}; add images or lower the setting"
+            )
+
+
+def _write(out: Path, seen: list[_Seen], classes: list[str], decoded, size: int) -> None:
+    index = {name: i for i, name in enumerate(classes)}
+    with open(out / "manifest.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "sha256", "label", "split", "index"])
+        for split in SPLITS:
+            items = [i for i in seen if i.split == split]
+            array = np.lib.format.open_memmap(
+                out / f"{split}_images.npy", mode="w+", dtype=np.uint8,
+                shape=(len(items), size, size, 3),
+            )  # fmt: skip
+            for n, item in enumerate(items):
+                array[n] = decoded[item.row].reshape(size, size, 3)
+                writer.writerow([item.path, item.sha256, item.label, split, n])
+            array.flush()
+            del array
+            labels = np.array([index[i.label] for i in items], dtype=np.int32)
+            np.save(out / f"{split}_labels.npy", labels)
+
+
+def summary(report: dict) -> str:
+    t = report["totals"]
+    lines = [
+        f"{t['seen']} files: {t['used']} used ({t['train']} train / {t['val']} val / "
+        f"{t['test']} test), {t['quarantined']} quarantined, {t['ignored']} ignored; "
+        f"{len(report['classes'])} classes",
+    ]
+    for item in report["quarantined"]:
+        lines.append(f"  quarantined {item['file']}: {item['reason']}")
+    if report["empty_class_folders"]:
+        lines.append(f"  empty class folders (skipped): {', '.join(report['empty_class_folders'])}")
+    for conflict in report["label_conflicts"]:
+        lines.append(f"  label conflict {', '.join(conflict['files'])}")
+    return "\n".join(lines) + "\n"
+
+
+def load_split(prepared: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 N x S x S x 3 memory-mapped, labels int32 N) of one prepared split."""
+    prepared = Path(prepared)
+    return (
+        np.load(prepared / f"{split}_images.npy", mmap_mode="r"),
+        np.load(prepared / f"{split}_labels.npy"),
+    )
+
+
+def run(params: Params, root: Path) -> Path:
+    """The step as dvc.yaml and the flow call it: paths from params."""
+    return prepare(params.path("data", root), params.path("prepared", root), params)

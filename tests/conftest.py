@@ -1,0 +1,164 @@
+"""Shared fixtures: tiny real image folders (good and bad files), small params, the project root."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from headstart import params as params_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def image_bytes(seed: int, size=(40, 40), fmt="PNG", mode="RGB", **save) -> bytes:
+    """A small real image with content unique to `seed`."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2, "CMYK": 4}[mode]
+    array = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(array.squeeze(-1) if channels == 1 else array[..., :3])
+    if mode in ("RGBA", "LA"):
+        image = image.convert(mode)
+        image.putalpha(Image.fromarray(array[..., -1]))
+    image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def class_pattern(label: int, seed: int, size: int = 32) -> Image.Image:
+    """Images a tiny model can learn: a class-specific colour and stripe direction plus noise."""
+    rng = np.random.default_rng(seed)
+    base = np.zeros((size, size, 3), dtype=np.float32)
+    base[..., label % 3] = 200
+    stripes = (np.arange(size) // 4 % 2) * 55
+    base += stripes[:, None, None] if label % 2 else stripes[None, :, None]
+    base += rng.normal(0, 20, size=base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def write_good_images(data: Path, classes: int = 2, per_class: int = 12, start: int = 0) -> None:
+    for label in range(classes):
+        folder = data / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(start, start + per_class):
+            fmt = "JPEG" if n % 3 == 0 else "PNG"
+            suffix = ".jpg" if fmt == "JPEG" else ".png"
+            class_pattern(label, seed=1000 * label + n).save(folder / f"img_{n:03d}{suffix}", fmt)
+
+
+def write_bad_files(data: Path) -> dict[str, str]:
+    """One of each bad or odd kind under data/class_0 (and friends); returns file -> expected
+    status (used / quarantined / ignored)."""
+    a, b = data / "class_0", data / "class_1"
+    for folder in (a, b, a / "sub" / "deeper", data / "empty_class"):
+        folder.mkdir(parents=True, exist_ok=True)
+    expected = {}
+
+    def put(rel: str, content: bytes, status: str) -> None:
+        (data / rel).write_bytes(content)
+        expected[rel] = status
+
+    jpeg = image_bytes(1, fmt="JPEG")
+    put("class_0/zero_bytes.jpg", b"", "quarantined")
+    put("class_0/truncated.jpg", jpeg[: len(jpeg) // 2], "quarantined")
+    put("class_0/text_as_image.png", b"this is not an image\n" * 20, "quarantined")
+    put("class_0/bmp_content.jpg", image_bytes(2, fmt="BMP"), "used")
+    put("class_0/gif_content.png", image_bytes(3, fmt="GIF", mode="L"), "used")
+    put("class_0/webp_content.jpeg", image_bytes(4, fmt="WEBP"), "used")
+    put("class_0/tiff_content.dat", image_bytes(5, fmt="TIFF"), "used")
+    put("class_0/cmyk.jpg", image_bytes(6, fmt="JPEG", mode="CMYK"), "used")
+    sixteen = Image.fromarray(
+        np.random.default_rng(7).integers(0, 65535, (30, 30), dtype=np.uint16)
+    )
+    buffer = io.BytesIO()
+    sixteen.save(buffer, format="PNG")
+    put("class_0/sixteen_bit.png", buffer.getvalue(), "used")
+    put("class_0/rgba.png", image_bytes(8, mode="RGBA"), "used")
+    put("class_0/la.png", image_bytes(9, mode="LA"), "used")
+    palette = Image.open(io.BytesIO(image_bytes(10))).convert("P", palette=Image.Palette.ADAPTIVE)
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG", transparency=0)
+    put("class_0/palette.png", buffer.getvalue(), "used")
+    frames = [Image.new("RGB", (20, 20), color) for color in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    put("class_0/animated.gif", buffer.getvalue(), "used")
+    put("class_0/exif_rotated.jpg", exif_rotated_jpeg(), "used")
+    big = Image.new("L", (3000, 3000), 0)
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    put("class_0/huge.png", buffer.getvalue(), "quarantined")  # 9 Mpx > max_pixels in tests
+    put("class_0/.DS_Store", b"\x00\x00\x00\x01Bud1", "ignored")
+    put("class_0/notes.txt", b"labelling notes\n", "ignored")
+    put("class_0/sub/deeper/nested.png", image_bytes(11), "used")
+    os.symlink(data / "class_0" / "does_not_exist.png", a / "unreadable.png")
+    expected["class_0/unreadable.png"] = "quarantined"
+    duplicate = image_bytes(12)
+    put("class_1/a_first.png", duplicate, "used")
+    put("class_1/b_copy.png", duplicate, "quarantined")
+    conflict = image_bytes(13)
+    put("class_0/conflict.png", conflict, "quarantined")
+    put("class_1/conflict.png", conflict, "quarantined")
+    return expected
+
+
+def exif_rotated_jpeg() -> bytes:
+    """A 40x20 landscape JPEG (left half red, right half blue) tagged orientation 6 (rotate 90°
+    clockwise to display): displayed, it is a 20x40 portrait with red on top."""
+    array = np.zeros((20, 40, 3), dtype=np.uint8)
+    array[:, :20, 0] = 255
+    array[:, 20:, 2] = 255
+    image = Image.fromarray(array)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    return buffer.getvalue()
+
+
+def small_params(**sections) -> params_module.Params:
+    """Params for tiny, fast runs; `sections` override keys, e.g. head={"epochs": 1}."""
+    raw = {
+        "base": {"image_size": 32, "seed": 7},
+        "prepare": {"val_fraction": 0.25, "test_fraction": 0.25, "min_per_class": 3,
+                    "max_pixels": 4_000_000},
+        "baseline": {"epochs": 2, "batch_size": 16},
+        "head": {"epochs": 2, "batch_size": 16, "units": 32},
+        "finetune": {"epochs": 1, "batch_size": 8},
+        "plots": {"samples": 8},
+    }  # fmt: skip
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return params_module.from_dict(raw)
+
+
+@pytest.fixture
+def good_data(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    write_good_images(data)
+    return data
+
+
+@pytest.fixture
+def messy_data(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    data = tmp_path / "data"
+    write_good_images(data)
+    return data, write_bad_files(data)
+
+
+def git_clone(target: Path) -> Path:
+    """A clone of this repository's committed state (what a user or CI starts from)."""
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
+    return target
+

@@ -1,0 +1,48 @@
+"""params.yaml: loaded into frozen dataclasses; a bad value is one error naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from conftest import ROOT
+
+from headstart import params as P
+
+
+def test_project_params_file_is_valid_and_frozen():
+    params = P.load(ROOT / "params.yaml")
+    assert params.base.image_size >= 32
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.base.seed = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"head": {"epochs": -1}}, "head.epochs must be > 0"),
+        ({"head": {"epoch": 3}}, "unknown key 'head.epoch'"),
+        ({"heads": {}}, "unknown section 'heads'"),
+        ({"prepare": {"val_fraction": 0.5, "test_fraction": 0.5}}, "must be < 1"),
+        ({"prepare": {"val_fraction": 1.2}}, "prepare.val_fraction must be between 0 and 1"),
+        ({"base": {"image_size": 16}}, "base.image_size must be >= 32"),
+        ({"base": {"backbone": "resnet"}}, "base.backbone must be one of"),
+        ({"baseline": {"epochs": "many"}}, "baseline.epochs must be an integer"),
+        ({"weights": {"url": "http://insecure/x"}}, "weights.url must be empty or an https://"),
+    ],
+)
+def test_bad_values_name_the_key(raw, message):
+    with pytest.raises(P.ParamsError, match=message.replace("(", r"\(")):
+        P.from_dict(raw)
+
+
+def test_overrides_are_written_with_comments_kept(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    P.write_overrides(path, ["head.dropout=0.3", "finetune.enabled=true"])
+    params = P.load(path)
+    assert params.head.dropout == 0.3 and params.finetune.enabled is True
+    assert "# headstart parameters" in path.read_text()
+    with pytest.raises(P.ParamsError, match="head.epochs must be > 0"):
+        P.write_overrides(path, ["head.epochs=0"])
+    assert P.load(path).head.epochs == params.head.epochs

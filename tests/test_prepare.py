@@ -1,0 +1,143 @@
+"""prepare: every file accounted for, bad files quarantined with a reason, a seeded stable split."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, git_clone, small_params, write_good_images
+
+from headstart import images
+from tasks.prepare import PrepareError, load_split, prepare, split_of
+
+
+def manifest(out: Path) -> list[dict]:
+    with open(out / "manifest.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def all_files(data: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(data))
+
+
+def test_messy_folder_prepares_and_report_accounts_for_every_file(messy_data, tmp_path):
+    data, expected = messy_data
+    out = prepare(data, tmp_path / "prepared", small_params())
+    report = __import__("json").loads((out / "report.json").read_text())
+
+    assert report["reconciles"] is True
+    assert report["totals"]["seen"] == all_files(data)
+    for name, counts in report["per_class"].items():
+        assert counts["seen"] == counts["used"] + counts["quarantined"] + counts["ignored"], name
+        assert counts["used"] == counts["train"] + counts["val"] + counts["test"], name
+    status = {item["file"]: "quarantined" for item in report["quarantined"]}
+    status.update({item["file"]: "ignored" for item in report["ignored"]})
+    used = {row["file"] for row in manifest(out)}
+    status.update(dict.fromkeys(used, "used"))
+    for name, want in expected.items():
+        assert status.get(name) == want, name
+    assert report["empty_class_folders"] == ["empty_class"]
+    assert report["classes"] == ["class_0", "class_1"]
+    assert [c["labels"] for c in report["label_conflicts"]] == [["class_0", "class_1"]]
+    reasons = {item["file"]: item["reason"] for item in report["quarantined"]}
+    assert "0 bytes" in reasons["class_0/zero_bytes.jpg"]
+    assert "too large" in reasons["class_0/huge.png"]
+    assert reasons["class_1/b_copy.png"] == "duplicate of class_1/a_first.png"
+
+
+def test_prepared_arrays_match_manifest_and_labels(messy_data, tmp_path):
+    data, _ = messy_data
+    out = prepare(data, tmp_path / "prepared", small_params())
+    rows = manifest(out)
+    classes = __import__("json").loads((out / "labels.json").read_text())["classes"]
+    for split in ("train", "val", "test"):
+        x, y = load_split(out, split)
+        split_rows = [r for r in rows if r["split"] == split]
+        assert x.shape == (len(split_rows), 32, 32, 3) and x.dtype == np.uint8
+        assert [classes[i] for i in y] == [r["label"] for r in split_rows]
+    shas = Counter(r["sha256"] for r in rows)
+    assert max(shas.values()) == 1  # duplicates are used once, so never in two splits
+
+
+def test_decode_normalises_odd_images():
+    from conftest import exif_rotated_jpeg
+
+    portrait = images.decode(exif_rotated_jpeg(), 40, "stretch")
+    top, bottom = portrait[5, 20], portrait[35, 20]
+    assert top[0] > 200 and top[2] < 60  # red on top once orientation 6 is applied
+    assert bottom[2] > 200 and bottom[0] < 60
+    transparent = __import__("PIL.Image", fromlist=["Image"]).new("RGBA", (8, 8), (0, 0, 0, 0))
+    buffer = __import__("io").BytesIO()
+    transparent.save(buffer, format="PNG")
+    assert images.decode(buffer.getvalue(), 32).min() == 255  # alpha flattened onto white
+
+
+def test_split_is_seeded_stratified_and_stable(good_data, tmp_path):
+    params = small_params()
+    first = {r["file"]: r["split"] for r in manifest(prepare(good_data, tmp_path / "a", params))}
+    again = {r["file"]: r["split"] for r in manifest(prepare(good_data, tmp_path / "b", params))}
+    assert first == again
+    write_good_images(good_data, per_class=1, start=500)  # add one image per class
+    grown = {r["file"]: r["split"] for r in manifest(prepare(good_data, tmp_path / "c", params))}
+    assert len(grown) == len(first) + 2
+    assert {f: grown[f] for f in first} == first
+    other = small_params(base={"seed": 8, "image_size": 32})
+    assert [split_of(f"{n:064x}", 7, 0.2, 0.2) for n in range(200)] != [
+        split_of(f"{n:064x}", other.base.seed, 0.2, 0.2) for n in range(200)
+    ]
+
+
+def test_split_fractions_hold_per_class():
+    for label in range(3):
+        splits = Counter(split_of(f"{label}-{n}", 42, 0.15, 0.15) for n in range(2000))
+        assert abs(splits["val"] / 2000 - 0.15) < 0.03
+        assert abs(splits["test"] / 2000 - 0.15) < 0.03
+
+
+def test_one_class_is_a_clear_error(tmp_path):
+    write_good_images(tmp_path / "data", classes=1)
+    with pytest.raises(PrepareError, match="need at least 2"):
+        prepare(tmp_path / "data", tmp_path / "out", small_params())
+    assert not (tmp_path / "out").exists()
+
+
+def test_small_class_is_a_clear_error_and_keeps_earlier_output(good_data, tmp_path):
+    out = prepare(good_data, tmp_path / "out", small_params())
+    before = (out / "manifest.csv").read_text()
+    with pytest.raises(PrepareError, match=r"class_0: 12 usable image\(s\).*min_per_class=20"):
+        prepare(good_data, out, small_params(prepare={"min_per_class": 20}))
+    assert (out / "manifest.csv").read_text() == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_missing_data_folder_via_cli_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("paths:\n  data: nowhere\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "headstart.cli", "step", "prepare", "--params",
+         str(tmp_path / "params.yaml")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/nowhere: data folder not found; put images in "
+        f"{tmp_path}/nowhere/<class>/ (for the demo data: dvc pull)"
+    ]
+
+
+def test_demo_data_pulls_from_the_in_repo_remote_and_prepares(tmp_path):
+    clone = git_clone(tmp_path / "clone")
+    dvc = Path(sys.executable).with_name("dvc")
+    subprocess.run([str(dvc), "pull", "-q"], cwd=clone, check=True)
+    classes = sorted(p.name for p in (clone / "data").iterdir())
+    assert len(classes) == 10
+    assert all(len(list((clone / "data" / c).iterdir())) >= 100 for c in classes)
+    out = prepare(clone / "data", tmp_path / "prepared", small_params())
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert report["totals"]["used"] == all_files(clone / "data")
+    assert report["totals"]["quarantined"] == 0
