@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/dvc pull -q
+	$(BIN)/dvc pull -q data.dvc
 	$(BIN)/headstart run
 
 test: install

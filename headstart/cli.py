@@ -53,8 +53,9 @@ def _fail(err: BaseException) -> typer.Exit:
 
 @app.command()
 def step(
-    name: Annotated[str, typer.Argument(help="prepare | baseline | weights | freeze | head | "
-                                              "evaluate | plots")],  # fmt: skip
+    name: Annotated[
+        str, typer.Argument(help="prepare | baseline | weights | freeze | head | evaluate | plots")
+    ],  # fmt: skip
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Run one pipeline step (what each `dvc repro` stage calls)."""

@@ -129,16 +129,18 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "base.image_size": lambda v: None if v >= 32 else "must be >= 32 (pixels)",
     "base.backbone": lambda v: None if v in BACKBONES else f"must be one of {', '.join(BACKBONES)}",
     "prepare.resize": lambda v: None if v in ("pad", "stretch") else "must be 'pad' or 'stretch'",
-    "head.optimizer": lambda v: None
-    if v in ("adam", "sgd", "rmsprop")
-    else "must be adam, sgd or rmsprop",
-    "head.class_weight": lambda v: None
-    if v in ("none", "balanced")
-    else "must be 'none' or 'balanced'",
+    "head.optimizer": lambda v: (
+        None if v in ("adam", "sgd", "rmsprop") else "must be adam, sgd or rmsprop"
+    ),
+    "head.class_weight": lambda v: (
+        None if v in ("none", "balanced") else "must be 'none' or 'balanced'"
+    ),
     "head.dropout": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
-    "weights.url": lambda v: None
-    if v == "" or v.startswith(("https://", "file://"))
-    else "must be empty or an https:// (or file://) URL",
+    "weights.url": lambda v: (
+        None
+        if v == "" or v.startswith(("https://", "file://"))
+        else "must be empty or an https:// (or file://) URL"
+    ),
 }
 _POSITIVE = {
     "epochs", "batch_size", "learning_rate", "units", "views", "blocks", "top_k",
@@ -198,9 +200,7 @@ def from_dict(raw: dict[str, Any] | None) -> Params:
     built = {}
     for section, values in raw.items():
         if section not in sections:
-            raise ParamsError(
-                f"params: unknown section '{section}' (known: {', '.join(sections)})"
-            )
+            raise ParamsError(f"params: unknown section '{section}' (known: {', '.join(sections)})")
         if values is None:
             values = {}
         if not isinstance(values, dict):

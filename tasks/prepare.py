@@ -179,7 +179,7 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
     if not data_dir.is_dir():
         raise PrepareError(
             f"{data_dir}: data folder not found; put images in {data_dir}/<class>/ "
-            "(for the demo data: dvc pull)"
+            "(for the demo data: dvc pull data.dvc)"
         )
     folders = sorted(
         d.name for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
@@ -199,7 +199,9 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
         p = params.prepare
         for item in seen:
             if item.status == "used":
-                item.split = split_of(item.sha256, params.base.seed, p.val_fraction, p.test_fraction)
+                item.split = split_of(
+                    item.sha256, params.base.seed, p.val_fraction, p.test_fraction
+                )
         for split in SPLITS:
             if not any(i.split == split for i in seen):
                 raise PrepareError(

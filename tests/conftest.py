@@ -161,4 +161,3 @@ def git_clone(target: Path) -> Path:
     """A clone of this repository's committed state (what a user or CI starts from)."""
     subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
     return target
-

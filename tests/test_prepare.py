@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, git_clone, small_params, write_good_images
+from conftest import git_clone, small_params, write_good_images
 
 from headstart import images
 from tasks.prepare import PrepareError, load_split, prepare, split_of
@@ -126,14 +126,14 @@ def test_missing_data_folder_via_cli_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path}/nowhere: data folder not found; put images in "
-        f"{tmp_path}/nowhere/<class>/ (for the demo data: dvc pull)"
+        f"{tmp_path}/nowhere/<class>/ (for the demo data: dvc pull data.dvc)"
     ]
 
 
 def test_demo_data_pulls_from_the_in_repo_remote_and_prepares(tmp_path):
     clone = git_clone(tmp_path / "clone")
     dvc = Path(sys.executable).with_name("dvc")
-    subprocess.run([str(dvc), "pull", "-q"], cwd=clone, check=True)
+    subprocess.run([str(dvc), "pull", "-q", "data.dvc"], cwd=clone, check=True)
     classes = sorted(p.name for p in (clone / "data").iterdir())
     assert len(classes) == 10
     assert all(len(list((clone / "data" / c).iterdir())) >= 100 for c in classes)
