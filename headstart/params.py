@@ -137,11 +137,21 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     ),
     "head.dropout": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
     "weights.url": lambda v: (
-        None
-        if v == "" or v.startswith(("https://", "file://"))
-        else "must be empty or an https:// (or file://) URL"
+        None if v == "" or _url_allowed(v) else "must be empty or an https:// URL"
     ),
 }
+
+
+def _url_allowed(url: str) -> bool:
+    from headstart.download import DownloadError, check_url
+
+    try:
+        check_url(url)
+    except DownloadError:
+        return False
+    return True
+
+
 _POSITIVE = {
     "epochs", "batch_size", "learning_rate", "units", "views", "blocks", "top_k",
     "samples", "max_pixels", "min_per_class", "retries", "patience",

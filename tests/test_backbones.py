@@ -1,0 +1,236 @@
+"""Backbones: the Lite0 port on real photos, downloads against a real loopback HTTP server,
+the restricted unpickler, and freezing that really freezes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import small_params
+from PIL import Image
+
+from headstart import backbones, download, images
+from headstart.convert import load_lite0_state
+from headstart.errors import UserError
+from headstart.torchfile import UnsafeCheckpoint, read_state_dict
+from tasks.freeze import freeze_backbone
+from tasks.weights import fetch_weights, package_file
+
+
+@pytest.fixture(scope="module")
+def lite0_weights(tmp_path_factory) -> Path:
+    """The real converted Lite0 weights (from the pip-installed package), made once."""
+    out = tmp_path_factory.mktemp("weights") / "weights"
+    return fetch_weights(out, small_params())
+
+
+def imagenet_top1(model, photo: np.ndarray) -> int:
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="PNG")
+    x = images.decode(buffer.getvalue(), 224, "stretch")[None].astype("float32")
+    return int(np.argmax(model(x, training=False).numpy()[0]))
+
+
+def test_lite0_port_classifies_real_photos(lite0_weights):
+    skimage_data = pytest.importorskip("skimage.data")
+    model = backbones.efficientnet_lite0(224, include_top=True)
+    model.load_weights(str(lite0_weights / "efficientnet_lite0.weights.h5"))
+    assert imagenet_top1(model, skimage_data.chelsea()) in (281, 282, 285)  # tabby/tiger/Egyptian
+    assert imagenet_top1(model, skimage_data.coffee()) == 967  # espresso
+
+
+def test_weights_record_names_source_and_hash(lite0_weights):
+    record = __import__("json").loads((lite0_weights / "weights.json").read_text())
+    assert record["source_hash"] == backbones.REGISTRY["efficientnet_lite0"].weights.file_hash
+    target = lite0_weights / record["file"]
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == record["sha256"]
+
+
+def test_conversion_refuses_missing_or_extra_tensors():
+    source = backbones.REGISTRY["efficientnet_lite0"].weights
+    state = read_state_dict(package_file(source.package, source.file_name))
+    model = backbones.efficientnet_lite0(32, include_top=True)
+    missing = {k: v for k, v in state.items() if k != "_blocks.3._bn1.running_var"}
+    with pytest.raises(UserError, match="_blocks.3._bn1.running_var"):
+        load_lite0_state(model, missing)
+    with pytest.raises(UserError, match="unused"):
+        load_lite0_state(model, {**state, "_extra.weight": np.zeros(3, np.float32)})
+    wrong = {**state, "_conv_stem.weight": np.zeros((32, 3, 5, 5), np.float32)}
+    with pytest.raises(UserError, match="_conv_stem.weight has shape"):
+        load_lite0_state(model, wrong)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+            pickle.dump(header, handle, protocol=2)
+        pickle.dump({"weight": _Evil()}, handle, protocol=2)
+    with pytest.raises(UnsafeCheckpoint, match="refusing to load global (posix|os|nt).system"):
+        read_state_dict(path)
+
+
+# --- downloads against a real HTTP server on 127.0.0.1 ------------------------------------------
+
+PAYLOAD = np.random.default_rng(0).bytes(300_000)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    hits: Counter = Counter()
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        _Handler.hits[self.path] += 1
+        if self.path == "/missing.bin":
+            self.send_error(404, "Not Found")
+            return
+        body = getattr(_Handler, "extra", b"") if self.path == "/b0.h5" else PAYLOAD
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.path == "/drop.bin":  # the connection dies halfway
+            self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_download_then_cache_hit(server, tmp_path):
+    path = download.fetch(f"{server}/good.bin", "good.bin", SHA, tmp_path, backoff=0)
+    assert path.read_bytes() == PAYLOAD
+    again = download.fetch(f"{server}/good.bin", "good.bin", SHA, tmp_path, backoff=0)
+    assert again == path and _Handler.hits["/good.bin"] == 1
+    assert leftovers(tmp_path) == ["good.bin"]
+
+
+def test_md5_pins_work_like_keras(server, tmp_path):
+    md5 = hashlib.md5(PAYLOAD).hexdigest()
+    path = download.fetch(f"{server}/good.bin", "md5.bin", md5, tmp_path, backoff=0)
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_hash_mismatch_names_both_hashes_and_keeps_nothing(server, tmp_path):
+    wrong = "0" * 64
+    with pytest.raises(download.DownloadError, match=f"expected {wrong} but got {SHA}"):
+        download.fetch(f"{server}/good.bin", "x.bin", wrong, tmp_path, backoff=0)
+    assert leftovers(tmp_path) == []
+
+
+def test_dropped_connection_is_retried_then_fails_cleanly(server, tmp_path):
+    before = _Handler.hits["/drop.bin"]
+    with pytest.raises(download.DownloadError, match="after 3 tries"):
+        download.fetch(f"{server}/drop.bin", "drop.bin", SHA, tmp_path, retries=3, backoff=0)
+    assert _Handler.hits["/drop.bin"] - before == 3
+    assert leftovers(tmp_path) == []
+
+
+def test_404_fails_at_once_with_how_to(server, tmp_path):
+    with pytest.raises(download.DownloadError, match="HTTP 404.*copy the file to"):
+        download.fetch(f"{server}/missing.bin", "m.bin", SHA, tmp_path, retries=3, backoff=0)
+    assert _Handler.hits["/missing.bin"] == 1
+
+
+def test_offline_without_cache_says_how_to_provide_the_file(tmp_path):
+    with pytest.raises(download.DownloadError, match="offline\\? copy the file to"):
+        download.fetch("http://127.0.0.1:9/none.h5", "none.h5", SHA, tmp_path, retries=2, backoff=0)
+
+
+def test_plain_http_to_other_hosts_is_refused(tmp_path):
+    with pytest.raises(download.DownloadError, match="only https://"):
+        download.fetch("http://example.com/w.h5", "w.h5", SHA, tmp_path)
+
+
+@pytest.mark.slow
+def test_efficientnetb0_weights_step_downloads_converts_and_freezes(server, tmp_path, monkeypatch):
+    """The efficientnetb0 path end to end, served from 127.0.0.1 instead of Keras's bucket."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    model = backbones.get("efficientnetb0").build(224)
+    reference = [w.copy() for w in model.get_weights()]
+    rng = np.random.default_rng(1)
+    model.set_weights([w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in reference])
+    served = tmp_path / "served.h5"
+    with h5py.File(served, "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, model)
+    payload = served.read_bytes()
+    _Handler.extra = payload  # type: ignore[attr-defined]
+    entry = backbones.REGISTRY["efficientnetb0"]
+    pinned = dataclasses.replace(entry.weights, file_hash=hashlib.md5(payload).hexdigest())
+    monkeypatch.setitem(
+        backbones.REGISTRY, "efficientnetb0", dataclasses.replace(entry, weights=pinned)
+    )
+    cache = tmp_path / "cache"
+    params = small_params(base={"backbone": "efficientnetb0", "image_size": 32},
+                          weights={"cache_dir": str(cache), "url": f"{server}/b0.h5"})  # fmt: skip
+    weights = fetch_weights(tmp_path / "weights", params)
+    assert (cache / entry.weights.file_name).read_bytes() == payload
+    frozen = freeze_backbone(weights, tmp_path / "backbone", params)
+    import keras
+
+    extractor = keras.saving.load_model(frozen / "backbone.keras")
+    x = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    assert np.allclose(extractor(x, training=True), extractor(x, training=False), atol=1e-5)
+    assert not extractor.trainable_weights
+
+
+def assert_frozen(extractor) -> None:
+    norms = [layer for layer in extractor.layers if type(layer).__name__ == "BatchNormalization"]
+    assert norms and not any(layer.trainable for layer in norms)
+    assert not extractor.trainable_weights
+    x = np.random.default_rng(2).uniform(0, 255, (3, 32 * 3, 32 * 3, 3)).astype("float32")
+    x = x[:, : extractor.input_shape[1], : extractor.input_shape[2]]
+    assert np.allclose(extractor(x, training=True), extractor(x, training=False), atol=1e-5)
+
+
+def test_freeze_step_on_real_lite0_weights(lite0_weights, tmp_path):
+    import keras
+
+    params = small_params()
+    out = freeze_backbone(lite0_weights, tmp_path / "backbone", params)
+    extractor = keras.saving.load_model(out / "backbone.keras")
+    assert extractor.output_shape == (None, 1280)
+    assert_frozen(extractor)
+    assert "Trainable params: 0" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize("name, size", [("efficientnetb0", 32), ("inceptionv3", 75)])
+def test_other_backbones_freeze_without_dropout_effects(name, size):
+    backbone = backbones.get(name)
+    extractor = backbones.freeze(
+        backbones.feature_extractor(backbone.build(size), backbone.cut_layer)
+    )
+    assert_frozen(extractor)
