@@ -1,0 +1,78 @@
+"""Plot functions: data in, matplotlib Figure out. The caller saves and closes."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def training_curves(histories: dict[str, dict[str, list[float]]]) -> Figure:
+    """Training and validation accuracy (top) and loss (bottom), one column per model."""
+    names = list(histories)
+    figure = Figure(figsize=(5.5 * len(names), 7), layout="constrained")
+    axes = figure.subplots(2, len(names), squeeze=False)
+    for column, name in enumerate(names):
+        history = histories[name]
+        epochs = np.arange(1, len(history.get("loss", [])) + 1)
+        for row, metric in enumerate(("accuracy", "loss")):
+            ax = axes[row, column]
+            ax.plot(epochs, history.get(metric, []), "o-", label=f"training {metric}")
+            ax.plot(epochs, history.get(f"val_{metric}", []), "s--", label=f"validation {metric}")
+            ax.set_title(f"{name}: training and validation {metric}")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+            ax.legend()
+    return figure
+
+
+def confusion_matrix(matrix: list[list[int]], classes: list[str], title: str) -> Figure:
+    """Row-normalised confusion matrix with class names on both axes."""
+    counts = np.asarray(matrix, dtype=float)
+    totals = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    size = max(5.0, 0.55 * len(classes) + 2)
+    figure = Figure(figsize=(size + 1, size), layout="constrained")
+    ax = figure.subplots()
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if counts[i, j]:
+                color = "white" if normalised[i, j] > 0.5 else "black"
+                ax.text(j, i, f"{normalised[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color=color)  # fmt: skip
+    figure.colorbar(image, ax=ax, fraction=0.046)
+    return figure
+
+
+def sample_predictions(pictures: np.ndarray, true: list[str], predicted: list[str],
+                       title: str) -> Figure:  # fmt: skip
+    """A grid of test images titled predicted/true; wrong predictions in red."""
+    n = len(pictures)
+    columns = min(n, 4) or 1
+    rows = max(1, -(-n // columns))
+    figure = Figure(figsize=(2.6 * columns, 2.8 * rows + 0.4), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index >= n:
+            continue
+        ax.imshow(pictures[index])
+        right = true[index] == predicted[index]
+        ax.set_title(f"pred: {predicted[index]}\ntrue: {true[index]}", fontsize=8,
+                     color="black" if right else "red")  # fmt: skip
+        if not right:
+            for spine in ax.spines.values():
+                spine.set_visible(True)
+                spine.set_color("red")
+                spine.set_linewidth(3)
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    figure.suptitle(title)
+    return figure

@@ -1,0 +1,158 @@
+"""Shared training machinery: streamed datasets, callbacks, one `fit` for every model."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger("headstart.training")
+
+
+def dataset(x, y, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+    """Batches of (float32 inputs, int labels) read from arrays (memory-mapped is fine).
+
+    Only one batch is in memory at a time; shuffling reorders indices, seeded per epoch.
+    Autotune is off: with it on, a third of epochs ran on one core on these machines.
+    """
+    n = len(x)
+    epoch = [0]
+
+    def batches():
+        order = np.arange(n)
+        if shuffle:
+            np.random.default_rng(seed + epoch[0]).shuffle(order)
+            epoch[0] += 1
+        for start in range(0, n, batch_size):
+            index = np.sort(order[start : start + batch_size])
+            yield np.asarray(x[index], dtype=np.float32), np.asarray(y[index])
+
+    signature = (
+        tf.TensorSpec((None, *x.shape[1:]), tf.float32),
+        tf.TensorSpec((None,), tf.as_dtype(np.asarray(y[:1]).dtype)),
+    )
+    data = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    data = data.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size))).prefetch(2)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return data.with_options(options)
+
+
+class TargetAccuracy(keras.callbacks.Callback):
+    """The seed's callback: stop training once training accuracy reaches `target`."""
+
+    def __init__(self, target: float):
+        super().__init__()
+        self.target = target
+        self.reached_at: int | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (logs or {}).get("accuracy", 0.0) >= self.target:
+            self.reached_at = epoch
+            log.info(
+                "accuracy %.3f reached the target %.3f: stopping", logs["accuracy"], self.target
+            )
+            self.model.stop_training = True
+
+
+class _ProgressLog(keras.callbacks.Callback):
+    def __init__(self, name: str, epochs: int):
+        super().__init__()
+        self.name, self.epochs = name, epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        log.info("%s: epoch %d/%d loss %.4f acc %.4f val_loss %.4f val_acc %.4f", self.name,
+                 epoch + 1, self.epochs, logs.get("loss", np.nan), logs.get("accuracy", np.nan),
+                 logs.get("val_loss", np.nan), logs.get("val_accuracy", np.nan))  # fmt: skip
+
+
+def fit(
+    model: keras.Model,
+    train: tf.data.Dataset,
+    val: tf.data.Dataset,
+    out_dir: Path,
+    name: str,
+    epochs: int,
+    patience: int,
+    target_accuracy: float,
+    class_weight: dict[int, float] | None = None,
+) -> dict[str, list[float]]:
+    """Train with early stopping (best weights restored), the target-accuracy stop, a best-model
+    checkpoint, and per-epoch history in `<out_dir>/history.csv` (DVC plots reads it)."""
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=max(patience, 1), restore_best_weights=True
+        ),
+        TargetAccuracy(target_accuracy),
+        keras.callbacks.ModelCheckpoint(
+            str(out_dir / "checkpoint.weights.h5"),
+            monitor="val_loss",
+            save_best_only=True,
+            save_weights_only=True,
+        ),  # fmt: skip
+        _ProgressLog(name, epochs),
+    ]
+    history = model.fit(
+        train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=0,
+        class_weight=class_weight, shuffle=False,
+    )  # fmt: skip
+    write_history(history.history, out_dir / "history.csv")
+    return history.history
+
+
+def write_history(history: dict[str, list[float]], path: Path) -> None:
+    keys = ["loss", "accuracy", "val_loss", "val_accuracy"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", *keys])
+        for epoch in range(len(history["loss"])):
+            writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6f}" for k in keys)])
+
+
+def read_history(path: Path | str) -> dict[str, list[float]]:
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: [float(row[key]) for row in rows] for key in rows[0]} if rows else {}
+
+
+def compile_classifier(model: keras.Model, optimizer) -> keras.Model:
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def balanced_class_weight(labels: np.ndarray, classes: int) -> dict[int, float]:
+    counts = np.bincount(labels, minlength=classes).astype(float)
+    counts[counts == 0] = 1.0
+    return {i: float(len(labels) / (classes * counts[i])) for i in range(classes)}
+
+
+def inference_fn(model: keras.Model):
+    """The model's inference call as one compiled graph (eager calls run op by op: slow).
+
+    Models loaded from .keras record their input as a one-element list; Keras then warns on
+    every call with a plain tensor, which is harmless, so the warning is silenced here.
+    """
+    warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
+    spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+    return tf.function(lambda batch: model(batch, training=False), input_signature=[spec])
+
+
+def predict_batches(model: keras.Model, x, batch_size: int = 64, transform=None):
+    """Yield (start row, outputs) for `x` (memory-mapped is fine), one compiled batch at a time."""
+    call = inference_fn(model)
+    for start in range(0, len(x), batch_size):
+        batch = np.asarray(x[start : start + batch_size], dtype=np.float32)
+        if transform is not None:
+            batch = transform(batch)
+        yield start, np.asarray(call(batch))
+
+
+def predict(model: keras.Model, x, batch_size: int = 64) -> np.ndarray:
+    out = [outputs for _, outputs in predict_batches(model, x, batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, *model.output_shape[1:]), np.float32)

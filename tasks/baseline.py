@@ -1,0 +1,46 @@
+"""baseline: prepared images -> artifacts/baseline/ (the small CNN trained from scratch)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from headstart.files import atomic_dir, read_json
+from headstart.params import Params
+from headstart.summaries import write_summary
+from tasks.prepare import load_split
+
+log = logging.getLogger("headstart.baseline")
+
+MODEL_FILE = "model.keras"
+
+
+def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
+    import keras
+
+    from headstart import models, training
+
+    prepared_dir = Path(prepared_dir)
+    p, seed = params.baseline, params.base.seed
+    keras.utils.set_random_seed(seed)
+    classes = read_json(prepared_dir / "labels.json")["classes"]
+    x_train, y_train = load_split(prepared_dir, "train")
+    x_val, y_val = load_split(prepared_dir, "val")
+    model = models.baseline_cnn(x_train.shape[1], len(classes))
+    training.compile_classifier(model, models.optimizer("adam", p.learning_rate))
+    with atomic_dir(out_dir) as tmp:
+        training.fit(
+            model,
+            training.dataset(x_train, y_train, p.batch_size, shuffle=True, seed=seed),
+            training.dataset(x_val, y_val, p.batch_size),
+            tmp, "baseline", p.epochs, p.patience, p.target_accuracy,
+        )  # fmt: skip
+        model.save(tmp / MODEL_FILE)
+        write_summary(model, tmp / "summary.txt")
+        shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")
+    return Path(out_dir)
+
+
+def run(params: Params, root: Path) -> Path:
+    return fit_baseline(params.path("prepared", root), params.path("baseline", root), params)

@@ -1,0 +1,70 @@
+"""plots: histories, metrics and test images -> artifacts/plots/*.png."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from headstart.files import atomic_dir, read_json
+from headstart.params import Params
+from tasks.prepare import load_split
+
+log = logging.getLogger("headstart.plots")
+
+
+def plot_results(prepared_dir: Path | str, history_files: dict[str, Path], metrics_dir: Path | str,
+                 out_dir: Path | str, params: Params) -> Path:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from headstart import plotting
+    from headstart.training import read_history
+
+    prepared_dir, metrics_dir = Path(prepared_dir), Path(metrics_dir)
+    images, _ = load_split(prepared_dir, "test")
+    with atomic_dir(out_dir) as tmp:
+        figures = {"curves.png": plotting.training_curves(
+            {name: read_history(path) for name, path in history_files.items()})}  # fmt: skip
+        for name in history_files:
+            confusion = read_json(metrics_dir / f"{name}_confusion.json")
+            figures[f"{name}_confusion.png"] = plotting.confusion_matrix(
+                confusion["matrix"], confusion["classes"], f"{name}: confusion (test, normalised)"
+            )
+            with open(metrics_dir / f"{name}_predictions.csv") as handle:
+                rows = list(csv.DictReader(handle))
+            picks = _pick_samples(rows, params.plots.samples)
+            figures[f"{name}_samples.png"] = plotting.sample_predictions(
+                np.asarray(images[picks]),
+                [rows[i]["label"] for i in picks],
+                [rows[i]["predicted"] for i in picks],
+                f"{name}: test predictions (errors in red)",
+            )
+        for file_name, figure in figures.items():
+            figure.savefig(tmp / file_name, dpi=100)
+    log.info("plots: %d figures in %s", len(figures), out_dir)
+    return Path(out_dir)
+
+
+def _pick_samples(rows: list[dict], count: int) -> list[int]:
+    """Up to half errors first (they are what people look for), the rest correct, in order."""
+    wrong = [i for i, r in enumerate(rows) if r["label"] != r["predicted"]]
+    right = [i for i, r in enumerate(rows) if r["label"] == r["predicted"]]
+    chosen = _spread(wrong, count // 2)
+    return sorted(chosen + _spread(right, count - len(chosen)))
+
+
+def _spread(items: list[int], count: int) -> list[int]:
+    """Up to `count` items evenly spaced through `items` (so every class tends to show up)."""
+    if len(items) <= count:
+        return items
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, count)]
+
+
+def run(params: Params, root: Path) -> Path:
+    histories = {"baseline": params.path("baseline", root) / "history.csv",
+                 "transfer": params.path("transfer", root) / "history.csv"}  # fmt: skip
+    return plot_results(params.path("prepared", root), histories, params.path("metrics", root),
+                        params.path("plots", root), params)  # fmt: skip

@@ -1,0 +1,215 @@
+"""Training, evaluation, plots and predict on tiny real images (32 px, 1-2 epochs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import git_clone, small_params, write_good_images
+
+from headstart import backbones, pipeline
+from headstart.files import read_json
+from tasks.evaluate import classification_metrics
+from tasks.head import load_features
+
+
+def write_random_backbone(out: Path, image_size: int = 32) -> None:
+    """A frozen Lite0 with random weights: enough for plumbing (learning needs real weights)."""
+    out.mkdir(parents=True, exist_ok=True)
+    extractor = backbones.freeze(
+        backbones.feature_extractor(backbones.efficientnet_lite0(image_size), "top_activation")
+    )
+    extractor.save(out / "backbone.keras")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, object]:
+    """A tiny project run through every step but weights/freeze (random frozen backbone)."""
+    root = tmp_path_factory.mktemp("project")
+    write_good_images(root / "data", classes=3, per_class=12)
+    params = small_params()
+    write_random_backbone(params.path("backbone", root))
+    for name in ("prepare", "baseline", "head", "evaluate", "plots"):
+        pipeline.get(name).run(params, root)
+    return root, params
+
+
+def test_baseline_artifacts(project):
+    root, params = project
+    out = params.path("baseline", root)
+    for name in (
+        "model.keras",
+        "history.csv",
+        "summary.txt",
+        "labels.json",
+        "checkpoint.weights.h5",
+    ):
+        assert (out / name).is_file(), name
+    with open(out / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert 1 <= len(rows) <= params.baseline.epochs
+    assert set(rows[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
+    assert "conv64" in (out / "summary.txt").read_text()
+
+
+def test_end_to_end_model_matches_backbone_plus_head_on_the_cache(project):
+    import keras
+
+    root, params = project
+    transfer = keras.saving.load_model(params.path("transfer", root) / "model.keras")
+    head = keras.saving.load_model(params.path("transfer", root) / "head.keras")
+    features, labels = load_features(params.path("features", root), "test")
+    images = np.load(params.path("prepared", root) / "test_images.npy")
+    assert len(features) == len(images) == len(labels)
+    from_images = np.asarray(transfer(images.astype("float32"), training=False))
+    from_cache = np.asarray(head(np.asarray(features), training=False))
+    assert np.allclose(from_images, from_cache, atol=1e-5)
+    bigger = np.repeat(np.repeat(images[:2], 2, axis=1), 2, axis=2).astype("float32")
+    assert transfer(bigger).shape == (2, 3)  # any input size is resized inside
+
+
+def test_feature_cache_is_reused_when_only_head_settings_change(project, tmp_path):
+    root, params = project
+    record = params.path("features", root) / "features.json"
+    before = read_json(record)
+    changed = small_params(head={"epochs": 1, "units": 16})
+    pipeline.get("head").run(changed, root)
+    assert read_json(record) == before
+    views = small_params(head={"views": 2, "epochs": 1})
+    pipeline.get("head").run(views, root)
+    train_images = np.load(params.path("prepared", root) / "train_labels.npy")
+    features, labels = load_features(params.path("features", root), "train")
+    assert len(features) == len(labels) == 2 * len(train_images)
+    assert not np.allclose(features[: len(train_images)], features[len(train_images) :], atol=0)
+    pipeline.get("head").run(params, root)  # restore the module's state for later tests
+
+
+def test_metrics_files_have_flat_keys(project):
+    root, params = project
+    metrics_dir = params.path("metrics", root)
+    for name in ("baseline", "transfer"):
+        metrics = read_json(metrics_dir / f"{name}.json")
+        assert {"accuracy", "loss", "macro_f1", "top3_accuracy", "f1.class_0"} <= set(metrics)
+        assert all(isinstance(v, (int, float)) for v in metrics.values())
+        confusion = read_json(metrics_dir / f"{name}_confusion.json")
+        assert np.sum(confusion["matrix"]) == metrics["test_images"]
+        with open(metrics_dir / f"{name}_predictions.csv") as handle:
+            assert len(list(csv.DictReader(handle))) == metrics["test_images"]
+
+
+def test_classification_metrics_by_hand():
+    probabilities = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]])
+    labels = np.array([0, 0, 1, 1])
+    metrics, confusion = classification_metrics(probabilities, labels, ["a", "b"], top_k=1)
+    assert confusion == [[1, 1], [0, 2]]
+    assert metrics["accuracy"] == 0.75
+    assert metrics["precision.b"] == pytest.approx(2 / 3)
+    assert metrics["recall.a"] == 0.5
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert metrics["loss"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.8, 0.7])))
+
+
+def test_plots_are_written(project):
+    root, params = project
+    out = params.path("plots", root)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["baseline_confusion.png", "baseline_samples.png", "curves.png",
+                     "transfer_confusion.png", "transfer_samples.png"]  # fmt: skip
+    from PIL import Image
+
+    assert Image.open(out / "curves.png").size[0] > 500
+
+
+def test_finetune_moves_top_convolutions_but_never_batchnorm_statistics(tmp_path):
+    import keras
+
+    from headstart import models, training
+    from tasks.weights import fetch_weights
+
+    backbone = backbones.get("efficientnet_lite0")
+    base = backbone.build(32, include_top=True)  # real weights: random ones give ~0 gradients
+    base.load_weights(
+        str(fetch_weights(tmp_path, small_params()) / "efficientnet_lite0.weights.h5")
+    )
+    extractor = backbones.freeze(backbones.feature_extractor(base, backbone.cut_layer))
+    start = backbones.block_start_index(extractor, backbone, 1)
+    extractor.trainable = True
+    for index, layer in enumerate(extractor.layers):
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+    model = models.end_to_end(extractor, models.dense_head(1280, 2, 8), 32)
+    training.compile_classifier(model, keras.optimizers.Adam(1e-2))
+    norms = [
+        layer for layer in extractor.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    stats = [np.array(w) for layer in norms for w in layer.weights]
+    top_conv = extractor.get_layer("block15_project_conv")
+    low_conv = extractor.get_layer("block10_project_conv")
+    top_before, low_before = top_conv.get_weights()[0].copy(), low_conv.get_weights()[0].copy()
+    x = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype("float32")
+    model.fit(x, np.arange(16) % 2, epochs=2, batch_size=8, verbose=0)
+    after = [np.array(w) for layer in norms for w in layer.weights]
+    assert all(np.array_equal(a, b) for a, b in zip(stats, after, strict=True))
+    assert not np.allclose(top_conv.get_weights()[0], top_before)
+    assert np.array_equal(low_conv.get_weights()[0], low_before)
+
+
+def test_finetune_step_keeps_the_better_model_and_records_it(project, tmp_path):
+    root, params = project
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    tuned = small_params(finetune={"enabled": True, "blocks": 1, "epochs": 1, "batch_size": 8})
+    pipeline.get("head").run(tuned, copy)
+    record = read_json(tuned.path("transfer", copy) / "transfer.json")["finetune"]
+    assert record["kept"] == (record["val_accuracy_after"] > record["val_accuracy_before"])
+    import keras
+
+    saved = keras.saving.load_model(tuned.path("transfer", copy) / "model.keras")
+    extractor = saved.get_layer("efficientnet_lite0_features")
+    assert not extractor.trainable_weights  # saved frozen again, ready for inference
+
+
+def test_predict_cli_reports_bad_files_and_classifies_the_rest(project, tmp_path):
+    root, params = project
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    good = sorted((root / "data" / "class_1").iterdir())[:2]
+    result = subprocess.run(
+        [sys.executable, "-m", "headstart.cli", "predict",
+         str(params.path("transfer", root) / "model.keras"), *map(str, good), str(bad),
+         "--top-k", "2", "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["file"] for r in rows] == [*map(str, good), str(bad)]
+    assert all(len(r["top"]) == 2 and r["top"][0][0].startswith("class_") for r in rows[:2])
+    assert "not an image" in rows[2]["error"]
+
+
+@pytest.mark.slow
+def test_transfer_on_real_lite0_weights_beats_chance_on_demo_images(tmp_path):
+    clone = git_clone(tmp_path / "clone")
+    dvc = Path(sys.executable).with_name("dvc")
+    subprocess.run([str(dvc), "pull", "-q", "data.dvc"], cwd=clone, check=True)
+    root = tmp_path / "project"
+    for folder in sorted((clone / "data").iterdir()):
+        (root / "data" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:24]:
+            shutil.copy(image, root / "data" / folder.name / image.name)
+    params = small_params(base={"image_size": 64}, head={"epochs": 15, "units": 128},
+                          prepare={"val_fraction": 0.2, "test_fraction": 0.3})  # fmt: skip
+    for name in ("prepare", "weights", "freeze", "head"):
+        pipeline.get(name).run(params, root)
+    import keras
+
+    model = keras.saving.load_model(params.path("transfer", root) / "model.keras")
+    x = np.load(params.path("prepared", root) / "test_images.npy")
+    y = np.load(params.path("prepared", root) / "test_labels.npy")
+    accuracy = np.mean(np.argmax(model(x.astype("float32")), axis=1) == y)
+    assert accuracy > 0.4, accuracy  # chance is 0.1 with 10 classes
