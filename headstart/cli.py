@@ -30,7 +30,7 @@ def _quiet_environment() -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "DVC_NO_ANALYTICS": "1",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "headstart",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     }.items():
         os.environ.setdefault(key, value)
@@ -38,12 +38,17 @@ def _quiet_environment() -> None:
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
     _quiet_environment()
+    logger = logging.getLogger("headstart")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _log_to_stderr() -> None:
+    """Plain progress lines for commands run outside Prefect (inside a flow, Prefect's own
+    handlers show the `headstart` loggers, see PREFECT_LOGGING_EXTRA_LOGGERS)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("headstart").addHandler(handler)
 
 
 def _fail(err: BaseException) -> typer.Exit:
@@ -62,6 +67,7 @@ def step(
     from headstart import params as params_module
     from headstart import pipeline
 
+    _log_to_stderr()
     try:
         params = params_module.load(params_file)
         out = pipeline.get(name).run(params, params_file.parent)

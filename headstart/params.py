@@ -103,6 +103,7 @@ class Paths:
     features: str = "artifacts/features"
     metrics: str = "artifacts/metrics"
     plots: str = "artifacts/plots"
+    champion: str = "models/champion"
 
 
 @dataclass(frozen=True)

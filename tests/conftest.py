@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,47 @@ def git_clone(target: Path) -> Path:
     """A clone of this repository's committed state (what a user or CI starts from)."""
     subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
     return target
+
+
+SMALL_PARAMS_YAML = """\
+base: {seed: 7, image_size: 32, backbone: efficientnet_lite0}
+prepare: {val_fraction: 0.25, test_fraction: 0.25, min_per_class: 3}
+baseline: {epochs: 2, batch_size: 16}
+head: {epochs: 2, batch_size: 16, units: 32}
+plots: {samples: 8}
+paths:
+  data: data
+  prepared: artifacts/prepared
+  baseline: artifacts/baseline
+  weights: artifacts/weights
+  backbone: artifacts/backbone
+  transfer: artifacts/transfer
+  features: artifacts/features
+  metrics: artifacts/metrics
+  plots: artifacts/plots
+  champion: models/champion
+"""
+
+
+def tiny_project(target: Path) -> Path:
+    """A git+DVC clone of this project with tiny real images and fast parameters, committed."""
+    root = git_clone(target)
+    write_good_images(root / "data", classes=2, per_class=12)
+    (root / "params.yaml").write_text(SMALL_PARAMS_YAML)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run([dvc, "add", "-q", "data"], cwd=root, check=True, env=env)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "tiny data"], cwd=root, check=True)
+    return root
+
+
+def run_in(root: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    """A command of the installed project (dvc, headstart) in `root`, with the venv on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,80 @@
+"""The pipeline as a Prefect 3 flow: stale steps only (DVC decides), outputs recorded in dvc.lock.
+
+    headstart run            # or: python -m flows.pipeline
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from headstart import dvcstate
+from headstart import params as params_module
+from headstart.files import read_json
+from headstart.pipeline import STEPS
+from tasks.prefect_tasks import TASKS
+
+
+@flow(name="headstart-pipeline", log_prints=True)
+def pipeline_flow(root: str = ".", force: bool = False, params_file: str = "params.yaml") -> dict:
+    """Run every stale step in order (all of them with `force`), then record each step's outputs
+    in dvc.lock so `dvc status` is clean and `dvc push` has everything."""
+    logger = get_run_logger()
+    params = params_module.load(Path(root) / params_file)  # fail fast on bad parameters
+    ran, skipped, seconds = [], [], {}
+    for step in STEPS:
+        changes = dvcstate.changed(root, step.name)
+        if not force and not changes:
+            logger.info("%s: up to date, skipped", step.name)
+            skipped.append(step.name)
+            continue
+        logger.info("%s: running (%s)", step.name, "forced" if force and not changes else
+                    _describe(changes))  # fmt: skip
+        started = time.perf_counter()
+        TASKS[step.name](root, params_file)
+        dvcstate.commit(root, step.name)
+        seconds[step.name] = round(time.perf_counter() - started, 2)
+        ran.append(step.name)
+    summary = run_summary(Path(root), params, ran, skipped, seconds)
+    create_markdown_artifact(markdown=summary, key="headstart-run-summary",
+                             description="headstart pipeline run")  # fmt: skip
+    return {"ran": ran, "skipped": skipped, "seconds": seconds, "summary": summary}
+
+
+def _describe(changes: list) -> str:
+    kinds = sorted({key for entry in changes if isinstance(entry, dict) for key in entry})
+    return ", ".join(kinds) or "changed"
+
+
+def run_summary(root: Path, params, ran: list[str], skipped: list[str], seconds: dict) -> str:
+    """Markdown: data counts and quarantine, baseline vs transfer on test, timings, plots."""
+    lines = ["# headstart run", ""]
+    report_path = params.path("prepared", root) / "report.json"
+    if report_path.exists():
+        totals = read_json(report_path)["totals"]
+        lines += [
+            f"**Data**: {totals['seen']} files, {totals['used']} used "
+            f"({totals['train']} train / {totals['val']} val / {totals['test']} test), "
+            f"{totals['quarantined']} quarantined, {totals['ignored']} ignored "
+            f"(details: `{report_path.relative_to(root)}`)",
+            "",
+        ]
+    lines += ["| model | test accuracy | macro-F1 |", "|---|---|---|"]
+    for name in ("baseline", "transfer"):
+        path = params.path("metrics", root) / f"{name}.json"
+        if path.exists():
+            metrics = read_json(path)
+            lines.append(f"| {name} | {metrics['accuracy']:.4f} | {metrics['macro_f1']:.4f} |")
+    lines += ["", "| step | status | seconds |", "|---|---|---|"]
+    for step in STEPS:
+        status = "ran" if step.name in ran else "up to date" if step.name in skipped else "-"
+        lines.append(f"| {step.name} | {status} | {seconds.get(step.name, '')} |")
+    lines += ["", f"**Plots**: `{params.paths.plots}/` (curves.png, *_confusion.png, *_samples.png)"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(pipeline_flow()["summary"])
