@@ -20,12 +20,16 @@ def repo(root: Path | str = ".") -> Iterator:
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
+    previous = os.getcwd()
     try:
-        with Repo(str(root)) as handle:
+        os.chdir(root)  # DVC resolves targets and outputs against the working directory
+        with Repo(".") as handle:
             yield handle
     except NotDvcRepoError:
         raise UserError(f"{Path(root).resolve()}: not a DVC project (no .dvc/); run from the "
                         "project root or `dvc init`") from None  # fmt: skip
+    finally:
+        os.chdir(previous)
 
 
 def changed(root: Path | str, stage: str) -> list:
