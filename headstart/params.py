@@ -263,13 +263,22 @@ def read_raw(path: Path | str = "params.yaml") -> dict[str, Any]:
 
 
 def load(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Load and validate the parameter file. Every key must be present (dvc.yaml tracks them by
+    name, and DVC refuses a stage whose parameter is missing)."""
     raw = read_raw(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
     try:
-        return from_dict(raw)
+        params = from_dict(raw)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
+    for section, values in to_dict(params).items():
+        for key, default in values.items():
+            if key not in (raw.get(section) or {}):
+                raise ParamsError(
+                    f"{path}: missing key {section}.{key}; add it (default: {default!r})"
+                )
+    return params
 
 
 def to_dict(params: Params) -> dict[str, Any]:

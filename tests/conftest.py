@@ -164,31 +164,19 @@ def git_clone(target: Path) -> Path:
     return target
 
 
-SMALL_PARAMS_YAML = """\
-base: {seed: 7, image_size: 32, backbone: efficientnet_lite0}
-prepare: {val_fraction: 0.25, test_fraction: 0.25, min_per_class: 3}
-baseline: {epochs: 2, batch_size: 16}
-head: {epochs: 2, batch_size: 16, units: 32}
-plots: {samples: 8}
-paths:
-  data: data
-  prepared: artifacts/prepared
-  baseline: artifacts/baseline
-  weights: artifacts/weights
-  backbone: artifacts/backbone
-  transfer: artifacts/transfer
-  features: artifacts/features
-  metrics: artifacts/metrics
-  plots: artifacts/plots
-  champion: models/champion
-"""
+SMALL_OVERRIDES = [
+    "base.seed=7", "base.image_size=32", "prepare.val_fraction=0.25",
+    "prepare.test_fraction=0.25", "prepare.min_per_class=3", "baseline.epochs=2",
+    "baseline.batch_size=16", "head.epochs=2", "head.batch_size=16", "head.units=32",
+    "plots.samples=8",
+]  # fmt: skip
 
 
 def tiny_project(target: Path) -> Path:
     """A git+DVC clone of this project with tiny real images and fast parameters, committed."""
     root = git_clone(target)
     write_good_images(root / "data", classes=2, per_class=12)
-    (root / "params.yaml").write_text(SMALL_PARAMS_YAML)
+    params_module.write_overrides(root / "params.yaml", SMALL_OVERRIDES)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     dvc = str(Path(sys.executable).with_name("dvc"))
     subprocess.run([dvc, "add", "-q", "data"], cwd=root, check=True, env=env)

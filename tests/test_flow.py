@@ -59,7 +59,7 @@ def test_flow_runs_stale_steps_records_them_and_skips_when_current(flow_project)
     second = pipeline_flow(root=root)
     assert second["ran"] == [] and len(second["skipped"]) == 7
 
-    set_param(flow_project, "head: {epochs: 2", "head: {epochs: 1")
+    set_param(flow_project, "epochs: 2\n  batch_size: 16\n  patience: 5", "epochs: 1\n  batch_size: 16\n  patience: 5")
     third = pipeline_flow(root=root)
     assert third["ran"] == ["head", "evaluate", "plots"]
     assert run_in(flow_project, "dvc", "status", "--json").stdout.strip() == "{}"
@@ -69,12 +69,12 @@ def test_flow_runs_stale_steps_records_them_and_skips_when_current(flow_project)
 def test_failing_step_fails_the_flow_with_its_message(flow_project, tmp_path):
     from flows.pipeline import pipeline_flow
 
-    set_param(flow_project, "min_per_class: 3", "min_per_class: 50")
+    set_param(flow_project, "min_per_class: 3 ", "min_per_class: 50 ")
     try:
         with pytest.raises(ValueError, match="fewer than prepare.min_per_class=50"):
             pipeline_flow(root=str(flow_project))
     finally:
-        set_param(flow_project, "min_per_class: 50", "min_per_class: 3")
+        set_param(flow_project, "min_per_class: 50 ", "min_per_class: 3 ")
     assert (flow_project / "artifacts/prepared/manifest.csv").is_file()  # old output kept
 
 
@@ -127,7 +127,7 @@ def test_dvc_repro_rebuilds_and_reruns_only_downstream_of_a_param(tmp_path):
     run_in(root, "git", "add", "-A")
     run_in(root, "git", "commit", "-qm", "first run")
 
-    set_param(root, "head: {epochs: 2", "head: {epochs: 1")
+    set_param(root, "epochs: 2\n  batch_size: 16\n  patience: 5", "epochs: 1\n  batch_size: 16\n  patience: 5")
     second = run_in(root, "dvc", "repro")
     ran = [line.split("'")[1] for line in second.stdout.splitlines() if line.startswith("Running stage")]
     assert ran == ["head", "evaluate", "plots"]
