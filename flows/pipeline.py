@@ -1,6 +1,6 @@
 """The pipeline as a Prefect 3 flow: stale steps only (DVC decides), outputs recorded in dvc.lock.
 
-    headstart run            # or: python -m flows.pipeline
+headstart run            # or: python -m flows.pipeline
 """
 
 from __future__ import annotations
@@ -72,7 +72,10 @@ def run_summary(root: Path, params, ran: list[str], skipped: list[str], seconds:
     for step in STEPS:
         status = "ran" if step.name in ran else "up to date" if step.name in skipped else "-"
         lines.append(f"| {step.name} | {status} | {seconds.get(step.name, '')} |")
-    lines += ["", f"**Plots**: `{params.paths.plots}/` (curves.png, *_confusion.png, *_samples.png)"]
+    lines += [
+        "",
+        f"**Plots**: `{params.paths.plots}/` (curves.png, *_confusion.png, *_samples.png)",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -29,9 +29,10 @@ def promote(challenger_dir: Path | str, prepared_dir: Path | str, champion_dir: 
     decision = {"challenger": challenger["accuracy"], "champion": None}
     if not (champion_dir / MODEL_FILE).exists():
         decision.update(promoted=True, reason="no current model")
-    elif read_json(champion_dir / "labels.json")["classes"] != read_json(
-        prepared_dir / "labels.json"
-    )["classes"]:
+    elif (
+        read_json(champion_dir / "labels.json")["classes"]
+        != read_json(prepared_dir / "labels.json")["classes"]
+    ):
         decision.update(promoted=True, reason="the classes changed")
     else:
         champion = evaluate_model(champion_dir / MODEL_FILE, prepared_dir, top_k)[0]
@@ -49,7 +50,9 @@ def promote(challenger_dir: Path | str, prepared_dir: Path | str, champion_dir: 
             write_json(tmp / "promotion.json", decision)
         log.info("promotion: new model installed in %s (%s)", champion_dir, decision["reason"])
     else:
-        log.warning("promotion: kept the current model in %s (%s)", champion_dir, decision["reason"])
+        log.warning(
+            "promotion: kept the current model in %s (%s)", champion_dir, decision["reason"]
+        )
     return decision
 
 

@@ -59,11 +59,17 @@ def test_flow_runs_stale_steps_records_them_and_skips_when_current(flow_project)
     second = pipeline_flow(root=root)
     assert second["ran"] == [] and len(second["skipped"]) == 7
 
-    set_param(flow_project, "epochs: 2\n  batch_size: 16\n  patience: 5", "epochs: 1\n  batch_size: 16\n  patience: 5")
+    set_param(
+        flow_project,
+        "epochs: 2\n  batch_size: 16\n  patience: 5",
+        "epochs: 1\n  batch_size: 16\n  patience: 5",
+    )
     third = pipeline_flow(root=root)
     assert third["ran"] == ["head", "evaluate", "plots"]
     assert run_in(flow_project, "dvc", "status", "--json").stdout.strip() == "{}"
-    assert json.loads((flow_project / "artifacts/metrics/transfer.json").read_text())["accuracy"] >= 0
+    assert (
+        json.loads((flow_project / "artifacts/metrics/transfer.json").read_text())["accuracy"] >= 0
+    )
 
 
 def test_failing_step_fails_the_flow_with_its_message(flow_project, tmp_path):
@@ -78,34 +84,56 @@ def test_failing_step_fails_the_flow_with_its_message(flow_project, tmp_path):
     assert (flow_project / "artifacts/prepared/manifest.csv").is_file()  # old output kept
 
 
+def constant_model(transfer: Path, answer: int) -> None:
+    """Rewrite the transfer model so that it always answers class `answer`."""
+    import keras
+
+    model = keras.saving.load_model(transfer / "model.keras")
+    output = model.get_layer("head").get_layer("probabilities")
+    kernel, bias = output.get_weights()
+    bias[:] = -100.0
+    bias[answer] = 100.0
+    output.set_weights([kernel * 0, bias])
+    model.save(transfer / "model.keras")
+
+
 def test_promotion_keeps_a_better_champion(flow_project, tmp_path):
     import shutil
+
+    import numpy as np
 
     from headstart import params as params_module
     from headstart.promotion import promote_from_params
 
     params = params_module.load(flow_project / "params.yaml")
-    first = promote_from_params(params, flow_project)
-    assert first["promoted"] and first["reason"] == "no current model"
-    champion = params.path("champion", flow_project) / "model.keras"
-    # the challenger becomes the untrained-looking baseline-free head: make it worse on purpose
-    transfer = params.path("transfer", flow_project)
-    backup = tmp_path / "transfer"
-    shutil.copytree(transfer, backup)
-    import keras
+    transfer, champion = (
+        params.path("transfer", flow_project),
+        params.path("champion", flow_project),
+    )
+    shutil.copytree(transfer, tmp_path / "original")
+    counts = np.bincount(
+        np.load(params.path("prepared", flow_project) / "test_labels.npy"), minlength=2
+    )
+    assert counts[0] != counts[1]  # the tiny test split is deterministic and unbalanced
+    majority, minority = int(np.argmax(counts)), int(np.argmin(counts))
+    try:
+        constant_model(transfer, majority)
+        first = promote_from_params(params, flow_project)
+        assert first["promoted"] and first["reason"] == "no current model"
+        installed = (champion / "model.keras").read_bytes()
 
-    model = keras.saving.load_model(transfer / "model.keras")
-    head = model.get_layer("head")
-    head.set_weights([w * 0 for w in head.get_weights()])  # uniform probabilities: worse
-    model.save(transfer / "model.keras")
-    before = champion.read_bytes()
-    decision = promote_from_params(params, flow_project)
-    assert not decision["promoted"] and decision["challenger"] < decision["champion"]
-    assert champion.read_bytes() == before
-    shutil.rmtree(transfer)
-    shutil.copytree(backup, transfer)
-    again = promote_from_params(params, flow_project)
-    assert again["promoted"]  # equal accuracy is good enough
+        constant_model(transfer, minority)
+        worse = promote_from_params(params, flow_project)
+        assert not worse["promoted"] and worse["challenger"] < worse["champion"]
+        assert (champion / "model.keras").read_bytes() == installed  # the champion stays
+
+        constant_model(transfer, majority)
+        equal = promote_from_params(params, flow_project)
+        assert equal["promoted"] and equal["challenger"] == equal["champion"]
+    finally:
+        shutil.rmtree(transfer)
+        shutil.copytree(tmp_path / "original", transfer)
+        shutil.rmtree(champion, ignore_errors=True)
 
 
 def test_cli_run_no_op_and_status(flow_project):
@@ -127,9 +155,17 @@ def test_dvc_repro_rebuilds_and_reruns_only_downstream_of_a_param(tmp_path):
     run_in(root, "git", "add", "-A")
     run_in(root, "git", "commit", "-qm", "first run")
 
-    set_param(root, "epochs: 2\n  batch_size: 16\n  patience: 5", "epochs: 1\n  batch_size: 16\n  patience: 5")
+    set_param(
+        root,
+        "epochs: 2\n  batch_size: 16\n  patience: 5",
+        "epochs: 1\n  batch_size: 16\n  patience: 5",
+    )
     second = run_in(root, "dvc", "repro")
-    ran = [line.split("'")[1] for line in second.stdout.splitlines() if line.startswith("Running stage")]
+    ran = [
+        line.split("'")[1]
+        for line in second.stdout.splitlines()
+        if line.startswith("Running stage")
+    ]
     assert ran == ["head", "evaluate", "plots"]
     run_in(root, "git", "checkout", "params.yaml")
 
@@ -150,20 +186,25 @@ def test_schedule_serves_a_deployment_that_runs(flow_project, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": api_url,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     served = subprocess.Popen(
-        ["headstart", "schedule", "--interval", "3", "--name", "test-schedule"],
-        cwd=flow_project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ["headstart", "schedule", "--interval", "5", "--name", "test-schedule"],
+        cwd=flow_project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         state = wait_for_completed_run(api_url, "headstart-retrain", timeout=150)
-        assert state == "COMPLETED"
     finally:
         served.send_signal(signal.SIGTERM)
         try:
-            served.wait(timeout=30)
+            output = served.communicate(timeout=30)[0]
         except subprocess.TimeoutExpired:
             served.kill()
+            output = served.communicate()[0]
         server.terminate()
         server.wait(timeout=30)
+    assert state == "COMPLETED", output[-3000:]
     assert (flow_project / "models/champion/model.keras").is_file()
     assert dvcstate.changed(flow_project, "plots") == []
 
@@ -175,7 +216,11 @@ def wait_for_completed_run(api_url: str, flow_name: str, timeout: float) -> str:
     states: list[str] = []
     while time.monotonic() < deadline:
         request = urllib.request.Request(
-            f"{api_url}/flow_runs/filter", data=json.dumps({"limit": 20}).encode(),
+            f"{api_url}/flow_runs/filter", data=json.dumps({
+                "limit": 20,
+                "flows": {"name": {"any_": [flow_name]}},
+                "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},
+            }).encode(),
             headers={"Content-Type": "application/json"}, method="POST",
         )  # fmt: skip
         with urllib.request.urlopen(request, timeout=10) as response:
