@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import git_clone, small_params, write_good_images
+from conftest import ROOT, git_clone, small_params, write_good_images
 
 from headstart import images
+from headstart.params import write_overrides
 from tasks.prepare import PrepareError, load_split, prepare, split_of
 
 
@@ -117,7 +118,8 @@ def test_small_class_is_a_clear_error_and_keeps_earlier_output(good_data, tmp_pa
 
 
 def test_missing_data_folder_via_cli_is_one_line(tmp_path):
-    (tmp_path / "params.yaml").write_text("paths:\n  data: nowhere\n")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    write_overrides(tmp_path / "params.yaml", ["paths.data=nowhere"])
     result = subprocess.run(
         [sys.executable, "-m", "headstart.cli", "step", "prepare", "--params",
          str(tmp_path / "params.yaml")],
