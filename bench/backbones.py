@@ -58,7 +58,9 @@ def main() -> None:
                 .astype("float32")
             )
             call(x)  # trace once
-            per_pass = median_time(lambda: [call(x) for _ in range(args.batches)], args.repeats)
+            per_pass = median_time(
+                lambda call=call, x=x: [call(x) for _ in range(args.batches)], args.repeats
+            )
             throughput = args.batch * args.batches / per_pass
             rows.append((size, round(build_s, 2), round(throughput, 1)))
             results[f"size_{size}"] = {"build_and_load_s": round(build_s, 3),
