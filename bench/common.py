@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,20 +39,30 @@ def median_time(fn, repeats: int) -> float:
 
 
 def run_child(command: list[str], cwd: Path | str = ROOT, env: dict | None = None) -> dict:
-    """Run a command; wall seconds and the child's peak resident memory (MiB)."""
+    """Run a command; wall seconds and its peak resident memory in MiB.
+
+    Peak memory comes from GNU time, which forks from a small process: a child forked straight
+    from this (TensorFlow-sized) process would report this process's size as its own peak.
+    """
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                 "TF_CPP_MIN_LOG_LEVEL": "2", "DVC_NO_ANALYTICS": "1", **(env or {})}  # fmt: skip
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)  # fmt: skip
-    output = process.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({code}):\n{output[-3000:]}")
-    return {"seconds": round(seconds, 3), "peak_mib": round(usage.ru_maxrss / 1024, 1),
-            "output": output}  # fmt: skip
+    timer = shutil.which("time") or "/usr/bin/time"
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as peak_file:
+        wrapped = (
+            [timer, "-f", "%M", "-o", peak_file.name, *command] if Path(timer).exists() else command
+        )
+        started = time.perf_counter()
+        result = subprocess.run(wrapped, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        seconds = time.perf_counter() - started
+        output = result.stdout.decode(errors="replace")
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(command)} failed ({result.returncode}):\n{output[-3000:]}"
+            )
+        lines = Path(peak_file.name).read_text().split()
+    peak = round(int(lines[-1]) / 1024, 1) if lines and lines[-1].isdigit() else None
+    return {"seconds": round(seconds, 3), "peak_mib": peak, "output": output}
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -25,6 +25,7 @@ from tasks.prepare import SPLITS, load_split
 log = logging.getLogger("headstart.head")
 
 MODEL_FILE = "model.keras"
+HEAD_STEPS_PER_EXECUTION = 32  # the head is tiny: per-batch Python overhead would dominate
 
 
 def _augmenter(seed: int):
@@ -107,7 +108,8 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
     f_train, y_train = load_features(features_dir, "train")
     f_val, y_val = load_features(features_dir, "val")
     head = models.dense_head(f_train.shape[1], len(classes), p.units, p.dropout)
-    training.compile_classifier(head, models.optimizer(p.optimizer, p.learning_rate))
+    training.compile_classifier(head, models.optimizer(p.optimizer, p.learning_rate),
+                                steps_per_execution=HEAD_STEPS_PER_EXECUTION)  # fmt: skip
     weights = (
         training.balanced_class_weight(y_train, len(classes))
         if p.class_weight == "balanced"
