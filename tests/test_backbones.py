@@ -91,6 +91,7 @@ PAYLOAD = np.random.default_rng(0).bytes(300_000)
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     hits: Counter = Counter()
+    files: dict[str, bytes] = {}  # path -> body; anything else gets PAYLOAD
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -100,7 +101,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.path == "/missing.bin":
             self.send_error(404, "Not Found")
             return
-        body = getattr(_Handler, "extra", b"") if self.path == "/b0.h5" else PAYLOAD
+        body = _Handler.files.get(self.path, PAYLOAD)
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -174,37 +175,45 @@ def test_plain_http_to_other_hosts_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_efficientnetb0_weights_step_downloads_converts_and_freezes(server, tmp_path, monkeypatch):
-    """The efficientnetb0 path end to end, served from 127.0.0.1 instead of Keras's bucket."""
+@pytest.mark.parametrize("name, size", [("efficientnetb0", 32), ("inceptionv3", 75)])
+def test_download_backbones_end_to_end_from_a_loopback_server(name, size, server, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    """Keras's published-file path, served from 127.0.0.1: a legacy .h5 made from Keras's own
+    architecture is downloaded, hash-checked, loaded into our builder and frozen."""
     import h5py
+    import keras
     from keras.src.legacy.saving import legacy_h5_format
 
-    model = backbones.get("efficientnetb0").build(224)
-    reference = [w.copy() for w in model.get_weights()]
+    stock = {"efficientnetb0": keras.applications.EfficientNetB0,
+             "inceptionv3": keras.applications.InceptionV3}[name](
+        include_top=False, weights=None, input_shape=(size, size, 3))  # fmt: skip
     rng = np.random.default_rng(1)
-    model.set_weights([w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in reference])
+    stock.set_weights(
+        [w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in stock.get_weights()]
+    )
     served = tmp_path / "served.h5"
     with h5py.File(served, "w") as handle:
-        legacy_h5_format.save_weights_to_hdf5_group(handle, model)
-    payload = served.read_bytes()
-    _Handler.extra = payload  # type: ignore[attr-defined]
-    entry = backbones.REGISTRY["efficientnetb0"]
-    pinned = dataclasses.replace(entry.weights, file_hash=hashlib.md5(payload).hexdigest())
-    monkeypatch.setitem(
-        backbones.REGISTRY, "efficientnetb0", dataclasses.replace(entry, weights=pinned)
+        legacy_h5_format.save_weights_to_hdf5_group(handle, stock)
+    _Handler.files[f"/{name}.h5"] = served.read_bytes()
+    entry = backbones.REGISTRY[name]
+    pinned = dataclasses.replace(
+        entry.weights, file_hash=hashlib.md5(served.read_bytes()).hexdigest()
     )
+    monkeypatch.setitem(backbones.REGISTRY, name, dataclasses.replace(entry, weights=pinned))
     cache = tmp_path / "cache"
-    params = small_params(base={"backbone": "efficientnetb0", "image_size": 32},
-                          weights={"cache_dir": str(cache), "url": f"{server}/b0.h5"})  # fmt: skip
+    params = small_params(base={"backbone": name, "image_size": size},
+                          weights={"cache_dir": str(cache), "url": f"{server}/{name}.h5"})  # fmt: skip
     weights = fetch_weights(tmp_path / "weights", params)
-    assert (cache / entry.weights.file_name).read_bytes() == payload
+    assert (cache / entry.weights.file_name).read_bytes() == served.read_bytes()
+    rebuilt = backbones.get(name).build(size)
+    rebuilt.load_weights(str(weights / f"{name}.weights.h5"))
+    assert len(rebuilt.get_weights()) == len(stock.get_weights())
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(rebuilt.get_weights(), stock.get_weights(), strict=True)
+    )
     frozen = freeze_backbone(weights, tmp_path / "backbone", params)
-    import keras
-
-    extractor = keras.saving.load_model(frozen / "backbone.keras")
-    x = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    assert np.allclose(extractor(x, training=True), extractor(x, training=False), atol=1e-5)
-    assert not extractor.trainable_weights
+    assert_frozen(keras.saving.load_model(frozen / "backbone.keras"))
 
 
 def assert_frozen(extractor) -> None:
