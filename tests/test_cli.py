@@ -1,0 +1,51 @@
+"""The command line: instant help, one-line errors, and a deployable prefect.yaml."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import yaml
+from conftest import ROOT
+
+HEAVY = ("tensorflow", "keras", "prefect", "dvc")
+
+
+def test_help_imports_no_heavy_module():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from headstart.cli import app\n"
+        "result = CliRunner().invoke(app, ['--help'])\n"
+        "assert result.exit_code == 0 and 'predict' in result.output, result.output\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_unknown_step_is_one_line_error():
+    result = subprocess.run(
+        [sys.executable, "-m", "headstart.cli", "step", "train", "--params",
+         str(ROOT / "params.yaml")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: unknown step 'train' (steps: prepare, baseline, weights, freeze, head, "
+        "evaluate, plots)"
+    )
+
+
+def test_prefect_yaml_deploys_the_retraining_flow():
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (deployment,) = config["deployments"]
+    path, name = deployment["entrypoint"].split(":")
+    assert (ROOT / path).is_file()
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    flow = getattr(module, name)
+    assert flow.name == "headstart-retrain"
+    assert set(deployment["parameters"]) <= set(flow.parameters.properties)
+    assert deployment["schedules"][0]["cron"] == "0 3 * * *"
