@@ -68,3 +68,15 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def require(path: Path | str, producer: str) -> Path:
+    """`path`, or a UserError saying which step makes it (for steps run out of order)."""
+    from headstart.errors import UserError
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(
+            f"{path}: missing; run `headstart step {producer}` first (or `headstart run`)"
+        )
+    return path

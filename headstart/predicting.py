@@ -42,7 +42,12 @@ def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1) ->
 
     from headstart.training import predict
 
-    model = keras.saving.load_model(model_path, safe_mode=True)
+    try:
+        model = keras.saving.load_model(model_path, safe_mode=True)
+    except Exception as err:  # a corrupt or foreign file: say so in one line
+        raise UserError(
+            f"{model_path}: cannot load this model ({type(err).__name__}: {err})"
+        ) from None
     results: list[dict] = []
     decoded, rows = [], []
     for path in files:

@@ -6,7 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from headstart.files import atomic_dir, read_json
+from headstart.files import atomic_dir, read_json, require
 from headstart.params import Params
 from headstart.summaries import write_summary
 from tasks.prepare import load_split
@@ -24,7 +24,7 @@ def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) 
     prepared_dir = Path(prepared_dir)
     p, seed = params.baseline, params.base.seed
     keras.utils.set_random_seed(seed)
-    classes = read_json(prepared_dir / "labels.json")["classes"]
+    classes = read_json(require(prepared_dir / "labels.json", "prepare"))["classes"]
     x_train, y_train = load_split(prepared_dir, "train")
     x_val, y_val = load_split(prepared_dir, "val")
     model = models.baseline_cnn(x_train.shape[1], len(classes))

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.files import atomic_dir, read_json, write_json
+from headstart.files import atomic_dir, read_json, require, write_json
 from headstart.params import Params
 from tasks.prepare import load_split
 
 log = logging.getLogger("headstart.evaluate")
 
-MODELS = ("baseline", "transfer")
+PRODUCERS = {"baseline": "baseline", "transfer": "head"}  # model name -> the step that trains it
 
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classes: list[str],
@@ -64,7 +64,9 @@ def evaluate(prepared_dir: Path | str, model_paths: dict[str, Path], out_dir: Pa
              params: Params) -> Path:  # fmt: skip
     """`<out>/<name>.json` metrics, `<name>_confusion.json`, `<name>_predictions.csv` per model."""
     prepared_dir = Path(prepared_dir)
-    classes = read_json(prepared_dir / "labels.json")["classes"]
+    classes = read_json(require(prepared_dir / "labels.json", "prepare"))["classes"]
+    for name, path in model_paths.items():
+        require(path, PRODUCERS[name])
     with open(prepared_dir / "manifest.csv") as handle:
         test_files = [row["file"] for row in csv.DictReader(handle) if row["split"] == "test"]
     _, labels = load_split(prepared_dir, "test")

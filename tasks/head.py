@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.files import atomic_dir, read_json, sha256_file, write_json
+from headstart.files import atomic_dir, read_json, require, sha256_file, write_json
 from headstart.params import Params
 from headstart.summaries import write_summary
 from headstart.training import predict, predict_batches
@@ -98,8 +98,8 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
     features_dir = Path(features_dir)
     p, seed = params.head, params.base.seed
     keras.utils.set_random_seed(seed)
-    classes = read_json(prepared_dir / "labels.json")["classes"]
-    extractor = keras.saving.load_model(backbone_dir / BACKBONE_FILE)
+    classes = read_json(require(prepared_dir / "labels.json", "prepare"))["classes"]
+    extractor = keras.saving.load_model(require(backbone_dir / BACKBONE_FILE, "freeze"))
     timings = {}
     started = time.perf_counter()
     key = cache_key(prepared_dir, backbone_dir, p.views, seed)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.files import atomic_dir, read_json
+from headstart.files import atomic_dir, read_json, require
 from headstart.params import Params
+from tasks.evaluate import PRODUCERS
 from tasks.prepare import load_split
 
 log = logging.getLogger("headstart.plots")
@@ -24,7 +25,10 @@ def plot_results(prepared_dir: Path | str, history_files: dict[str, Path], metri
     from headstart.training import read_history
 
     prepared_dir, metrics_dir = Path(prepared_dir), Path(metrics_dir)
-    images, _ = load_split(prepared_dir, "test")
+    for name, path in history_files.items():
+        require(path, PRODUCERS[name])
+    require(metrics_dir / "transfer_confusion.json", "evaluate")
+    images, _ = load_split(require(prepared_dir, "prepare"), "test")
     with atomic_dir(out_dir) as tmp:
         figures = {"curves.png": plotting.training_curves(
             {name: read_history(path) for name, path in history_files.items()})}  # fmt: skip

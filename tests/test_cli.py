@@ -49,3 +49,34 @@ def test_prefect_yaml_deploys_the_retraining_flow():
     assert flow.name == "headstart-retrain"
     assert set(deployment["parameters"]) <= set(flow.parameters.properties)
     assert deployment["schedules"][0]["cron"] == "0 3 * * *"
+
+
+def test_steps_out_of_order_say_which_step_to_run(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "headstart.cli", "step", "head", "--params",
+         str(tmp_path / "params.yaml")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}/artifacts/prepared/labels.json: missing; "
+        "run `headstart step prepare` first (or `headstart run`)"
+    )
+
+
+def test_predict_with_a_corrupt_model_is_one_line(tmp_path):
+    (tmp_path / "model.keras").write_bytes(b"not a zip")
+    (tmp_path / "labels.json").write_text('{"classes": ["a", "b"], "image_size": 32}')
+    (tmp_path / "x.png").write_bytes(b"")
+    result = subprocess.run(
+        [sys.executable, "-m", "headstart.cli", "predict", str(tmp_path / "model.keras"),
+         str(tmp_path / "x.png")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: {tmp_path}/model.keras: cannot load this model")
+    )
