@@ -6,6 +6,7 @@ Every user-facing mistake becomes one `ParamsError` whose message names the key 
 from __future__ import annotations
 
 import dataclasses
+import io
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -239,15 +240,20 @@ def from_dict(raw: dict[str, Any] | None) -> Params:
     return params
 
 
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """DVC-style `section.key=value` -> (section, key, YAML-typed value)."""
+    name, sep, value = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ParamsError(f"override '{item}' must look like section.key=value")
+    return section, key, yaml.safe_load(value) if value else ""
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply DVC-style `section.key=value` overrides to a raw params mapping (a copy)."""
+    """Apply `section.key=value` overrides to a raw params mapping (a copy)."""
     merged = {section: dict(values or {}) for section, values in raw.items()}
-    for item in overrides:
-        name, sep, value = item.partition("=")
-        section, dot, key = name.strip().partition(".")
-        if not sep or not dot or not key:
-            raise ParamsError(f"override '{item}' must look like section.key=value")
-        merged.setdefault(section, {})[key] = yaml.safe_load(value) if value else ""
+    for section, key, value in map(parse_override, overrides):
+        merged.setdefault(section, {})[key] = value
     return merged
 
 
@@ -296,10 +302,8 @@ def write_overrides(path: Path | str, overrides: list[str]) -> None:
     load(path, overrides)  # validate the merged result before touching the file
     parser = YAML()
     document = parser.load(path.read_text())
-    for item in overrides:
-        name, _, value = item.partition("=")
-        section, _, key = name.strip().partition(".")
-        document.setdefault(section, {})[key] = yaml.safe_load(value) if value else ""
-    buffer = __import__("io").StringIO()
+    for section, key, value in map(parse_override, overrides):
+        document.setdefault(section, {})[key] = value
+    buffer = io.StringIO()
     parser.dump(document, buffer)
     write_text(path, buffer.getvalue())

@@ -194,3 +194,9 @@ def run_in(root: Path, *command: str, check: bool = True) -> subprocess.Complete
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`headstart ARGS...` as a user runs it (a fresh process), output captured."""
+    return subprocess.run([sys.executable, "-m", "headstart.cli", *args], capture_output=True,
+                          text=True, cwd=cwd)  # fmt: skip

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import yaml
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 HEAVY = ("tensorflow", "keras", "prefect", "dvc")
 
@@ -27,11 +27,7 @@ def test_help_imports_no_heavy_module():
 
 
 def test_unknown_step_is_one_line_error():
-    result = subprocess.run(
-        [sys.executable, "-m", "headstart.cli", "step", "train", "--params",
-         str(ROOT / "params.yaml")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    result = run_cli("step", "train", "--params", str(ROOT / "params.yaml"))
     assert result.returncode == 1
     assert result.stderr.strip() == (
         "error: unknown step 'train' (steps: prepare, baseline, weights, freeze, head, "
@@ -53,11 +49,7 @@ def test_prefect_yaml_deploys_the_retraining_flow():
 
 def test_steps_out_of_order_say_which_step_to_run(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    result = subprocess.run(
-        [sys.executable, "-m", "headstart.cli", "step", "head", "--params",
-         str(tmp_path / "params.yaml")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    result = run_cli("step", "head", "--params", str(tmp_path / "params.yaml"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path}/artifacts/prepared/labels.json: missing; "
@@ -69,11 +61,7 @@ def test_predict_with_a_corrupt_model_is_one_line(tmp_path):
     (tmp_path / "model.keras").write_bytes(b"not a zip")
     (tmp_path / "labels.json").write_text('{"classes": ["a", "b"], "image_size": 32}')
     (tmp_path / "x.png").write_bytes(b"")
-    result = subprocess.run(
-        [sys.executable, "-m", "headstart.cli", "predict", str(tmp_path / "model.keras"),
-         str(tmp_path / "x.png")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    result = run_cli("predict", str(tmp_path / "model.keras"), str(tmp_path / "x.png"))
     assert result.returncode == 1
     assert (
         result.stderr.strip()

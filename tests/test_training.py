@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import git_clone, small_params, write_good_images
+from conftest import git_clone, run_cli, small_params, write_good_images
 
 from headstart import backbones, pipeline
 from headstart.files import read_json
@@ -179,12 +179,8 @@ def test_predict_cli_reports_bad_files_and_classifies_the_rest(project, tmp_path
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     good = sorted((root / "data" / "class_1").iterdir())[:2]
-    result = subprocess.run(
-        [sys.executable, "-m", "headstart.cli", "predict",
-         str(params.path("transfer", root) / "model.keras"), *map(str, good), str(bad),
-         "--top-k", "2", "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    model = params.path("transfer", root) / "model.keras"
+    result = run_cli("predict", str(model), *map(str, good), str(bad), "--top-k", "2", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [r["file"] for r in rows] == [*map(str, good), str(bad)]
