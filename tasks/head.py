@@ -130,6 +130,9 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
             started = time.perf_counter()
             record.update(finetune(transfer, extractor, prepared_dir, params, tmp))
             timings["finetune"] = time.perf_counter() - started
+            # a fresh, uncompiled wrapper around the same (tuned) layers: the saved model then
+            # carries no optimizer state from fine-tuning
+            transfer = models.end_to_end(extractor, head, params.base.image_size)
         transfer.save(tmp / MODEL_FILE)
         head.save(tmp / "head.keras")
         write_summary(transfer, tmp / "summary.txt")
