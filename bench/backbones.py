@@ -14,7 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from common import machine, median_time, table, write_json  # noqa: E402
+from common import machine, median_time, table  # noqa: E402
+
+from headstart.files import write_json  # noqa: E402
 
 
 def main() -> None:

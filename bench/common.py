@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -63,11 +62,6 @@ def run_child(command: list[str], cwd: Path | str = ROOT, env: dict | None = Non
         lines = Path(peak_file.name).read_text().split()
     peak = round(int(lines[-1]) / 1024, 1) if lines and lines[-1].isdigit() else None
     return {"seconds": round(seconds, 3), "peak_mib": peak, "output": output}
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def table(rows: list[tuple], header: tuple) -> str:

@@ -29,7 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from common import ROOT, machine, median_time, run_child, table, write_json  # noqa: E402
+from common import ROOT, machine, median_time, run_child, table  # noqa: E402
+
+from headstart.files import write_json  # noqa: E402
 
 SECTIONS = ("floor", "recipe", "headstart", "scaling", "startup", "pipeline")
 
@@ -95,14 +97,17 @@ def subset(prepared: Path, out: Path, n_train: int) -> Path:
 def setup(args) -> dict:
     """Prepared data, frozen backbone and params for the benchmark, under args.work."""
     from headstart import pipeline
+    from headstart.params import load
 
-    size = args.size or base_params(96, 1, args.work).base.image_size
+    size = args.size or load(ROOT / "params.yaml").base.image_size
     params = base_params(size, args.epochs, args.work / "weights-cache")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    (work / "data").unlink(missing_ok=True) if (work / "data").is_symlink() else None
-    if not (work / "data").exists():
-        (work / "data").symlink_to(args.data.resolve())
+    link = work / "data"
+    if link.is_symlink():
+        link.unlink()  # point at this run's --data
+    if not link.exists():
+        link.symlink_to(args.data.resolve())
     for name in ("prepare", "weights", "freeze"):
         pipeline.get(name).run(params, work)
     prepared = params.path("prepared", work)
