@@ -1,0 +1,207 @@
+"""Held-out accuracy: train the pipeline on Fashion-MNIST images it never saw, score on others.
+
+Builds a git+DVC clone of this project whose data/ holds --per-class Fashion-MNIST TRAIN images
+per class that are not in the demo subset (the first 150 of each class), plus a separate
+held-out folder of --heldout other such images (class balanced, disjoint from both). The
+official test split is never read. For each seed, `headstart run -S base.seed=SEED [-S ...]`
+runs in the clone (reused across seeds: DVC reruns only what changed), then every model that
+exists (baseline, transfer, release) and the mean of baseline's and transfer's probabilities
+(mean2) are scored on the held-out images with headstart.predicting.predict_paths.
+
+The clone runs its own committed code (PYTHONPATH points at it), so uncommitted changes in
+this working tree are not measured: commit them first.
+
+    apt-get install dataset-fashion-mnist   # the original IDX files
+    python bench/heldout.py                                   # 100/class, 3000 held out, seeds 1 2 3
+    python bench/heldout.py --per-class 20 --heldout 200 --seeds 1 \\
+        --set baseline.epochs=2 --set head.epochs=2           # a quick check (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from common import BIN, ROOT, run_child, table
+from PIL import Image
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_demo_data import CLASSES, SOURCE, read_idx  # noqa: E402
+
+DEMO_PER_CLASS = 150  # the demo data: make_demo_data.py --per-class 150 (README, data.dvc)
+MODELS = ("baseline", "transfer", "release")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
+    parser.add_argument("--per-class", type=int, default=100, help="train images per class")
+    parser.add_argument("--heldout", type=int, default=3000, help="held-out images in total")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="base.seed values")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="parameter override (repeatable)")  # fmt: skip
+    parser.add_argument("--data-seed", type=int, default=0, help="which images are drawn")
+    parser.add_argument("--source", type=Path, default=SOURCE, help="Fashion-MNIST IDX folder")
+    parser.add_argument("--work", type=Path, help="new or empty folder to keep (default: temp)")
+    parser.add_argument("--tag", help="output name: bench/out/heldout-TAG.json (default: commit)")
+    return parser.parse_args(argv)
+
+
+def draw_images(labels: np.ndarray, pixels: np.ndarray, per_class: int, heldout_per_class: int,
+                seed: int) -> tuple[dict, dict]:  # fmt: skip
+    """Row numbers per class for training and held-out: outside the demo subset, never an exact
+    pixel copy of a demo image or of each other (Fashion-MNIST has a few duplicates)."""
+    demo = {
+        int(r) for c in range(len(CLASSES)) for r in np.flatnonzero(labels == c)[:DEMO_PER_CLASS]
+    }
+    seen = {hashlib.sha256(pixels[r].tobytes()).digest() for r in demo}
+    rng = np.random.default_rng(seed)
+    train, heldout = {}, {}
+    for c, name in enumerate(CLASSES):
+        rows = []
+        for row in rng.permutation(np.flatnonzero(labels == c)):
+            digest = hashlib.sha256(pixels[row].tobytes()).digest()
+            if int(row) not in demo and digest not in seen:
+                seen.add(digest)
+                rows.append(int(row))
+            if len(rows) == per_class + heldout_per_class:
+                break
+        if len(rows) < per_class + heldout_per_class:
+            sys.exit(f"class {name}: only {len(rows)} usable images, need more")
+        train[name], heldout[name] = rows[:per_class], rows[per_class:]
+    return train, heldout
+
+
+def write_pngs(pixels: np.ndarray, rows: dict, folder: Path) -> None:
+    for name, class_rows in rows.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for row in class_rows:
+            Image.fromarray(pixels[row], mode="L").save(
+                folder / name / f"fmnist-train-{row:05d}.png"
+            )
+
+
+def make_project(target: Path, pixels: np.ndarray, train: dict) -> Path:
+    """A clone of this repository's committed state with `train` as its DVC-tracked data."""
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
+    write_pngs(pixels, train, target / "data")
+    run_child([str(BIN / "dvc"), "add", "-q", "data"], cwd=target)
+    subprocess.run(["git", "add", "data.dvc", ".gitignore"], cwd=target, check=True)
+    subprocess.run(["git", "-c", "user.name=heldout", "-c", "user.email=heldout@localhost",
+                    "commit", "-qm", "held-out benchmark data"], cwd=target, check=True)  # fmt: skip
+    return target
+
+
+def run_pipeline(project: Path, seed: int, overrides: list[str]) -> dict:
+    """`headstart run` in the clone, with the clone's own code: wall seconds, peak MiB."""
+    sets = [arg for item in [*overrides, f"base.seed={seed}"] for arg in ("-S", item)]
+    pythonpath = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
+    child = run_child([str(BIN / "headstart"), "run", *sets], cwd=project,
+                      env={"PYTHONPATH": pythonpath})  # fmt: skip
+    return {"seconds": child["seconds"], "peak_mib": child["peak_mib"]}
+
+
+def probabilities(model: Path, heldout: Path) -> tuple[np.ndarray, list[str]]:
+    """(images x CLASSES) probabilities from the project's predict API, and the true labels."""
+    from headstart.predicting import predict_paths
+
+    results = predict_paths(model, [heldout], top_k=len(CLASSES))
+    failed = [r["file"] for r in results if "error" in r]
+    if failed:
+        sys.exit(f"{model}: could not read {len(failed)} held-out images, e.g. {failed[0]}")
+    probs = np.array([[dict(r["top"])[name] for name in CLASSES] for r in results])
+    return probs, [Path(r["file"]).parent.name for r in results]
+
+
+def score(project: Path, heldout: Path) -> dict[str, float]:
+    """Held-out accuracy of every model the run produced, and of mean2."""
+    probs, truth = {}, None
+    for name in MODELS:
+        model = project / "artifacts" / name / "model.keras"
+        if model.is_file():
+            probs[name], labels = probabilities(model, heldout)
+            if truth is not None and labels != truth:
+                sys.exit(f"{name}: held-out images came back in a different order")
+            truth = labels
+    if {"baseline", "transfer"} <= set(probs):
+        probs["mean2"] = (probs["baseline"] + probs["transfer"]) / 2
+    y = np.array([CLASSES.index(label) for label in truth or []])
+    return {name: round(float(np.mean(p.argmax(axis=1) == y)), 4) for name, p in probs.items()}
+
+
+def summarize(runs: dict[int, dict]) -> dict[str, dict]:
+    """Per model: accuracy per seed (None where absent), mean and sd over the seeds present."""
+    summary = {}
+    for name in [*MODELS, "mean2"]:
+        values = [run["accuracy"].get(name) for run in runs.values()]
+        present = [v for v in values if v is not None]
+        if present:
+            sd = statistics.stdev(present) if len(present) > 1 else None
+            summary[name] = {"per_seed": values, "mean": round(statistics.mean(present), 4),
+                             "sd": None if sd is None else round(sd, 4)}  # fmt: skip
+    return summary
+
+
+def report(runs: dict[int, dict], summary: dict) -> str:
+    header = ("model", *(f"seed {s}" for s in runs), "mean ± sd")
+    rows = []
+    for name, s in summary.items():
+        spread = "n/a" if s["sd"] is None else f"{s['sd']:.3f}"
+        cells = ["–" if v is None else f"{v:.3f}" for v in s["per_seed"]]
+        rows.append((name, *cells, f"{s['mean']:.3f} ± {spread}"))
+    seconds = [r["seconds"] for r in runs.values()]
+    rows.append(("run seconds", *(f"{v:.1f}" for v in seconds), f"{statistics.mean(seconds):.1f}"))
+    return table(rows, header)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before scoring imports TensorFlow
+    if args.heldout % len(CLASSES):
+        sys.exit(f"--heldout must be a multiple of {len(CLASSES)} (class balanced)")
+    work = args.work or Path(tempfile.mkdtemp(prefix="heldout-"))
+    if work.exists() and any(work.iterdir()):
+        sys.exit(f"{work}: not empty; give a new or empty --work folder")
+    work.mkdir(parents=True, exist_ok=True)
+    labels = read_idx(args.source / "train-labels-idx1-ubyte.gz")
+    pixels = read_idx(args.source / "train-images-idx3-ubyte.gz")
+    train, heldout = draw_images(labels, pixels, args.per_class,
+                                 args.heldout // len(CLASSES), args.data_seed)  # fmt: skip
+    project = make_project(work / "project", pixels, train)
+    write_pngs(pixels, heldout, work / "heldout")
+    sys.path.insert(0, str(project))  # score with the clone's code, like the pipeline runs
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD~1"], cwd=project, check=True,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    runs = {}
+    for seed in args.seeds:
+        print(f"[seed {seed}] headstart run in {project}", file=sys.stderr, flush=True)
+        runs[seed] = run_pipeline(project, seed, args.overrides)
+        runs[seed]["accuracy"] = score(project, work / "heldout")
+        print(f"[seed {seed}] {runs[seed]}", file=sys.stderr, flush=True)
+    summary = summarize(runs)
+    print(report(runs, summary))
+    result = {"tag": args.tag or commit, "commit": commit, "argv": sys.argv[1:],
+              "settings": {"per_class": args.per_class, "heldout": args.heldout,
+                           "seeds": args.seeds, "overrides": args.overrides,
+                           "data_seed": args.data_seed, "classes": CLASSES},
+              "runs": runs, "summary": summary}  # fmt: skip
+    from headstart.files import write_json
+
+    out = write_json(ROOT / "bench" / "out" / f"heldout-{result['tag']}.json", result)
+    print(f"wrote {out}" + ("" if args.work else f"; removing {work}"), file=sys.stderr)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
