@@ -13,18 +13,29 @@ from prefect.artifacts import create_markdown_artifact
 
 from headstart import dvcstate
 from headstart import params as params_module
+from headstart.errors import UserError
 from headstart.files import read_json
-from headstart.pipeline import STEPS
+from headstart.lock import workspace_lock
+from headstart.pipeline import STEPS, clean_up, written_with
 from tasks.prefect_tasks import TASKS
 
 
 @flow(name="headstart-pipeline", log_prints=True)
-def pipeline_flow(root: str = ".", force: bool = False, params_file: str = "params.yaml") -> dict:
+def pipeline_flow(root: str = ".", force: bool = False, params_file: str = "params.yaml",
+                  wait: bool = False) -> dict:  # fmt: skip
     """Run every stale step in order (all of them with `force`), then record each step's outputs
-    in dvc.lock so `dvc status` is clean and `dvc push` has everything."""
+    in dvc.lock so `dvc status` is clean and `dvc push` has everything. Holds the workspace lock
+    throughout (`wait`: queue behind a run that holds it, instead of failing at once)."""
+    with workspace_lock(root, wait=wait) as outermost:
+        params = params_module.load(Path(root) / params_file)  # fail fast on bad parameters
+        if outermost:
+            clean_up(params, root)
+        return _run_steps(root, params, params_file, force)
+
+
+def _run_steps(root: str, params, params_file: str, force: bool) -> dict:
     logger = get_run_logger()
-    params = params_module.load(Path(root) / params_file)  # fail fast on bad parameters
-    ran, skipped, seconds = [], [], {}
+    ran, skipped, seconds, unrecorded = [], [], {}, []
     for step in STEPS:
         changes = dvcstate.changed(root, step.name)
         if not force and not changes:
@@ -34,11 +45,24 @@ def pipeline_flow(root: str = ".", force: bool = False, params_file: str = "para
         logger.info("%s: running (%s)", step.name, "forced" if force and not changes else
                     _describe(changes))  # fmt: skip
         started = time.perf_counter()
-        TASKS[step.name](root, params_file)
-        dvcstate.commit(root, step.name)
+        try:
+            TASKS[step.name](root, params_file)
+        except UserError as err:
+            raise UserError(f"{step.name}: {err}") from None
+        if not written_with(step, params, root):
+            raise UserError(
+                f"{step.name}: {getattr(params.paths, step.output)} was not written with the "
+                "current parameters (changed by another process during this run?); run again"
+            )
+        problem = dvcstate.commit(root, step.name)
+        if problem:
+            logger.warning("%s: not recorded in dvc.lock: %s", step.name, problem)
+            unrecorded.append(f"{step.name} ({problem})")
         seconds[step.name] = round(time.perf_counter() - started, 2)
         ran.append(step.name)
     summary = run_summary(Path(root), params, ran, skipped, seconds)
+    if unrecorded:
+        summary += f"\n**Not recorded in dvc.lock**: {'; '.join(unrecorded)}\n"
     create_markdown_artifact(markdown=summary, key="headstart-run-summary",
                              description="headstart pipeline run")  # fmt: skip
     return {"ran": ran, "skipped": skipped, "seconds": seconds, "summary": summary}

@@ -36,11 +36,60 @@ def _quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+_VERBOSE = {"on": False}
+WaitOption = Annotated[
+    bool, typer.Option("--wait", help="If another run holds this workspace, wait for it.")
+]
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logs; full tracebacks from Prefect.")
+    ] = False,
+) -> None:
     _quiet_environment()
+    _VERBOSE["on"] = verbose
     logger = logging.getLogger("headstart")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+class _HideUserErrors(logging.Filter):
+    """Drop Prefect's log records about a run that failed on a UserError (its tracebacks and its
+    "Finished in state Failed" lines): the CLI prints that error as one line. Real bugs pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect") or record.levelno < logging.ERROR:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        while error is not None:
+            if isinstance(error, UserError):
+                return False
+            error = error.__cause__ or error.__context__
+        message = record.getMessage()
+        return not any(f"{name}(" in message or f"{name}: " in message
+                       for name in _user_error_names())  # fmt: skip
+
+
+def _user_error_names() -> set[str]:
+    names, pending = set(), [UserError]
+    while pending:
+        cls = pending.pop()
+        names.add(cls.__name__)
+        pending += cls.__subclasses__()
+    return names
+
+
+def _hide_prefect_tracebacks_of_user_errors() -> None:
+    if _VERBOSE["on"]:
+        return
+    hide = _HideUserErrors()
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in
+               list(logging.Logger.manager.loggerDict))]  # fmt: skip
+    for logger in loggers:
+        for handler in logger.handlers:
+            if hide not in handler.filters:
+                handler.addFilter(hide)
 
 
 def _log_to_stderr() -> None:
@@ -62,6 +111,7 @@ def step(
         str, typer.Argument(help="prepare | baseline | weights | freeze | head | evaluate | plots")
     ],  # fmt: skip
     params_file: ParamsOption = Path("params.yaml"),
+    wait: WaitOption = False,
 ) -> None:
     """Run one pipeline step (what each `dvc repro` stage calls)."""
     from headstart import params as params_module
@@ -70,7 +120,7 @@ def step(
     _log_to_stderr()
     try:
         params = params_module.load(params_file)
-        out = pipeline.get(name).run(params, params_file.parent)
+        out = pipeline.get(name).run(params, params_file.parent, wait=wait)
     except UserError as err:
         raise _fail(err) from None
     typer.echo(f"{name}: wrote {out}")
@@ -84,17 +134,23 @@ def run(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Run every step, stale or not.")] = False,
     params_file: ParamsOption = Path("params.yaml"),
+    wait: WaitOption = False,
 ) -> None:
     """Trigger a Prefect flow run of the whole pipeline (stale steps only)."""
+    from headstart import params as params_module
+    from headstart.lock import workspace_lock
+
+    root = params_file.parent.resolve()
     try:
-        from headstart import params as params_module
+        # the lock first: -S rewrites params.yaml, which a running flow is reading
+        with workspace_lock(root, wait=wait):
+            if set_:
+                params_module.write_overrides(params_file, set_)
+            params_module.load(params_file)
+            from flows.pipeline import pipeline_flow
 
-        if set_:
-            params_module.write_overrides(params_file, set_)
-        params_module.load(params_file)
-        from flows.pipeline import pipeline_flow
-
-        result = pipeline_flow(root=str(params_file.parent.resolve()), force=force)
+            _hide_prefect_tracebacks_of_user_errors()
+            result = pipeline_flow(root=str(root), force=force, params_file=params_file.name)
     except UserError as err:
         raise _fail(err) from None
     typer.echo(result["summary"])
@@ -104,8 +160,10 @@ def run(
 def status(params_file: ParamsOption = Path("params.yaml")) -> None:
     """Show which steps are stale (would run) and which are up to date."""
     from headstart import dvcstate
+    from headstart import params as params_module
 
     try:
+        params_module.load(params_file)
         stale = dvcstate.stale_stages(params_file.parent)
     except UserError as err:
         raise _fail(err) from None

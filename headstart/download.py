@@ -71,7 +71,9 @@ def fetch(
         if file_digest(target, kind) == expected_hash:
             log.info("weights: using cached %s", target)
             return target
-        log.warning("weights: cached %s has the wrong %s; downloading again", target, kind)
+        log.warning("weights: cached %s has the wrong %s; removed it, downloading again",
+                    target, kind)  # fmt: skip
+        target.unlink()
     check_url(url)
     cache_dir.mkdir(parents=True, exist_ok=True)
     last_error = ""

@@ -33,21 +33,40 @@ def repo(root: Path | str = ".") -> Iterator:
 
 
 def changed(root: Path | str, stage: str) -> list:
-    """What DVC reports as changed for one stage (empty when it is up to date)."""
+    """What DVC reports as changed for one stage (empty when it is up to date). A dependency DVC
+    cannot read (a symlink loop or a dangling link in data/) makes the stage changed: prepare
+    reports such links, and running it is the only way to say which."""
     with repo(root) as handle:
-        return handle.status(targets=[stage]).get(stage, [])
+        try:
+            return handle.status(targets=[stage]).get(stage, [])
+        except OSError as err:
+            log.warning("%s: DVC cannot check it (%s); treating it as changed", stage, _why(err))
+            return [{"unreadable dependency": _why(err)}]
 
 
-def commit(root: Path | str, stage: str) -> None:
-    """Record a stage's current deps, params and outputs in dvc.lock and the DVC cache."""
+def commit(root: Path | str, stage: str) -> str | None:
+    """Record a stage's current deps, params and outputs in dvc.lock and the DVC cache. Returns
+    why it could not (a dependency DVC cannot read), or None when it is recorded."""
     with repo(root) as handle:
-        handle.commit(target=stage, force=True)
+        try:
+            handle.commit(target=stage, force=True)
+        except OSError as err:
+            return f"DVC cannot read {_why(err)}; remove or fix that link in the data folder"
+    return None
+
+
+def _why(err: OSError) -> str:
+    return f"{err.filename}: {err.strerror}" if err.filename else str(err)
 
 
 def stale_stages(root: Path | str = ".") -> list[str]:
     """Stages `dvc repro` would run now: changed ones and everything downstream of them."""
     with repo(root) as handle:
-        direct = set(handle.status())
+        try:
+            direct = set(handle.status())
+        except OSError:  # an unreadable dependency: ask stage by stage
+            direct = {s.addressing for s in handle.index.stages if s.cmd
+                      and changed(root, s.addressing)}  # fmt: skip
         stages = [s for s in handle.index.stages if s.cmd]
         outs = {s.addressing: [str(o.fs_path) for o in s.outs] for s in stages}
         stale: list[str] = []

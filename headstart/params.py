@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
+import posixpath
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,7 +18,7 @@ import yaml
 
 from headstart.errors import UserError
 
-BACKBONES = ("efficientnet_lite0", "efficientnetb0", "inceptionv3")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "efficientnetb0", "inceptionv3")
 
 
 class ParamsError(UserError):
@@ -127,7 +129,7 @@ class Params:
 
 # (section, key) -> check returning an error text, or None when the value is fine.
 _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
-    "base.seed": lambda v: None if v >= 0 else "must be >= 0",
+    "base.seed": lambda v: None if 0 <= v < 2**32 else "must be in [0, 2**32)",
     "base.image_size": lambda v: None if v >= 32 else "must be >= 32 (pixels)",
     "base.backbone": lambda v: None if v in BACKBONES else f"must be one of {', '.join(BACKBONES)}",
     "prepare.resize": lambda v: None if v in ("pad", "stretch") else "must be 'pad' or 'stretch'",
@@ -179,9 +181,12 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         if isinstance(value, bool):
             raise ParamsError(f"params: {name} must be a number (got {value!r})")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ParamsError(f"params: {name} must be a number (got {value!r})") from None
+        if not math.isfinite(number):
+            raise ParamsError(f"params: {name} must be a finite number (got {value!r})")
+        return number
     if value is None:
         return ""
     if not isinstance(value, (str, int, float)):
@@ -231,6 +236,7 @@ def from_dict(raw: dict[str, Any] | None) -> Params:
             _check(name, key, kwargs[key])
         built[section] = cls(**kwargs)
     params = Params(**built)
+    check_paths(params.paths)
     split = params.prepare.val_fraction + params.prepare.test_fraction
     if split >= 1:
         raise ParamsError(
@@ -238,6 +244,43 @@ def from_dict(raw: dict[str, Any] | None) -> Params:
             f"(got {split:g}); leave some images for training"
         )
     return params
+
+
+# Top-level names a path may never be or enter: the project's code, tooling and VCS folders.
+PROTECTED = ("headstart", "tasks", "flows", "tests", "bench", "scripts", "demo-remote")
+INPUT_PATHS = ("data",)  # read, never written
+
+
+def check_paths(paths: Paths) -> None:
+    """Every path: relative, inside the project, no hidden part, not the code. Output paths: not
+    the data, and no output inside another (a step replaces its output folder whole)."""
+    normal = {}
+    for name, value in dataclasses.asdict(paths).items():
+        key = f"paths.{name}"
+        clean = posixpath.normpath(value.replace("\\", "/")) if value else ""
+        parts = clean.split("/")
+        if not clean or clean == ".":
+            problem = "must name a folder inside the project, not the project itself"
+        elif posixpath.isabs(clean) or parts[0] == "..":
+            problem = "must be a relative path inside the project (no absolute path, no '..')"
+        elif any(part.startswith(".") for part in parts):
+            problem = "must not contain hidden parts (.git, .dvc, .name ...)"
+        elif parts[0] in PROTECTED or (len(parts) == 1 and "." in parts[0]):
+            problem = f"must not be or enter the project's code or files ({', '.join(PROTECTED)})"
+        else:
+            normal[name] = clean
+            continue
+        raise ParamsError(f"params: {key} {problem} (got {value!r})")
+    for name, clean in normal.items():
+        for other, other_clean in normal.items():
+            if other == name or (name in INPUT_PATHS and other in INPUT_PATHS):
+                continue
+            if clean == other_clean or clean.startswith(other_clean + "/"):
+                first, second = sorted((name, other), key=lambda n: n in INPUT_PATHS)
+                raise ParamsError(
+                    f"params: paths.{first} and paths.{second} overlap ({normal[first]!r}, "
+                    f"{normal[second]!r}); give every step its own folder, apart from the data"
+                )
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -262,10 +305,32 @@ def read_raw(path: Path | str = "params.yaml") -> dict[str, Any]:
     if not path.exists():
         raise ParamsError(f"{path}: not found; run from the project root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ParamsError(f"{path}: not valid YAML{where}: {err.problem}; fix the file") from None
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+        raise ParamsError(f"{path}: not valid YAML ({err}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot read it ({err})") from None
     return raw or {}
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last
+    one silently, while DVC and ruamel refuse the file)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:

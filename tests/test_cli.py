@@ -66,5 +66,5 @@ def test_predict_with_a_corrupt_model_is_one_line(tmp_path):
     assert (
         result.stderr.strip()
         .splitlines()[-1]
-        .startswith(f"error: {tmp_path}/model.keras: cannot load this model")
+        .startswith(f"error: {tmp_path}/model.keras: not a valid .keras file")
     )
