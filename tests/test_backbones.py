@@ -1,5 +1,5 @@
-"""Backbones: the Lite0 port on real photos, downloads against a real loopback HTTP server,
-the restricted unpickler, and freezing that really freezes."""
+"""Backbones: the EfficientNet-Lite ports on real photos, downloads against a real loopback HTTP
+server, the restricted unpickler, and freezing that really freezes."""
 
 from __future__ import annotations
 
@@ -19,54 +19,73 @@ from conftest import small_params
 from PIL import Image
 
 from headstart import backbones, download, images
-from headstart.convert import load_lite0_state
+from headstart.convert import load_lite_state
 from headstart.errors import UserError
 from headstart.torchfile import UnsafeCheckpoint, read_state_dict
 from tasks.freeze import freeze_backbone
 from tasks.weights import fetch_weights, package_file
 
+LITE = ("efficientnet_lite0", "efficientnet_lite2")
 
-@pytest.fixture(scope="module")
-def lite0_weights(tmp_path_factory) -> Path:
-    """The real converted Lite0 weights (from the pip-installed package), made once."""
+
+@pytest.fixture(scope="module", params=LITE)
+def lite_weights(request, tmp_path_factory) -> Path:
+    """A Lite backbone's real converted weights (from its pip-installed package), made once."""
     out = tmp_path_factory.mktemp("weights") / "weights"
-    return fetch_weights(out, small_params())
+    return fetch_weights(out, small_params(base={"backbone": request.param}))
+
+
+def lite_name(weights: Path) -> str:
+    return __import__("json").loads((weights / "weights.json").read_text())["backbone"]
 
 
 def imagenet_top1(model, photo: np.ndarray) -> int:
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, format="PNG")
-    x = images.decode(buffer.getvalue(), 224, "stretch")[None].astype("float32")
+    x = images.decode(buffer.getvalue(), model.input_shape[1], "stretch")[None].astype("float32")
     return int(np.argmax(model(x, training=False).numpy()[0]))
 
 
-def test_lite0_port_classifies_real_photos(lite0_weights):
+def test_lite_ports_classify_real_photos_at_native_size(lite_weights):
     skimage_data = pytest.importorskip("skimage.data")
-    model = backbones.efficientnet_lite0(224, include_top=True)
-    model.load_weights(str(lite0_weights / "efficientnet_lite0.weights.h5"))
+    backbone = backbones.get(lite_name(lite_weights))
+    model = backbone.build(backbone.default_size, include_top=True)
+    model.load_weights(str(lite_weights / f"{backbone.name}.weights.h5"))
     assert imagenet_top1(model, skimage_data.chelsea()) in (281, 282, 285)  # tabby/tiger/Egyptian
     assert imagenet_top1(model, skimage_data.coffee()) == 967  # espresso
 
 
-def test_weights_record_names_source_and_hash(lite0_weights):
-    record = __import__("json").loads((lite0_weights / "weights.json").read_text())
-    assert record["source_hash"] == backbones.REGISTRY["efficientnet_lite0"].weights.file_hash
-    target = lite0_weights / record["file"]
+def test_weights_record_names_source_and_hash(lite_weights):
+    record = __import__("json").loads((lite_weights / "weights.json").read_text())
+    assert record["source_hash"] == backbones.REGISTRY[record["backbone"]].weights.file_hash
+    target = lite_weights / record["file"]
     assert hashlib.sha256(target.read_bytes()).hexdigest() == record["sha256"]
 
 
-def test_conversion_refuses_missing_or_extra_tensors():
-    source = backbones.REGISTRY["efficientnet_lite0"].weights
-    state = read_state_dict(package_file(source.package, source.file_name))
-    model = backbones.efficientnet_lite0(32, include_top=True)
+@pytest.mark.parametrize("name", LITE)
+def test_conversion_refuses_missing_or_extra_tensors(name):
+    backbone = backbones.get(name)
+    state = read_state_dict(package_file(backbone.weights.package, backbone.weights.file_name))
+    model = backbone.build(32, include_top=True)
     missing = {k: v for k, v in state.items() if k != "_blocks.3._bn1.running_var"}
     with pytest.raises(UserError, match="_blocks.3._bn1.running_var"):
-        load_lite0_state(model, missing)
+        load_lite_state(model, missing)
     with pytest.raises(UserError, match="unused"):
-        load_lite0_state(model, {**state, "_extra.weight": np.zeros(3, np.float32)})
+        load_lite_state(model, {**state, "_extra.weight": np.zeros(3, np.float32)})
     wrong = {**state, "_conv_stem.weight": np.zeros((32, 3, 5, 5), np.float32)}
     with pytest.raises(UserError, match="_conv_stem.weight has shape"):
-        load_lite0_state(model, wrong)
+        load_lite_state(model, wrong)
+
+
+@pytest.mark.parametrize("name, blocks", [("efficientnet_lite0", 16), ("efficientnet_lite2", 21)])
+def test_lite_block_starts_name_every_block_from_the_top(name, blocks):
+    backbone = backbones.get(name)
+    model = backbone.build(32)
+    dwconvs = [layer.name for layer in model.layers if layer.name.endswith("_dwconv")]
+    assert len(dwconvs) == len(backbone.block_starts) == blocks
+    assert [start + "dwconv" for start in backbone.block_starts] == dwconvs[::-1]
+    first = model.layers[backbones.block_start_index(model, backbone, blocks)]
+    assert first.name == "block00_dwconv"  # block 0 has no expansion
 
 
 class _Evil:
@@ -225,11 +244,11 @@ def assert_frozen(extractor) -> None:
     assert np.allclose(extractor(x, training=True), extractor(x, training=False), atol=1e-5)
 
 
-def test_freeze_step_on_real_lite0_weights(lite0_weights, tmp_path):
+def test_freeze_step_on_real_lite_weights(lite_weights, tmp_path):
     import keras
 
-    params = small_params()
-    out = freeze_backbone(lite0_weights, tmp_path / "backbone", params)
+    params = small_params(base={"backbone": lite_name(lite_weights)})
+    out = freeze_backbone(lite_weights, tmp_path / "backbone", params)
     extractor = keras.saving.load_model(out / "backbone.keras")
     assert extractor.output_shape == (None, 1280)
     assert_frozen(extractor)
