@@ -26,10 +26,9 @@ def pipeline_flow(root: str = ".", force: bool = False, params_file: str = "para
     """Run every stale step in order (all of them with `force`), then record each step's outputs
     in dvc.lock so `dvc status` is clean and `dvc push` has everything. Holds the workspace lock
     throughout (`wait`: queue behind a run that holds it, instead of failing at once)."""
-    with workspace_lock(root, wait=wait) as outermost:
+    with workspace_lock(root, wait=wait):
         params = params_module.load(Path(root) / params_file)  # fail fast on bad parameters
-        if outermost:
-            clean_up(params, root)
+        clean_up(params, root)  # no step is writing: this process holds the lock, between steps
         return _run_steps(root, params, params_file, force)
 
 

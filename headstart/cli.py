@@ -59,7 +59,7 @@ class _HideUserErrors(logging.Filter):
     "Finished in state Failed" lines): the CLI prints that error as one line. Real bugs pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("prefect") or record.levelno < logging.ERROR:
+        if not record.name.startswith("prefect"):
             return True
         error = record.exc_info[1] if record.exc_info else None
         while error is not None:

@@ -1,0 +1,372 @@
+"""Safety: output paths, owned folders, the workspace lock, symlinks, strict input, one-line
+errors. Each test here reproduced a defect found by trying to break a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, image_bytes, run_cli, small_params, write_good_images
+
+from headstart import files, lock
+from headstart import params as params_module
+from headstart.errors import UserError
+from tasks.prepare import prepare
+
+
+def project_copy(tmp_path: Path) -> Path:
+    """A project folder with params.yaml and stand-ins for the code a bad path could destroy."""
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    for folder in ("headstart", "tasks"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "keep.py").write_text("# source code\n")
+    return tmp_path
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()
+            and ".headstart" not in p.parts}  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["headstart", "tasks", ".", "/tmp/x", "data", "..",
+                                   "artifacts/../tasks", ".git/objects", "params.yaml"])  # fmt: skip
+def test_an_output_path_outside_the_allowed_area_is_one_line_and_touches_nothing(tmp_path, value):
+    root = project_copy(tmp_path)
+    before = snapshot(root)
+    result = run_cli("run", "--params", str(root / "params.yaml"), "-S",
+                     f"paths.baseline={value}")  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "paths.baseline" in result.stderr
+    assert snapshot(root) == before
+
+
+def test_a_path_edited_in_params_yaml_is_refused_by_step(tmp_path):
+    root = project_copy(tmp_path)
+    text = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(
+        text.replace("prepared: artifacts/prepared", "prepared: tasks")
+    )
+    before = snapshot(root)
+    result = run_cli("step", "prepare", "--params", str(root / "params.yaml"))
+    assert result.returncode == 1 and "paths.prepared" in result.stderr
+    assert snapshot(root) == before
+
+
+def test_nested_output_paths_are_refused():
+    with pytest.raises(
+        params_module.ParamsError, match="paths.baseline and paths.prepared overlap"
+    ):
+        small_params(paths={"prepared": "artifacts", "baseline": "artifacts/baseline"})
+
+
+def test_a_step_never_replaces_a_folder_it_did_not_create(tmp_path):
+    foreign = tmp_path / "out"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work\n")
+    with pytest.raises(UserError, match="was not written by headstart"):
+        with files.atomic_dir(foreign) as tmp:
+            (tmp / "model.keras").write_text("x")
+    assert (foreign / "thesis.tex").read_text() == "years of work\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+
+
+def test_owned_folders_are_replaced_and_stamped(tmp_path):
+    target = tmp_path / "out"
+    with files.stamping({"step": "demo", "params": {"a": 1}}):
+        with files.atomic_dir(target) as tmp:
+            (tmp / "one.txt").write_text("1")
+        with files.atomic_dir(target) as tmp:
+            (tmp / "two.txt").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == [files.MARKER, "two.txt"]
+    assert files.read_marker(target) == {"written_by": "headstart", "step": "demo",
+                                         "params": {"a": 1}}  # fmt: skip
+
+
+def test_stale_temporaries_are_removed_but_nothing_else(tmp_path):
+    for name in (".baseline.tmp-abc123", ".prepared.old-4242"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "big.npy").write_bytes(b"0" * 100)
+    for name in (".baseline.tmp-notes.txt", "baseline", ".other"):
+        (tmp_path / name).mkdir() if "." not in name[1:] else (tmp_path / name).write_text("x")
+    removed = files.remove_stale_temporaries([tmp_path])
+    assert sorted(p.name for p in removed) == [".baseline.tmp-abc123", ".prepared.old-4242"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".baseline.tmp-notes.txt", ".other", "baseline"]  # fmt: skip
+
+
+HOLDER = """
+import sys, time
+from headstart.lock import workspace_lock
+with workspace_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def start_holder(root: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_is_refused_naming_the_holder_then_a_dead_holder_is_taken_over(
+    tmp_path, caplog
+):
+    holder = start_holder(tmp_path)
+    try:
+        with pytest.raises(lock.LockedError, match=f"pid {holder.pid} "):
+            with lock.workspace_lock(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with caplog.at_level("WARNING", logger="headstart.lock"):
+        with lock.workspace_lock(tmp_path) as outermost:
+            assert outermost
+            with lock.workspace_lock(tmp_path) as nested:  # re-entrant in one process
+                assert not nested
+    assert f"stale lock: pid {holder.pid}" in caplog.text
+
+
+def test_a_waiting_writer_gets_the_lock_when_the_holder_ends(tmp_path):
+    holder = start_holder(tmp_path)
+    started = time.monotonic()
+    subprocess.Popen(["sh", "-c", f"sleep 1; kill {holder.pid}"])
+    with lock.workspace_lock(tmp_path, wait=True, poll=0.1):
+        waited = time.monotonic() - started
+    holder.wait()
+    assert waited >= 0.9
+
+
+def test_cli_step_refuses_while_a_run_holds_the_workspace(tmp_path):
+    root = project_copy(tmp_path)
+    holder = start_holder(root)
+    try:
+        result = run_cli("step", "prepare", "--params", str(root / "params.yaml"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 1
+    assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
+    assert f"another headstart run holds this workspace: pid {holder.pid}" in result.stderr
+
+
+def test_symlinks_follow_one_policy_and_every_entry_is_reported(tmp_path):
+    data = tmp_path / "data"
+    write_good_images(data)
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "x.png").write_bytes(image_bytes(99))
+    for n in range(3):
+        (outside / "folder" / f"{n}.png").write_bytes(image_bytes(200 + n))
+    links = {
+        "class_0/loop_a": "loop_b", "class_0/loop_b": "loop_a",
+        "class_0/dangling.png": "/nonexistent/x.png", "class_0/hostname.png": "/etc/hostname",
+        "class_1/outside.png": str(outside / "x.png"), "class_1/outside_folder": str(outside / "folder"),
+        "class_1/inside.png": str(data / "class_0" / "img_001.png"),
+        "class_1/inside_folder": str(data / "class_0"), "linked_class": str(outside / "folder"),
+    }  # fmt: skip
+    for link, target in links.items():
+        os.symlink(target, data / link)
+    (data / "class_0" / "fake\nquarantined line.png").write_bytes(b"not an image")
+    out = prepare(data, tmp_path / "prepared", small_params())
+    report = json.loads((out / "report.json").read_text())
+    fate = {item["file"]: item["reason"] for item in report["quarantined"] + report["ignored"]}
+    assert fate["class_0/loop_a"].startswith("symlink loop")
+    assert fate["class_0/dangling.png"].startswith("dangling symlink")
+    assert fate["class_0/hostname.png"] == "points outside data/: /etc/hostname"
+    assert fate["class_1/outside.png"].startswith("points outside data/")
+    assert fate["class_1/outside_folder"].startswith("points outside data/")
+    assert fate["linked_class"].startswith("points outside data/")
+    assert fate["class_1/inside_folder"].startswith("symlinked folder")
+    # a link to an image inside data/ is read once, so it is a same-content copy of its target
+    assert fate["class_1/inside.png"].startswith("conflicting labels")
+    assert report["reconciles"] and report["entries_under_data"] == report["totals"]["seen"]
+    assert report["classes"] == ["class_0", "class_1"]
+    text = (out / "report.txt").read_text()
+    assert "fake\\nquarantined line.png" in text
+    assert not any(line.startswith("quarantined line") for line in text.splitlines())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("head.learning_rate=.inf", "head.learning_rate must be a finite number"),
+    ("baseline.learning_rate=.nan", "baseline.learning_rate must be a finite number"),
+    ("base.seed=4294967296", "base.seed must be in [0, 2**32)"),
+])  # fmt: skip
+def test_non_finite_and_out_of_range_numbers_are_refused(override, message):
+    with pytest.raises(params_module.ParamsError) as caught:
+        params_module.load(ROOT / "params.yaml", [override])
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("command", [["status"], ["run", "-S", "head.epochs=3"],
+                                     ["step", "prepare"]])  # fmt: skip
+@pytest.mark.parametrize("damage, message", [
+    (lambda text: text.replace("  epochs: 15\n", "  epochs: 15\n  epochs: 16\n", 1),
+     "duplicate key 'epochs'"),
+    (lambda text: text + "head: [unclosed\n", "not valid YAML"),
+    (lambda text: text.replace("  top_k: 3\n", ""), "missing key evaluate.top_k"),
+    (None, "not found"),
+])  # fmt: skip
+def test_broken_parameter_files_are_one_line_for_every_command(tmp_path, command, damage, message):
+    params_file = tmp_path / "params.yaml"
+    if damage is not None:
+        params_file.write_text(damage((ROOT / "params.yaml").read_text()))
+        before = params_file.read_text()
+    result = run_cli(*command, "--params", str(params_file))
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    if damage is not None:
+        assert params_file.read_text() == before
+
+
+def test_a_loss_that_becomes_nan_stops_training_with_one_line(tmp_path):
+    import keras
+
+    from headstart import training
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    training.compile_classifier(model, keras.optimizers.SGD(learning_rate=1e38))
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32") * 1e6
+    y = np.arange(64) % 2
+    data = training.dataset(x, y, 16)
+    with pytest.raises(UserError, match=r"head: the training loss became nan in epoch \d+; lower "
+                                        r"head.learning_rate"):  # fmt: skip
+        training.fit(model, data, data, tmp_path, "head", epochs=5, patience=5,
+                     target_accuracy=1.0)  # fmt: skip
+
+
+def test_strict_json_refuses_nan(tmp_path):
+    with pytest.raises(ValueError):
+        files.write_json(tmp_path / "m.json", {"accuracy": float("nan")})
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_a_bad_cached_weights_file_is_removed_before_the_advice_to_copy_one_there(tmp_path):
+    from headstart.download import DownloadError, fetch
+
+    cached = tmp_path / "w.h5"
+    cached.write_bytes(b"corrupt")
+    with pytest.raises(DownloadError, match=f"download failed after 2 tries .*copy the file to "
+                                            f"{cached}"):  # fmt: skip
+        fetch((tmp_path / "missing.h5").as_uri(), "w.h5", "0" * 64, tmp_path, retries=2,
+              backoff=0)  # fmt: skip
+    assert not cached.exists()
+
+
+def wait_for(predicate, timeout: float = 120.0, every: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(every)
+
+
+def headstart_process(root: Path, *args: str) -> subprocess.Popen:
+    """`headstart ARGS` in its own process group (killing the group also stops the temporary
+    Prefect server it starts), output to files in ../logs."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    logs = root.parent / "logs"
+    logs.mkdir(exist_ok=True)
+    with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
+        return subprocess.Popen(["headstart", *args], cwd=root, env=env, stdout=out, stderr=err,
+                                start_new_session=True)  # fmt: skip
+
+
+def output_of(root: Path) -> str:
+    return (root.parent / "logs" / "stderr").read_text()[-3000:]
+
+
+def temporaries(root: Path) -> list[str]:
+    return [
+        p.name for p in (root / "artifacts").glob(".*") if ".tmp-" in p.name or ".old-" in p.name
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed_in", [".baseline.tmp-", ".transfer.tmp-"])
+def test_kill_9_in_a_step_then_run_completes_clean(tmp_path, killed_in):
+    from conftest import run_in, tiny_project
+
+    root = tiny_project(tmp_path / "project")
+    slow = ["-S", "baseline.epochs=60", "-S", "baseline.patience=60", "-S", "head.epochs=60",
+            "-S", "head.patience=60"]  # fmt: skip
+    victim = headstart_process(root, "run", *slow)
+    try:
+        wait_for(lambda: any(killed_in in name for name in temporaries(root))
+                 or victim.poll() is not None)  # fmt: skip
+        assert victim.poll() is None, output_of(root)
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)  # no clean-up code runs
+        victim.wait()
+    assert temporaries(root)  # the killed step left its temporary folder
+    result = run_in(root, "headstart", "run")
+    assert "stale lock" in result.stderr and "left by a run that did not finish" in result.stderr
+    assert temporaries(root) == []
+    assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_never_mix(tmp_path):
+    from conftest import run_in, tiny_project
+
+    root = tiny_project(tmp_path / "project")
+    first = headstart_process(root, "run", "-S", "baseline.epochs=5")
+    wait_for(lambda: (root / ".headstart" / "lock").is_file()
+             and "baseline.epochs=5" in (root / ".headstart" / "lock").read_text())  # fmt: skip
+    second = run_in(root, "headstart", "run", "-S", "baseline.epochs=1", check=False)
+    assert first.wait(timeout=600) == 0, output_of(root)
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines() == [
+        f"error: {root}: another headstart run holds this workspace: pid {first.pid} "
+        f"(`headstart run -S baseline.epochs=5`, since "
+        + second.stderr.split("since ")[1].strip()
+    ]  # fmt: skip
+    assert "epochs: 5" in (root / "params.yaml").read_text().split("baseline:")[1][:40]
+    assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
+    marker = files.read_marker(root / "artifacts" / "baseline")
+    assert marker["params"]["baseline.epochs"] == 5
+    metrics = json.loads((root / "artifacts/metrics/baseline.json").read_text())
+    from tasks.evaluate import evaluate_model
+
+    again = evaluate_model(root / "artifacts/baseline/model.keras", root / "artifacts/prepared", 3)
+    assert again[0]["accuracy"] == metrics["accuracy"]
+
+
+@pytest.mark.slow
+def test_status_and_run_complete_with_bad_links_in_the_data(tmp_path):
+    from conftest import run_in, tiny_project
+
+    root = tiny_project(tmp_path / "project")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.png").write_bytes(image_bytes(77))
+    for link, target in {"class_0/loop_a": "loop_b", "class_0/loop_b": "loop_a",
+                         "class_0/dangling.png": "/nonexistent.png",
+                         "class_0/hostname.png": "/etc/hostname",
+                         "class_1/outside.png": str(outside / "x.png"),
+                         "class_1/folder": str(outside)}.items():  # fmt: skip
+        os.symlink(target, root / "data" / link)
+    status = run_in(root, "headstart", "status")
+    assert "prepare    stale" in status.stdout
+    result = run_in(root, "headstart", "run")
+    assert "Not recorded in dvc.lock**: prepare (DVC cannot read" in result.stdout
+    report = (root / "artifacts/prepared/report.txt").read_text()
+    for name in ("loop_a", "loop_b", "dangling.png", "hostname.png", "outside.png", "folder"):
+        assert name in report
+    failed = run_in(root, "headstart", "run", "-S", "prepare.min_per_class=50", check=False)
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if "rror" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: prepare: "), failed.stderr
