@@ -21,6 +21,7 @@ from flows.pipeline import pipeline_flow
 from headstart import dvcstate
 from headstart import params as params_module
 from headstart.errors import UserError
+from headstart.lock import workspace_lock
 from headstart.promotion import promote_from_params
 
 log = logging.getLogger("headstart.schedule")
@@ -30,6 +31,11 @@ log = logging.getLogger("headstart.schedule")
 def retrain_flow(root: str = ".", params_file: str = "params.yaml") -> dict:
     """Refresh the data, retrain only what changed, and promote the new model only if it is at
     least as good on the test split as the current one."""
+    with workspace_lock(root, wait=True):  # a manual run in progress: retrain after it
+        return _retrain(root, params_file)
+
+
+def _retrain(root: str, params_file: str) -> dict:
     logger = get_run_logger()
     params = params_module.load(Path(root) / params_file)
     if dvcstate.has_remote(root):
@@ -40,7 +46,7 @@ def retrain_flow(root: str = ".", params_file: str = "params.yaml") -> dict:
     if not stale and champion.exists():
         logger.info("data, parameters and code unchanged: no retraining")
         return {"retrained": False, "promotion": None}
-    result = pipeline_flow(root=root, params_file=params_file) if stale else None
+    result = pipeline_flow(root=root, params_file=params_file, wait=True) if stale else None
     decision = promote_from_params(params, root)
     if decision["promoted"]:
         dvcstate.track(root, params.paths.champion)
