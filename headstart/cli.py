@@ -175,15 +175,28 @@ def status(params_file: ParamsOption = Path("params.yaml")) -> None:
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Argument(help="A saved .keras model (labels.json beside it).")],
-    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files or folders; a first argument ending in .keras is the "
+            "model to use (default: the release, see --params)."
+        ),
+    ],  # fmt: skip
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Classify images with a trained model."""
+    """Classify images with the released model (or a .keras model given first)."""
     from headstart import predicting
 
     try:
+        if inputs and inputs[0].suffix == ".keras":
+            model, inputs = inputs[0], inputs[1:]
+        else:
+            from headstart import params as params_module
+
+            params = params_module.load(params_file)
+            model = params.path("release", params_file.parent) / "model.keras"
         results = predicting.predict_paths(model, inputs, top_k)
     except UserError as err:
         raise _fail(err) from None

@@ -21,6 +21,10 @@ from headstart.errors import UserError
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "efficientnetb0", "inceptionv3")
 
 
+# auto: k-fold CV picks among linear, small and dense; seed: the seed's recipe, unchanged
+HEAD_CONFIGS = ("auto", "linear", "small", "dense", "seed")
+
+
 class ParamsError(UserError):
     """A bad value in params.yaml (or an override)."""
 
@@ -64,11 +68,13 @@ class Freeze:
 
 @dataclass(frozen=True)
 class Head:
+    config: str = "auto"
+    folds: int = 3
     units: int = 1024
     dropout: float = 0.2
     optimizer: str = "adam"
     learning_rate: float = 1e-3
-    epochs: int = 20
+    epochs: int = 40
     batch_size: int = 64
     patience: int = 5
     target_accuracy: float = 0.999
@@ -103,6 +109,7 @@ class Paths:
     weights: str = "artifacts/weights"
     backbone: str = "artifacts/backbone"
     transfer: str = "artifacts/transfer"
+    release: str = "artifacts/release"
     features: str = "artifacts/features"
     metrics: str = "artifacts/metrics"
     plots: str = "artifacts/plots"
@@ -140,6 +147,10 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
         None if v in ("none", "balanced") else "must be 'none' or 'balanced'"
     ),
     "head.dropout": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+    "head.config": lambda v: (
+        None if v in HEAD_CONFIGS else f"must be one of {', '.join(HEAD_CONFIGS)}"
+    ),
+    "head.folds": lambda v: None if v >= 2 else "must be >= 2",
     "weights.url": lambda v: (
         None if v == "" or _url_allowed(v) else "must be empty or an https:// URL"
     ),

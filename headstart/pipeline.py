@@ -37,6 +37,7 @@ STEPS = (
     Step("weights", "download_weights", "weights"),
     Step("freeze", "freeze_backbone", "backbone"),
     Step("head", "train_head", "transfer"),
+    Step("select", "select_model", "release"),
     Step("evaluate", "evaluate", "metrics"),
     Step("plots", "plot_results", "plots"),
 )

@@ -76,3 +76,21 @@ def sample_predictions(pictures: np.ndarray, true: list[str], predicted: list[st
             ax.set_yticks([])
     figure.suptitle(title)
     return figure
+
+
+def learning_curve(points: dict[str, dict], head: str) -> Figure:
+    """CV accuracy against the number of training images: is more data worth collecting?"""
+    images = [point["images"] for point in points.values()]
+    accuracy = [point["cv_accuracy"] for point in points.values()]
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
+    ax.plot(images, accuracy, "o-")
+    for label, x, y in zip(points, images, accuracy, strict=True):
+        ax.annotate(f"{label}: {y:.3f}", (x, y), textcoords="offset points", xytext=(4, -12),
+                    fontsize=8)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("training images (log scale)")
+    ax.set_ylabel("cross-validated accuracy")
+    ax.set_title(f"learning curve ({head} head on the frozen backbone's features)")
+    ax.grid(alpha=0.3)
+    return figure

@@ -1,5 +1,5 @@
-"""Champion/challenger: the promoted model is replaced only by one at least as good on the test
-split. Both are scored on the *current* test split, so a data refresh compares like with like."""
+"""Champion/challenger: the promoted model (a copy of a release) is replaced only by a release at
+least as good on the test split. Both are scored on the *current* test split, so a data refresh compares like with like."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import logging
 import shutil
 from pathlib import Path
 
+from headstart.artifacts import MODEL_FILE
 from headstart.files import atomic_dir, read_json, write_json
 from headstart.params import Params
 
 log = logging.getLogger("headstart.promotion")
-
-MODEL_FILE = "model.keras"
 
 
 def promote(challenger_dir: Path | str, prepared_dir: Path | str, champion_dir: Path | str,
@@ -21,7 +20,7 @@ def promote(challenger_dir: Path | str, prepared_dir: Path | str, champion_dir: 
 
     Returns the decision: {"promoted": bool, "reason": str, "challenger": acc, "champion": acc}.
     """
-    from tasks.evaluate import evaluate_model
+    from headstart.metrics import evaluate_model
 
     challenger_dir, champion_dir = Path(challenger_dir), Path(champion_dir)
     prepared_dir = Path(prepared_dir)
@@ -57,5 +56,5 @@ def promote(challenger_dir: Path | str, prepared_dir: Path | str, champion_dir: 
 
 
 def promote_from_params(params: Params, root: Path | str) -> dict:
-    return promote(params.path("transfer", root), params.path("prepared", root),
+    return promote(params.path("release", root), params.path("prepared", root),
                    params.path("champion", root), params.evaluate.top_k)  # fmt: skip

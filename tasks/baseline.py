@@ -6,14 +6,12 @@ import logging
 import shutil
 from pathlib import Path
 
+from headstart.artifacts import MODEL_FILE, load_split
 from headstart.files import atomic_dir, read_json, require
 from headstart.params import Params
 from headstart.summaries import write_summary
-from tasks.prepare import load_split
 
 log = logging.getLogger("headstart.baseline")
-
-MODEL_FILE = "model.keras"
 
 
 def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) -> Path:

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.files import atomic_dir, read_json, require, sha256_file, write_json
+from headstart.artifacts import MODEL_FILE, SPLITS, load_features, load_split
+from headstart.files import atomic_dir, read_json, require, sha256_file, write_json, write_timings
 from headstart.params import Params
 from headstart.summaries import write_summary
 from headstart.training import predict, predict_batches
 from tasks.freeze import BACKBONE_FILE
-from tasks.prepare import SPLITS, load_split
 
 log = logging.getLogger("headstart.head")
 
-MODEL_FILE = "model.keras"
+
 HEAD_STEPS_PER_EXECUTION = 32  # the head is tiny: per-batch Python overhead would dominate
 
 
@@ -76,23 +76,17 @@ def cache_features(extractor, key: str, prepared_dir: Path, features_dir: Path, 
             counts[split] = n_views * len(x)
         write_json(tmp / "features.json", {
             "key": key, "views": views, "features": width, "rows": counts,
-            "seconds": round(time.perf_counter() - started, 3),
         })  # fmt: skip
     log.info("head: cached features of %d images in %.1fs", sum(counts.values()),
              time.perf_counter() - started)  # fmt: skip
     return features_dir
 
 
-def load_features(features_dir: Path, split: str):
-    return (np.load(features_dir / f"{split}_features.npy", mmap_mode="r"),
-            np.load(features_dir / f"{split}_labels.npy"))  # fmt: skip
-
-
 def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir: Path | str,
                out_dir: Path | str, params: Params) -> Path:  # fmt: skip
     import keras
 
-    from headstart import models, training
+    from headstart import models
 
     prepared_dir, backbone_dir = Path(prepared_dir), Path(backbone_dir)
     features_dir = Path(features_dir)
@@ -105,27 +99,16 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
     key = cache_key(prepared_dir, backbone_dir, p.views, seed)
     cache_features(extractor, key, prepared_dir, features_dir, p.views, seed)
     timings["features"] = time.perf_counter() - started
-    f_train, y_train = load_features(features_dir, "train")
-    f_val, y_val = load_features(features_dir, "val")
-    head = models.dense_head(f_train.shape[1], len(classes), p.units, p.dropout)
-    training.compile_classifier(head, models.optimizer(p.optimizer, p.learning_rate),
-                                steps_per_execution=HEAD_STEPS_PER_EXECUTION)  # fmt: skip
-    weights = (
-        training.balanced_class_weight(y_train, len(classes))
-        if p.class_weight == "balanced"
-        else None
-    )
     with atomic_dir(out_dir) as tmp:
         started = time.perf_counter()
-        training.fit(
-            head,
-            training.dataset(f_train, y_train, p.batch_size, shuffle=True, seed=seed),
-            training.dataset(f_val, y_val, p.batch_size),
-            tmp, "head", p.epochs, p.patience, p.target_accuracy, class_weight=weights,
-        )  # fmt: skip
-        timings["head_fit"] = time.perf_counter() - started
+        if p.config == "seed":
+            head, record = _seed_head(features_dir, len(classes), params, tmp)
+        else:
+            head, record = _chosen_head(features_dir, len(classes), params, tmp)
+        timings["head"] = time.perf_counter() - started
         transfer = models.end_to_end(extractor, head, params.base.image_size)
-        record = {"val_accuracy_head_only": _accuracy(head, f_val, y_val)}
+        f_val, y_val = load_features(features_dir, "val")
+        record["val_accuracy_head_only"] = _accuracy(head, f_val, y_val)
         if params.finetune.enabled:
             started = time.perf_counter()
             record.update(finetune(transfer, extractor, prepared_dir, params, tmp))
@@ -137,9 +120,109 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
         head.save(tmp / "head.keras")
         write_summary(transfer, tmp / "summary.txt")
         shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")
-        record["seconds"] = {k: round(v, 3) for k, v in timings.items()}
         write_json(tmp / "transfer.json", record)
+    write_timings(out_dir, timings)
     return Path(out_dir)
+
+
+def _seed_head(features_dir: Path, classes: int, params: Params, tmp: Path):
+    """The seed's head exactly (`head.config: seed`): Dense units + Dropout, Keras `fit` with
+    early stopping on the validation split's loss."""
+    from headstart import models, training
+
+    p, seed = params.head, params.base.seed
+    f_train, y_train = load_features(features_dir, "train")
+    f_val, y_val = load_features(features_dir, "val")
+    head = models.dense_head(f_train.shape[1], classes, p.units, p.dropout)
+    training.compile_classifier(head, models.optimizer(p.optimizer, p.learning_rate),
+                                steps_per_execution=HEAD_STEPS_PER_EXECUTION)  # fmt: skip
+    weights = training.balanced_class_weight(y_train, classes) if p.class_weight == "balanced" \
+        else None  # fmt: skip
+    training.fit(
+        head,
+        training.dataset(f_train, y_train, p.batch_size, shuffle=True, seed=seed),
+        training.dataset(f_val, y_val, p.batch_size),
+        tmp, "head", p.epochs, p.patience, p.target_accuracy, class_weight=weights,
+    )  # fmt: skip
+    return head, {"config": "seed", "selection": "pinned by head.config: seed"}
+
+
+LEARNING_CURVE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+
+
+def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path):
+    """Compare the candidate heads by k-fold CV on the training features, train the chosen one
+    on all of them for its best epoch count; record every score and a learning curve."""
+    from headstart import heads, training
+
+    p, seed = params.head, params.base.seed
+    features, labels = load_features(features_dir, "train")
+    features, labels = np.asarray(features), np.asarray(labels)
+    images = len(labels) // p.views
+    sample_weight = None
+    if p.class_weight == "balanced":
+        table = training.balanced_class_weight(labels, classes)
+        sample_weight = np.array([table[int(y)] for y in labels], np.float32)
+    folds = min(p.folds, int(np.bincount(labels[:images], minlength=classes).max()))
+    common = {"folds": folds, "batch_size": p.batch_size, "learning_rate": p.learning_rate,
+              "seed": seed, "classes": classes}  # fmt: skip
+    configs = [c for c in heads.candidates(p.units, p.dropout) if p.config in ("auto", c.name)]
+    results = []
+    for config in configs:
+        result = heads.cross_validate(config, features, labels, images, epochs=p.epochs,
+                                      patience=p.patience, sample_weight=sample_weight, **common)  # fmt: skip
+        log.info("head: %s: %d-fold CV accuracy %.4f at %d epochs", config.name, folds,
+                 result.score, result.best_epochs)  # fmt: skip
+        results.append(result)
+    chosen, reason = heads.choose(results)
+    reason = f"{folds}-fold CV on the training features: {reason}"
+    head, history = heads.fit_final(chosen.config, features, labels, chosen.best_epochs,
+                                    p.batch_size, p.learning_rate, seed, classes,
+                                    sample_weight)  # fmt: skip
+    pooled_loss = (chosen.loss * chosen.held_out).sum(axis=1) / chosen.held_out.sum()
+    history["val_loss"] = [float(v) for v in pooled_loss[: chosen.best_epochs]]
+    history["val_accuracy"] = [float(v) for v in chosen.curve[: chosen.best_epochs]]
+    training.write_history(history, tmp / "history.csv")
+    write_json(tmp / "head_selection.json", {
+        "chosen": chosen.config.name, "reason": reason, "folds": folds,
+        "candidates": [r.record() for r in results],
+    })  # fmt: skip
+    linear = next((r for r in results if r.config.name == "linear" and p.views == 1), None)
+    write_json(tmp / "learning_curve.json", learning_curve(
+        features[:images], labels[:images], classes, params, linear))  # fmt: skip
+    log.info("head: chose %s", reason)
+    return head, {"config": chosen.config.name, "selection": reason, "epochs": chosen.best_epochs}
+
+
+def learning_curve(features: np.ndarray, labels: np.ndarray, classes: int, params: Params,
+                   full=None) -> dict:  # fmt: skip
+    """CV accuracy of the linear head at 10/25/50/100 % of the training images of each class
+    (the linear head: seconds for the whole curve, and within about a point of the others).
+    `full`: the linear head's CV result on all images, when already computed."""
+    from headstart import heads
+
+    p, seed = params.head, params.base.seed
+    linear = heads.candidates(p.units, p.dropout)[0]
+    points = {}
+    rng = np.random.default_rng(seed)
+    images = len(labels)
+    order = rng.permutation(images)
+    for fraction in LEARNING_CURVE_FRACTIONS:
+        rows = np.sort(np.concatenate([
+            order[labels[order] == c][: max(2, int(np.ceil(fraction * np.sum(labels[:images] == c))))]
+            for c in range(classes)
+        ]))  # fmt: skip
+        if fraction == 1.0 and full is not None:
+            points["100%"] = {"images": images, "cv_accuracy": round(full.score, 6)}
+            continue
+        folds = min(p.folds, int(np.bincount(labels[rows], minlength=classes).max()))
+        part = heads.cross_validate(linear, features[rows], labels[rows], len(rows), folds=folds,
+                                    epochs=p.epochs, batch_size=p.batch_size,
+                                    learning_rate=p.learning_rate, seed=seed, classes=classes,
+                                    patience=p.patience)  # fmt: skip
+        points[f"{round(fraction * 100)}%"] = {"images": int(len(rows)),
+                                               "cv_accuracy": round(part.score, 6)}  # fmt: skip
+    return {"head": linear.name, "points": points}
 
 
 def _accuracy(model, x, y) -> float:

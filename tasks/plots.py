@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.artifacts import load_split
 from headstart.files import atomic_dir, read_json, require
 from headstart.params import Params
 from tasks.evaluate import PRODUCERS
-from tasks.prepare import load_split
 
 log = logging.getLogger("headstart.plots")
 
@@ -27,25 +27,29 @@ def plot_results(prepared_dir: Path | str, history_files: dict[str, Path], metri
     prepared_dir, metrics_dir = Path(prepared_dir), Path(metrics_dir)
     for name, path in history_files.items():
         require(path, PRODUCERS[name])
-    require(metrics_dir / "transfer_confusion.json", "evaluate")
+    require(metrics_dir / "release_confusion.json", "evaluate")
     images, _ = load_split(require(prepared_dir, "prepare"), "test")
     with atomic_dir(out_dir) as tmp:
         figures = {"curves.png": plotting.training_curves(
             {name: read_history(path) for name, path in history_files.items()})}  # fmt: skip
-        for name in history_files:
+        for name in (*history_files, "release"):
             confusion = read_json(metrics_dir / f"{name}_confusion.json")
             figures[f"{name}_confusion.png"] = plotting.confusion_matrix(
                 confusion["matrix"], confusion["classes"], f"{name}: confusion (test, normalised)"
             )
-            with open(metrics_dir / f"{name}_predictions.csv") as handle:
-                rows = list(csv.DictReader(handle))
-            picks = _pick_samples(rows, params.plots.samples)
-            figures[f"{name}_samples.png"] = plotting.sample_predictions(
-                np.asarray(images[picks]),
-                [rows[i]["label"] for i in picks],
-                [rows[i]["predicted"] for i in picks],
-                f"{name}: test predictions (errors in red)",
-            )
+        with open(metrics_dir / "release_predictions.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        picks = _pick_samples(rows, params.plots.samples)
+        figures["release_samples.png"] = plotting.sample_predictions(
+            np.asarray(images[picks]),
+            [rows[i]["label"] for i in picks],
+            [rows[i]["predicted"] for i in picks],
+            "release: test predictions (errors in red)",
+        )
+        curve_file = metrics_dir / "learning_curve.json"
+        if curve_file.is_file():
+            curve = read_json(curve_file)
+            figures["learning_curve.png"] = plotting.learning_curve(curve["points"], curve["head"])
         for file_name, figure in figures.items():
             figure.savefig(tmp / file_name, dpi=100)
     log.info("plots: %d figures in %s", len(figures), out_dir)

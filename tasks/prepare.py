@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from headstart import images
+from headstart.artifacts import SPLITS
 from headstart.errors import UserError
 from headstart.files import atomic_dir, write_json, write_text
 from headstart.params import Params
 
 log = logging.getLogger("headstart.prepare")
-
-SPLITS = ("train", "val", "test")
 
 
 class PrepareError(UserError):
@@ -328,15 +327,6 @@ def summary(report: dict) -> str:
 def printable(text: str) -> str:
     """A file name as one safe line: control characters (newlines...) escaped like Python does."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def load_split(prepared: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 N x S x S x 3 memory-mapped, labels int32 N) of one prepared split."""
-    prepared = Path(prepared)
-    return (
-        np.load(prepared / f"{split}_images.npy", mmap_mode="r"),
-        np.load(prepared / f"{split}_labels.npy"),
-    )
 
 
 def run(params: Params, root: Path) -> Path:

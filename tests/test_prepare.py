@@ -14,8 +14,9 @@ import pytest
 from conftest import ROOT, git_clone, run_cli, small_params, write_good_images
 
 from headstart import images
+from headstart.artifacts import load_split
 from headstart.params import write_overrides
-from tasks.prepare import PrepareError, load_split, prepare, split_of
+from tasks.prepare import PrepareError, prepare, split_of
 
 
 def manifest(out: Path) -> list[dict]:

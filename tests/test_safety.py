@@ -338,7 +338,7 @@ def test_two_runs_at_once_never_mix(tmp_path):
     marker = files.read_marker(root / "artifacts" / "baseline")
     assert marker["params"]["baseline.epochs"] == 5
     metrics = json.loads((root / "artifacts/metrics/baseline.json").read_text())
-    from tasks.evaluate import evaluate_model
+    from headstart.metrics import evaluate_model
 
     again = evaluate_model(root / "artifacts/baseline/model.keras", root / "artifacts/prepared", 3)
     assert again[0]["accuracy"] == metrics["accuracy"]

@@ -14,9 +14,9 @@ import pytest
 from conftest import git_clone, run_cli, small_params, write_good_images
 
 from headstart import backbones, pipeline
+from headstart.artifacts import load_features
 from headstart.files import MARKER, read_json
-from tasks.evaluate import classification_metrics
-from tasks.head import load_features
+from headstart.metrics import classification_metrics
 
 
 def write_random_backbone(out: Path, image_size: int = 32) -> None:
@@ -35,7 +35,7 @@ def project(tmp_path_factory) -> tuple[Path, object]:
     write_good_images(root / "data", classes=3, per_class=12)
     params = small_params()
     write_random_backbone(params.path("backbone", root))
-    for name in ("prepare", "baseline", "head", "evaluate", "plots"):
+    for name in ("prepare", "baseline", "head", "select", "evaluate", "plots"):
         pipeline.get(name).run(params, root)
     return root, params
 
@@ -93,14 +93,91 @@ def test_feature_cache_is_reused_when_only_head_settings_change(project, tmp_pat
 def test_metrics_files_have_flat_keys(project):
     root, params = project
     metrics_dir = params.path("metrics", root)
-    for name in ("baseline", "transfer"):
+    for name in ("baseline", "transfer", "ensemble", "release"):
         metrics = read_json(metrics_dir / f"{name}.json")
         assert {"accuracy", "loss", "macro_f1", "top3_accuracy", "f1.class_0"} <= set(metrics)
-        assert all(isinstance(v, (int, float)) for v in metrics.values())
+        assert all(isinstance(v, (int, float)) for v in metrics.values())  # bool is an int
         confusion = read_json(metrics_dir / f"{name}_confusion.json")
         assert np.sum(confusion["matrix"]) == metrics["test_images"]
         with open(metrics_dir / f"{name}_predictions.csv") as handle:
             assert len(list(csv.DictReader(handle))) == metrics["test_images"]
+
+
+def test_every_head_configuration_is_scored_and_the_choice_recorded(project):
+    root, params = project
+    out = params.path("transfer", root)
+    selection = read_json(out / "head_selection.json")
+    names = [c["name"] for c in selection["candidates"]]
+    assert names == ["linear", "small", "dense"]
+    assert selection["chosen"] in names and selection["reason"].startswith("3-fold CV")
+    assert all(0 <= c["cv_accuracy"] <= 1 and 1 <= c["best_epochs"] <= c["epochs_run"]
+               for c in selection["candidates"])  # fmt: skip
+    dense = selection["candidates"][2]
+    assert (dense["units"], dense["dropout"]) == (params.head.units, params.head.dropout)
+    curve = read_json(out / "learning_curve.json")["points"]
+    assert list(curve) == ["10%", "25%", "50%", "100%"]
+    sizes = [point["images"] for point in curve.values()]
+    assert sizes == sorted(sizes) and sizes[-1] == len(np.load(
+        params.path("prepared", root) / "train_labels.npy"))  # fmt: skip
+
+
+def test_the_seed_head_can_be_pinned(project, tmp_path):
+    root, params = project
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    pinned = small_params(head={"config": "seed", "units": 24})
+    pipeline.get("head").run(pinned, copy)
+    out = pinned.path("transfer", copy)
+    assert read_json(out / "transfer.json")["config"] == "seed"
+    assert not (out / "head_selection.json").exists()
+    import keras
+
+    head = keras.saving.load_model(out / "head.keras")
+    assert head.get_layer("head_dense").units == 24 and head.get_layer("head_dropout").rate == 0.2
+
+
+def test_the_choice_never_reads_the_test_split(project, tmp_path):
+    root, params = project
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    prepared = params.path("prepared", copy)
+    labels = np.load(prepared / "test_labels.npy")
+    np.save(prepared / "test_labels.npy", np.roll(labels, 1))
+    images = np.load(prepared / "test_images.npy")
+    np.save(prepared / "test_images.npy", 255 - images)
+    pipeline.get("select").run(params, copy)
+    before = (params.path("release", root) / "selection.json").read_bytes()
+    assert (params.path("release", copy) / "selection.json").read_bytes() == before
+
+
+def test_an_ensemble_release_is_the_weighted_mean_of_its_members(project, tmp_path):
+    import keras
+
+    from tasks.select import release_model
+
+    root, params = project
+    baseline = keras.saving.load_model(params.path("baseline", root) / "model.keras")
+    transfer = keras.saving.load_model(params.path("transfer", root) / "model.keras")
+    release = release_model("ensemble", baseline, transfer, params.base.image_size, 0.3)
+    release.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    x = np.random.default_rng(1).uniform(0, 255, (4, 45, 37, 3)).astype("float32")
+    resized = keras.layers.Resizing(params.base.image_size, params.base.image_size)(x)
+    expected = 0.3 * np.asarray(transfer(x)) + 0.7 * np.asarray(baseline(resized))
+    assert np.allclose(np.asarray(loaded(x)), expected, atol=1e-5)
+
+
+def test_selection_is_recorded_and_the_release_is_evaluated(project):
+    root, params = project
+    selection = read_json(params.path("release", root) / "selection.json")
+    assert set(selection["candidates"]) == {"baseline", "transfer", "ensemble"}
+    assert selection["winner"] in selection["candidates"] and selection["reason"]
+    metrics_dir = params.path("metrics", root)
+    release = read_json(metrics_dir / "release.json")
+    winner = read_json(metrics_dir / f"{selection['winner']}.json")
+    assert release["accuracy"] == pytest.approx(winner["accuracy"])
+    assert winner["released"] and winner["val_accuracy"] == pytest.approx(
+        selection["candidates"][selection["winner"]]["val_accuracy"])  # fmt: skip
 
 
 def test_classification_metrics_by_hand():
@@ -119,8 +196,9 @@ def test_plots_are_written(project):
     root, params = project
     out = params.path("plots", root)
     names = sorted(p.name for p in out.iterdir() if p.name != MARKER)
-    assert names == ["baseline_confusion.png", "baseline_samples.png", "curves.png",
-                     "transfer_confusion.png", "transfer_samples.png"]  # fmt: skip
+    assert names == ["baseline_confusion.png", "curves.png", "learning_curve.png",
+                     "release_confusion.png", "release_samples.png",
+                     "transfer_confusion.png"]  # fmt: skip
     from PIL import Image
 
     assert Image.open(out / "curves.png").size[0] > 500
@@ -186,6 +264,22 @@ def test_predict_cli_reports_bad_files_and_classifies_the_rest(project, tmp_path
     assert [r["file"] for r in rows] == [*map(str, good), str(bad)]
     assert all(len(r["top"]) == 2 and r["top"][0][0].startswith("class_") for r in rows[:2])
     assert "not an image" in rows[2]["error"]
+
+
+def test_predict_uses_the_release_by_default(project, tmp_path):
+    import yaml
+
+    from headstart.params import to_dict
+
+    root, params = project
+    (root / "params.yaml").write_text(yaml.safe_dump(to_dict(params)))
+    image = sorted((root / "data" / "class_2").iterdir())[0]
+    result = run_cli("predict", str(image), "--json", cwd=root)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    explicit = run_cli("predict", str(params.path("release", root) / "model.keras"), str(image),
+                       "--json", cwd=root)  # fmt: skip
+    assert json.loads(explicit.stdout) == [row]
 
 
 @pytest.mark.slow

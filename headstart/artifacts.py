@@ -1,0 +1,27 @@
+"""The on-disk contract between steps: file names and readers every step shares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+MODEL_FILE = "model.keras"  # every model folder: model.keras + labels.json beside it
+LABELS_FILE = "labels.json"
+
+
+def load_split(prepared: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 N x S x S x 3 memory-mapped, labels int32 N) of one prepared split."""
+    prepared = Path(prepared)
+    return (
+        np.load(prepared / f"{split}_images.npy", mmap_mode="r"),
+        np.load(prepared / f"{split}_labels.npy"),
+    )
+
+
+def load_features(features_dir: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(backbone features float32 memory-mapped, labels) of one split from the feature cache."""
+    features_dir = Path(features_dir)
+    return (np.load(features_dir / f"{split}_features.npy", mmap_mode="r"),
+            np.load(features_dir / f"{split}_labels.npy"))  # fmt: skip

@@ -1,0 +1,309 @@
+"""Choosing and training the transfer head on cached backbone features.
+
+Heads on cached features cost seconds, so their settings are chosen properly: each candidate
+configuration is trained by k-fold cross-validation over the training features, all k folds at
+once (one batched model: fold f's weights see only rows outside fold f), and scored after every
+epoch on the rows it did not see. The mean held-out curve over all folds is the stopping rule:
+it is pooled over every training image, not noise on a 15-image-per-class validation split.
+The chosen configuration is then trained on all training features for its best epoch count and
+handed over as a plain Keras model (standardisation folded in), so it saves, loads and exports
+like any other.
+
+The validation split is left alone here: `select` uses it to compare whole models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    name: str
+    units: int  # hidden units; 0 = linear (softmax regression)
+    dropout: float
+    l2: float  # L2 penalty on kernels (per weight, added to the mean loss)
+    complexity: int  # for ties: the simpler (lower) wins
+
+
+def candidates(seed_units: int, seed_dropout: float) -> tuple[HeadConfig, ...]:
+    """The configurations compared: a linear head, a small regularised one, and the seed's
+    architecture (Dense `seed_units` + Dropout `seed_dropout`)."""
+    return (
+        HeadConfig("linear", 0, 0.0, 1e-3, 0),
+        HeadConfig("small", 256, 0.5, 1e-4, 1),
+        HeadConfig("dense", seed_units, seed_dropout, 0.0, 2),
+    )
+
+
+@dataclass(frozen=True)
+class CvResult:
+    config: HeadConfig
+    accuracy: np.ndarray  # (epochs, folds) held-out accuracy after each epoch
+    loss: np.ndarray  # (epochs, folds) held-out cross-entropy
+    held_out: np.ndarray  # (folds,) held-out rows per fold
+    hits: np.ndarray  # (epochs, images) whether each image was right, by the head not fed it
+
+    @property
+    def curve(self) -> np.ndarray:
+        """Held-out accuracy per epoch, pooled over folds (weighted by fold size)."""
+        return (self.accuracy * self.held_out).sum(axis=1) / self.held_out.sum()
+
+    @property
+    def best_epochs(self) -> int:
+        """The epoch count with the best pooled accuracy, smoothed over neighbours (ties: the
+        earliest)."""
+        curve = self.curve
+        smooth = np.convolve(np.pad(curve, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+        return int(np.argmax(smooth)) + 1
+
+    @property
+    def score(self) -> float:
+        return float(self.curve[self.best_epochs - 1])
+
+    @property
+    def best_hits(self) -> np.ndarray:
+        return self.hits[self.best_epochs - 1]
+
+    def record(self) -> dict:
+        return {**asdict(self.config), "cv_accuracy": round(self.score, 6),
+                "best_epochs": self.best_epochs,
+                "epochs_run": len(self.curve),
+                "curve": [round(float(v), 6) for v in self.curve]}  # fmt: skip
+
+
+def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """A fold per row, stratified: each class's rows are shuffled and dealt round-robin."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        rng.shuffle(rows)
+        fold[rows] = (np.arange(len(rows)) + rng.integers(folds)) % folds
+    return fold
+
+
+class _BatchedHeads:
+    """`count` independent heads of one configuration, trained together with Adam.
+
+    The first layer of all heads is one (features, count * width) matrix, so each batch costs
+    one large matrix product instead of `count` small ones."""
+
+    def __init__(self, config: HeadConfig, features: int, classes: int, count: int, seed: int):
+        rng = np.random.default_rng(seed)
+        width = config.units or classes
+
+        def glorot(fan_in: int, fan_out: int, shape) -> tf.Variable:
+            limit = math.sqrt(6.0 / (fan_in + fan_out))
+            return tf.Variable(rng.uniform(-limit, limit, shape).astype(np.float32))
+
+        self.config, self.count, self.width, self.classes = config, count, width, classes
+        self.kernels = [glorot(features, width, (features, count * width))]
+        self.biases = [tf.Variable(np.zeros((count * width,), np.float32))]
+        if config.units:
+            self.kernels.append(glorot(width, classes, (count, width, classes)))
+            self.biases.append(tf.Variable(np.zeros((count, classes), np.float32)))
+        self.variables = [*self.kernels, *self.biases]
+        self.moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v)))
+                        for v in self.variables]  # fmt: skip
+        self.steps = tf.Variable(0.0)
+        self.dropout_seed = seed
+
+    def logits(self, x: tf.Tensor, training: bool, step: tf.Tensor | None = None) -> tf.Tensor:
+        """(count, batch, classes) from (batch, features)."""
+        first = tf.matmul(x, self.kernels[0]) + self.biases[0]  # (batch, count * width)
+        first = tf.transpose(tf.reshape(first, (-1, self.count, self.width)), (1, 0, 2))
+        if not self.config.units:
+            return first
+        hidden = tf.nn.relu(first)
+        if training and self.config.dropout > 0:
+            keep = 1.0 - self.config.dropout
+            noise = tf.random.stateless_uniform(tf.shape(hidden), seed=[self.dropout_seed, step])
+            hidden = tf.where(noise < keep, hidden / keep, 0.0)
+        return tf.matmul(hidden, self.kernels[1]) + self.biases[1][:, None, :]
+
+    def head_logits(self, x: tf.Tensor, head: tf.Tensor) -> tf.Tensor:
+        """(batch, classes): one head's inference on its own rows (cheap held-out scoring)."""
+        kernel = tf.reshape(self.kernels[0], (-1, self.count, self.width))[:, head, :]
+        first = tf.matmul(x, kernel) + tf.reshape(self.biases[0], (self.count, -1))[head]
+        if not self.config.units:
+            return first
+        return tf.matmul(tf.nn.relu(first), self.kernels[1][head]) + self.biases[1][head]
+
+    def weights_of(self, head: int) -> list[np.ndarray]:
+        """Head `head`'s weights in Keras order (kernel, bias per Dense layer)."""
+        first = self.kernels[0].numpy().reshape(-1, self.count, self.width)[:, head, :]
+        weights = [first, self.biases[0].numpy().reshape(self.count, -1)[head]]
+        if self.config.units:
+            weights += [self.kernels[1].numpy()[head], self.biases[1].numpy()[head]]
+        return weights
+
+    def train_step(self, x, y, weight, learning_rate: float):
+        """One Adam step; `weight` (count, batch) says how much each row counts for each head."""
+        self.steps.assign_add(1.0)
+        with tf.GradientTape() as tape:
+            logits = self.logits(x, training=True, step=tf.cast(self.steps, tf.int32))
+            labels = tf.broadcast_to(y[None, :], tf.shape(weight))
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            total = tf.reduce_sum(losses * weight, axis=1) / tf.maximum(
+                tf.reduce_sum(weight, axis=1), 1.0
+            )
+            loss = tf.reduce_sum(total)
+            if self.config.l2:
+                loss += self.config.l2 * tf.add_n([tf.reduce_sum(k * k) for k in self.kernels])
+        gradients = tape.gradient(loss, self.variables)
+        b1, b2, eps = 0.9, 0.999, 1e-7
+        correction = tf.sqrt(1 - b2**self.steps) / (1 - b1**self.steps)
+        for variable, gradient, (m, v) in zip(self.variables, gradients, self.moments,
+                                              strict=True):  # fmt: skip
+            m.assign(b1 * m + (1 - b1) * gradient)
+            v.assign(b2 * v + (1 - b2) * gradient * gradient)
+            variable.assign_sub(learning_rate * correction * m / (tf.sqrt(v) + eps))
+
+
+def _standardise(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mean = features.mean(axis=0)
+    variance = features.var(axis=0)
+    scaled = (features - mean) / np.maximum(np.sqrt(variance), 1e-7)  # as keras Normalization
+    return scaled.astype(np.float32), mean.astype(np.float32), variance.astype(np.float32)
+
+
+def _train(config: HeadConfig, x: np.ndarray, y: np.ndarray, weight: np.ndarray, epochs: int,
+           batch_size: int, learning_rate: float, seed: int, classes: int,
+           after_epoch=None) -> _BatchedHeads:  # fmt: skip
+    """Train `len(weight)` heads over the rows of x; `after_epoch(epoch, heads)` may return True
+    to stop early."""
+    heads = _BatchedHeads(config, x.shape[1], classes, len(weight), seed)
+    x_all, y_all = tf.constant(x), tf.constant(y.astype(np.int32))
+    w_all = tf.constant(weight.astype(np.float32))
+    rows = len(y)
+
+    @tf.function
+    def one_epoch(order: tf.Tensor) -> None:  # the whole epoch in one graph: no per-batch Python
+        for start in tf.range(0, rows, batch_size):
+            index = order[start : start + batch_size]
+            heads.train_step(tf.gather(x_all, index), tf.gather(y_all, index),
+                             tf.gather(w_all, index, axis=1), learning_rate)  # fmt: skip
+
+    rng = np.random.default_rng(seed)
+    for epoch in range(epochs):
+        one_epoch(tf.constant(rng.permutation(rows)))
+        if after_epoch is not None and after_epoch(epoch, heads):
+            break
+    return heads
+
+
+def cross_validate(config: HeadConfig, features: np.ndarray, labels: np.ndarray,
+                   images: int, folds: int, epochs: int, batch_size: int, learning_rate: float,
+                   seed: int, classes: int, patience: int, sample_weight=None) -> CvResult:  # fmt: skip
+    """k-fold CV of one configuration. Rows may hold several views per image (row r shows image
+    r % images): all views of an image share its fold, and only first views are scored.
+    Stops once the pooled held-out accuracy has not improved for `patience` epochs."""
+    x, _, _ = _standardise(np.asarray(features, dtype=np.float32))
+    labels = np.asarray(labels)
+    fold = fold_assignment(labels[:images], folds, seed)
+    row_fold = fold[np.arange(len(labels)) % images]
+    weight = (row_fold[None, :] != np.arange(folds)[:, None]).astype(np.float32)
+    if sample_weight is not None:
+        weight *= sample_weight[None, :]
+    held_out = np.bincount(fold, minlength=folds)
+    rows = [np.flatnonzero(fold == f) for f in range(folds)]
+    scored = [(tf.constant(x[r]), labels[r]) for r in rows]
+    accuracy, loss, image_hits = [], [], []
+    evaluate = tf.function(lambda a, f, heads: tf.nn.softmax(heads.head_logits(a, f)))
+
+    def after_epoch(epoch: int, heads: _BatchedHeads) -> bool:
+        hits, nlls = np.zeros(folds), np.zeros(folds)
+        right = np.zeros(images, dtype=bool)
+        for f, (x_f, y_f) in enumerate(scored):  # each fold by the head that did not see it
+            probabilities = evaluate(x_f, tf.constant(f), heads).numpy()
+            right[rows[f]] = probabilities.argmax(axis=1) == y_f
+            hits[f] = np.sum(right[rows[f]])
+            nlls[f] = -np.sum(np.log(np.clip(probabilities[np.arange(len(y_f)), y_f], 1e-7, 1)))
+        image_hits.append(right)
+        accuracy.append(hits / np.maximum(held_out, 1))
+        loss.append(nlls / np.maximum(held_out, 1))
+        pooled = [float((a * held_out).sum() / held_out.sum()) for a in accuracy]
+        return epoch + 1 - (int(np.argmax(pooled)) + 1) >= patience
+
+    _train(config, x, labels, weight, epochs, batch_size, learning_rate, seed, classes,
+           after_epoch)  # fmt: skip
+    return CvResult(config, np.array(accuracy), np.array(loss), held_out.astype(np.float64),
+                    np.array(image_hits))  # fmt: skip
+
+
+def paired_standard_error(hits_a: np.ndarray, hits_b: np.ndarray) -> float:
+    """Standard error of the accuracy difference of two models scored on the same items."""
+    difference = hits_a.astype(np.float64) - hits_b.astype(np.float64)
+    return (
+        float(difference.std(ddof=1) / math.sqrt(len(difference))) if len(difference) > 1 else 0.0
+    )
+
+
+def tie_break(scores: dict[str, float], hits: dict[str, np.ndarray],
+              complexity: dict[str, int]) -> tuple[str, str]:  # fmt: skip
+    """(winner, reason): the best accuracy wins, unless a simpler candidate is within one paired
+    standard error of it (then the simplest such one wins: a tie within noise)."""
+    best = max(scores, key=lambda name: (scores[name], -complexity[name]))
+    tied = [name for name in scores if complexity[name] < complexity[best]
+            and scores[best] - scores[name] <= paired_standard_error(hits[best], hits[name])]  # fmt: skip
+    if not tied:
+        return best, f"{best}: highest accuracy ({scores[best]:.4f})"
+    winner = min(tied, key=lambda name: (complexity[name], -scores[name]))
+    margin = scores[best] - scores[winner]
+    return winner, (f"{winner}: within one paired standard error of {best} (behind by "
+                    f"{margin:.4f}); the simpler model wins a tie within noise")  # fmt: skip
+
+
+def choose(results: list[CvResult]) -> tuple[CvResult, str]:
+    """The configuration with the best pooled CV accuracy, or a simpler one tied with it."""
+    by_name = {r.config.name: r for r in results}
+    name, reason = tie_break({n: r.score for n, r in by_name.items()},
+                             {n: r.best_hits for n, r in by_name.items()},
+                             {n: r.config.complexity for n, r in by_name.items()})  # fmt: skip
+    return by_name[name], reason
+
+
+def fit_final(config: HeadConfig, features: np.ndarray, labels: np.ndarray, epochs: int,
+              batch_size: int, learning_rate: float, seed: int, classes: int,
+              sample_weight=None):  # fmt: skip
+    """Train the chosen configuration on all rows; return (Keras head, per-epoch history)."""
+    raw = np.asarray(features, dtype=np.float32)
+    x, mean, variance = _standardise(raw)
+    labels = np.asarray(labels)
+    weight = np.ones((1, len(labels)), np.float32)
+    if sample_weight is not None:
+        weight *= sample_weight[None, :]
+    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    evaluate = tf.function(lambda a, heads: tf.nn.softmax(heads.head_logits(a, 0)))
+
+    def after_epoch(epoch: int, heads: _BatchedHeads) -> bool:
+        probabilities = evaluate(tf.constant(x), heads).numpy()
+        picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+        history["loss"].append(float(-np.log(picked).mean()))
+        history["accuracy"].append(float((probabilities.argmax(axis=1) == labels).mean()))
+        return False
+
+    heads = _train(config, x, labels, weight, epochs, batch_size, learning_rate, seed, classes,
+                   after_epoch)  # fmt: skip
+    model = keras_head(config, raw.shape[1], classes, mean, variance)
+    model.set_weights(heads.weights_of(0))
+    return model, history
+
+
+def keras_head(config: HeadConfig, features: int, classes: int, mean=None, variance=None):
+    """The head as a Keras model: standardisation -> [Dense relu -> Dropout] -> softmax."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((features,), name="features")
+    x = layers.Normalization(mean=mean, variance=variance, name="standardise")(inputs)
+    if config.units:
+        x = layers.Dense(config.units, activation="relu", name="head_dense")(x)
+        x = layers.Dropout(config.dropout, name="head_dropout")(x)
+    outputs = layers.Dense(classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="head")

@@ -1,0 +1,54 @@
+"""Classification metrics and model evaluation on a prepared split (used by evaluate and by
+promotion)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from headstart.artifacts import load_split
+from headstart.files import read_json
+
+
+def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classes: list[str],
+                           top_k: int) -> tuple[dict, list[list[int]]]:  # fmt: skip
+    """Flat metrics (DVC can diff them) and the confusion matrix (rows: true, columns: predicted)."""
+    n = len(classes)
+    predicted = np.argmax(probabilities, axis=1)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+    k = min(top_k, n)
+    top = np.argsort(-probabilities, axis=1)[:, :k]
+    metrics = {
+        "test_images": len(labels),
+        "accuracy": float(np.mean(predicted == labels)),
+        "loss": float(-np.mean(np.log(picked))),
+        f"top{k}_accuracy": float(np.mean(np.any(top == labels[:, None], axis=1))),
+    }
+    f1s = []
+    for i, name in enumerate(classes):
+        tp = confusion[i, i]
+        precision = tp / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
+        recall = tp / confusion[i].sum() if confusion[i].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1s.append(f1)
+        metrics.update({f"precision.{name}": float(precision), f"recall.{name}": float(recall),
+                        f"f1.{name}": float(f1)})  # fmt: skip
+    metrics["macro_f1"] = float(np.mean(f1s))
+    return metrics, confusion.tolist()
+
+
+def evaluate_model(
+    model_path: Path, prepared_dir: Path, top_k: int, split: str = "test"
+) -> tuple[dict, list, np.ndarray]:
+    import keras
+
+    from headstart.training import predict
+
+    classes = read_json(prepared_dir / "labels.json")["classes"]
+    x, y = load_split(prepared_dir, split)
+    probabilities = predict(keras.saving.load_model(model_path), x)
+    metrics, confusion = classification_metrics(probabilities, y, classes, top_k)
+    return metrics, confusion, probabilities

@@ -1,0 +1,107 @@
+"""select: baseline + transfer (+ their ensemble) compared on the validation split ->
+artifacts/release/ (the model we ship).
+
+Candidates: the baseline CNN, the transfer model (fine-tuned when fine-tuning is on and kept),
+and the ensemble, a weighted mean of the two models' probabilities whose weight is chosen on
+validation log-loss. The best validation accuracy wins, unless a simpler candidate is within one
+paired standard error of it (a tie within noise: the simpler one wins). The test split is never
+read here. The release is one end-to-end Keras model whatever won: raw RGB image of any size in,
+class probabilities out (the ensemble holds both networks).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from headstart.artifacts import MODEL_FILE, load_split
+from headstart.files import atomic_dir, read_json, require, write_json
+from headstart.params import Params
+
+log = logging.getLogger("headstart.select")
+
+
+COMPLEXITY = {"baseline": 0, "transfer": 1, "ensemble": 2}  # for ties: simpler wins
+WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.1, 0.9, 9))  # transfer's share, ensemble
+
+
+def ensemble_weight(baseline: np.ndarray, transfer: np.ndarray, labels: np.ndarray) -> float:
+    """The share of the transfer model in the ensemble with the lowest validation log-loss."""
+
+    def loss(w: float) -> float:
+        mixed = w * transfer + (1 - w) * baseline
+        return float(-np.mean(np.log(np.clip(mixed[np.arange(len(labels)), labels], 1e-7, 1))))
+
+    return min(WEIGHTS, key=loss)
+
+
+def choose(probabilities: dict[str, np.ndarray], labels: np.ndarray) -> tuple[str, str, dict]:
+    """(winner, reason, per-candidate validation metrics) from validation probabilities."""
+    from headstart.heads import tie_break
+    from headstart.metrics import classification_metrics
+
+    hits = {name: p.argmax(axis=1) == labels for name, p in probabilities.items()}
+    metrics = {}
+    for name, p in probabilities.items():
+        full, _ = classification_metrics(p, labels, [str(i) for i in range(p.shape[1])], 1)
+        metrics[name] = {"val_accuracy": full["accuracy"], "val_macro_f1": full["macro_f1"],
+                         "val_loss": full["loss"]}  # fmt: skip
+    winner, reason = tie_break({n: m["val_accuracy"] for n, m in metrics.items()}, hits,
+                               {n: COMPLEXITY[n] for n in metrics})  # fmt: skip
+    return winner, f"validation ({len(labels)} images): {reason}", metrics
+
+
+def release_model(winner: str, baseline, transfer, image_size: int, weight: float):
+    """One end-to-end model for the winner (built from built-in layers only: safe-mode loads)."""
+    import keras
+    from keras import layers
+
+    if winner == "transfer":
+        return transfer
+    inputs = keras.Input((None, None, 3), name="image")
+    resized = layers.Resizing(image_size, image_size, interpolation="bilinear",
+                              name="resize")(inputs)  # fmt: skip
+    if winner == "baseline":
+        return keras.Model(inputs, baseline(resized), name="release_baseline")
+    mixed = layers.Add(name="weighted_mean")([
+        layers.Rescaling(weight, name="transfer_share")(transfer(inputs)),
+        layers.Rescaling(1.0 - weight, name="baseline_share")(baseline(resized)),
+    ])  # fmt: skip
+    return keras.Model(inputs, mixed, name="release_ensemble")
+
+
+def select(prepared_dir: Path | str, baseline_dir: Path | str, transfer_dir: Path | str,
+           out_dir: Path | str, params: Params) -> Path:  # fmt: skip
+    import keras
+
+    from headstart.training import predict
+
+    prepared_dir, baseline_dir, transfer_dir = map(Path, (prepared_dir, baseline_dir, transfer_dir))
+    require(prepared_dir / "labels.json", "prepare")
+    baseline = keras.saving.load_model(require(baseline_dir / MODEL_FILE, "baseline"))
+    transfer = keras.saving.load_model(require(transfer_dir / MODEL_FILE, "head"))
+    x_val, y_val = load_split(prepared_dir, "val")
+    probabilities = {"baseline": predict(baseline, x_val), "transfer": predict(transfer, x_val)}
+    weight = ensemble_weight(probabilities["baseline"], probabilities["transfer"], y_val)
+    probabilities["ensemble"] = (weight * probabilities["transfer"]
+                                 + (1 - weight) * probabilities["baseline"])  # fmt: skip
+    winner, reason, metrics = choose(probabilities, y_val)
+    finetuned = read_json(transfer_dir / "transfer.json").get("finetune", {}).get("kept", False)
+    model = release_model(winner, baseline, transfer, params.base.image_size, weight)
+    with atomic_dir(out_dir) as tmp:
+        model.save(tmp / MODEL_FILE)
+        shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")
+        write_json(tmp / "selection.json", {
+            "winner": winner, "reason": reason, "ensemble_transfer_weight": weight,
+            "transfer_is_finetuned": finetuned, "candidates": metrics,
+        })  # fmt: skip
+    log.info("select: released %s (%s)", winner, reason)
+    return Path(out_dir)
+
+
+def run(params: Params, root: Path) -> Path:
+    return select(params.path("prepared", root), params.path("baseline", root),
+                  params.path("transfer", root), params.path("release", root), params)  # fmt: skip

@@ -1,0 +1,91 @@
+"""Choosing the transfer head: folds, the CV stopping rule, the tie rule, the exported head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from headstart import heads
+
+
+def blobs(per_class: int = 30, classes: int = 3, features: int = 8, spread: float = 0.5,
+          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Gaussian clusters around distinct centres: learnable, with a little overlap."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (classes, features)) * 2
+    labels = np.repeat(np.arange(classes), per_class)
+    return (centres[labels] + rng.normal(0, spread, (len(labels), features))).astype(
+        "float32"
+    ), labels
+
+
+def test_folds_are_stratified_and_seeded():
+    labels = np.repeat(np.arange(4), [9, 10, 11, 30])
+    fold = heads.fold_assignment(labels, 3, seed=5)
+    for label in range(4):
+        counts = np.bincount(fold[labels == label], minlength=3)
+        assert counts.max() - counts.min() <= 1
+    assert np.array_equal(fold, heads.fold_assignment(labels, 3, seed=5))
+    assert not np.array_equal(fold, heads.fold_assignment(labels, 3, seed=6))
+
+
+@pytest.mark.parametrize("name", ["linear", "small"])
+def test_cross_validation_learns_separable_features_and_scores_every_image_once(name):
+    x, y = blobs()
+    config = next(c for c in heads.candidates(32, 0.2) if c.name == name)
+    result = heads.cross_validate(config, x, y, len(y), folds=3, epochs=30, batch_size=16,
+                                  learning_rate=1e-2, seed=1, classes=3, patience=30)  # fmt: skip
+    assert result.hits.shape == (30, len(y))
+    assert result.held_out.sum() == len(y)
+    assert result.curve[0] < 1.0 or result.score == 1.0
+    assert result.score >= 0.95
+    assert result.score == pytest.approx(result.best_hits.mean(), abs=0.05)
+
+
+def test_cross_validation_stops_after_patience_epochs_without_improvement():
+    x, y = blobs(spread=0.01)  # perfect after an epoch or two: nothing left to gain
+    linear = heads.candidates(8, 0.0)[0]
+    result = heads.cross_validate(linear, x, y, len(y), folds=3, epochs=50, batch_size=16,
+                                  learning_rate=1e-2, seed=1, classes=3, patience=4)  # fmt: skip
+    assert len(result.curve) == result.best_epochs + 4 or len(result.curve) < 50
+
+
+def test_views_of_one_image_share_its_fold_and_only_first_views_are_scored():
+    x, y = blobs()
+    twice = np.concatenate([x, x + 0.01])
+    result = heads.cross_validate(heads.candidates(8, 0.0)[0], twice, np.tile(y, 2), len(y),
+                                  folds=3, epochs=3, batch_size=16, learning_rate=1e-2, seed=1,
+                                  classes=3, patience=3)  # fmt: skip
+    assert result.hits.shape == (3, len(y))
+
+
+def test_the_final_keras_head_computes_what_was_trained(tmp_path):
+    import keras
+
+    x, y = blobs(features=12)
+    for config in heads.candidates(16, 0.3):
+        model, history = heads.fit_final(config, x * 10 + 3, y, epochs=5, batch_size=16,
+                                         learning_rate=1e-2, seed=2, classes=3)  # fmt: skip
+        model.save(tmp_path / f"{config.name}.keras")
+        loaded = keras.saving.load_model(tmp_path / f"{config.name}.keras", safe_mode=True)
+        probabilities = np.asarray(loaded(x * 10 + 3))
+        accuracy = float(np.mean(probabilities.argmax(axis=1) == y))
+        assert accuracy == pytest.approx(history["accuracy"][-1])  # inference = training's
+        assert len(history["loss"]) == 5
+
+
+def test_ties_within_one_paired_standard_error_go_to_the_simpler_model():
+    rng = np.random.default_rng(0)
+    base = rng.random(400) < 0.8
+    better = base.copy()  # right on 12 images the other misses, wrong on 8 it gets: +1 point
+    better[np.flatnonzero(~base)[:12]] = True
+    better[np.flatnonzero(base)[:8]] = False
+    much_better = base.copy()
+    much_better[np.flatnonzero(~base)[:40]] = True  # +10 points
+    complexity = {"simple": 0, "complex": 1}
+    scores = {"simple": base.mean(), "complex": better.mean()}
+    winner, reason = heads.tie_break(scores, {"simple": base, "complex": better}, complexity)
+    assert winner == "simple" and "within one paired standard error" in reason
+    scores["complex"] = much_better.mean()
+    winner, reason = heads.tie_break(scores, {"simple": base, "complex": much_better}, complexity)
+    assert winner == "complex" and "highest accuracy" in reason
