@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -134,6 +135,14 @@ def score(project: Path, heldout: Path) -> dict[str, float]:
             truth = labels
     if {"baseline", "transfer"} <= set(probs):
         probs["mean2"] = (probs["baseline"] + probs["transfer"]) / 2
+    selection_file = project / "artifacts" / "release" / "selection.json"
+    if selection_file.is_file():  # the ensemble as select weighed it, and a no-tie-rule choice
+        selection = json.loads(selection_file.read_text())
+        w = selection["ensemble_transfer_weight"]
+        probs["ensemble"] = w * probs["transfer"] + (1 - w) * probs["baseline"]
+        candidates = selection["candidates"]
+        best_val = max(candidates, key=lambda n: candidates[n]["val_accuracy"])
+        probs["best-val"] = probs[best_val]
     y = np.array([CLASSES.index(label) for label in truth or []])
     return {name: round(float(np.mean(p.argmax(axis=1) == y)), 4) for name, p in probs.items()}
 
@@ -141,7 +150,7 @@ def score(project: Path, heldout: Path) -> dict[str, float]:
 def summarize(runs: dict[int, dict]) -> dict[str, dict]:
     """Per model: accuracy per seed (None where absent), mean and sd over the seeds present."""
     summary = {}
-    for name in [*MODELS, "mean2"]:
+    for name in [*MODELS, "mean2", "ensemble", "best-val"]:
         values = [run["accuracy"].get(name) for run in runs.values()]
         present = [v for v in values if v is not None]
         if present:
