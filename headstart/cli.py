@@ -108,7 +108,10 @@ def _fail(err: BaseException) -> typer.Exit:
 @app.command()
 def step(
     name: Annotated[
-        str, typer.Argument(help="prepare | baseline | weights | freeze | head | evaluate | plots")
+        str,
+        typer.Argument(
+            help="prepare | baseline | weights | freeze | head | select | evaluate | plots"
+        ),
     ],  # fmt: skip
     params_file: ParamsOption = Path("params.yaml"),
     wait: WaitOption = False,

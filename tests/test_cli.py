@@ -30,7 +30,7 @@ def test_unknown_step_is_one_line_error():
     result = run_cli("step", "train", "--params", str(ROOT / "params.yaml"))
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "error: unknown step 'train' (steps: prepare, baseline, weights, freeze, head, "
+        "error: unknown step 'train' (steps: prepare, baseline, weights, freeze, head, select, "
         "evaluate, plots)"
     )
 

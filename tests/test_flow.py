@@ -11,18 +11,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_in, tiny_project
 
 from headstart import dvcstate
+from headstart import params as params_module
 
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = [
     "artifacts/prepared/report.json", "artifacts/baseline/model.keras",
     "artifacts/weights/efficientnet_lite0.weights.h5", "artifacts/backbone/backbone.keras",
-    "artifacts/transfer/model.keras", "artifacts/metrics/transfer.json",
-    "artifacts/plots/curves.png",
+    "artifacts/transfer/model.keras", "artifacts/release/model.keras",
+    "artifacts/release/selection.json", "artifacts/metrics/transfer.json",
+    "artifacts/metrics/release.json", "artifacts/plots/curves.png",
 ]  # fmt: skip
 
 
@@ -51,25 +54,22 @@ def test_flow_runs_stale_steps_records_them_and_skips_when_current(flow_project)
 
     root = str(flow_project)
     first = pipeline_flow(root=root)
-    assert first["ran"] == ["prepare", "baseline", "weights", "freeze", "head", "evaluate", "plots"]
+    assert first["ran"] == ["prepare", "baseline", "weights", "freeze", "head", "select",
+                            "evaluate", "plots"]  # fmt: skip
     assert all((flow_project / name).is_file() for name in ARTIFACTS)
     assert run_in(flow_project, "dvc", "status", "--json").stdout.strip() == "{}"
     assert "| transfer |" in first["summary"] and "quarantined" in first["summary"]
+    assert "**Released**" in first["summary"] and "**released**" in first["summary"]
 
     second = pipeline_flow(root=root)
-    assert second["ran"] == [] and len(second["skipped"]) == 7
+    assert second["ran"] == [] and len(second["skipped"]) == 8
 
-    set_param(
-        flow_project,
-        "epochs: 2\n  batch_size: 16\n  patience: 5",
-        "epochs: 1\n  batch_size: 16\n  patience: 5",
-    )
+    params_module.write_overrides(flow_project / "params.yaml", ["head.epochs=1"])
     third = pipeline_flow(root=root)
-    assert third["ran"] == ["head", "evaluate", "plots"]
+    assert third["ran"] == ["head", "select", "evaluate", "plots"]
     assert run_in(flow_project, "dvc", "status", "--json").stdout.strip() == "{}"
-    assert (
-        json.loads((flow_project / "artifacts/metrics/transfer.json").read_text())["accuracy"] >= 0
-    )
+    marker = json.loads((flow_project / "artifacts/transfer/.headstart-output").read_text())
+    assert marker["params"]["head"]["epochs"] == 1  # the outputs are this run's
 
 
 def test_failing_step_fails_the_flow_with_its_message(flow_project, tmp_path):
@@ -84,55 +84,54 @@ def test_failing_step_fails_the_flow_with_its_message(flow_project, tmp_path):
     assert (flow_project / "artifacts/prepared/manifest.csv").is_file()  # old output kept
 
 
-def constant_model(transfer: Path, answer: int) -> None:
-    """Rewrite the transfer model so that it always answers class `answer`."""
+def constant_model(release: Path, answer: int, classes: int) -> None:
+    """Replace the release with a model that always answers class `answer`."""
     import keras
 
-    model = keras.saving.load_model(transfer / "model.keras")
-    output = model.get_layer("head").get_layer("probabilities")
-    kernel, bias = output.get_weights()
-    bias[:] = -100.0
+    inputs = keras.Input((None, None, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    layer = keras.layers.Dense(classes, activation="softmax")
+    model = keras.Model(inputs, layer(pooled))
+    bias = np.full(classes, -100.0, dtype="float32")
     bias[answer] = 100.0
-    output.set_weights([kernel * 0, bias])
-    model.save(transfer / "model.keras")
+    layer.set_weights([np.zeros((3, classes), "float32"), bias])
+    model.save(release / "model.keras")
 
 
-def test_promotion_keeps_a_better_champion(flow_project, tmp_path):
+def test_promotion_uses_the_release_and_keeps_a_better_champion(flow_project, tmp_path):
     import shutil
 
-    import numpy as np
-
-    from headstart import params as params_module
     from headstart.promotion import promote_from_params
 
     params = params_module.load(flow_project / "params.yaml")
-    transfer, champion = (
-        params.path("transfer", flow_project),
+    release, champion = (
+        params.path("release", flow_project),
         params.path("champion", flow_project),
     )
-    shutil.copytree(transfer, tmp_path / "original")
+    shutil.copytree(release, tmp_path / "original")
     counts = np.bincount(
         np.load(params.path("prepared", flow_project) / "test_labels.npy"), minlength=2
     )
     assert counts[0] != counts[1]  # the tiny test split is deterministic and unbalanced
     majority, minority = int(np.argmax(counts)), int(np.argmin(counts))
     try:
-        constant_model(transfer, majority)
+        constant_model(release, majority, 2)
         first = promote_from_params(params, flow_project)
         assert first["promoted"] and first["reason"] == "no current model"
         installed = (champion / "model.keras").read_bytes()
+        assert installed == (release / "model.keras").read_bytes()
 
-        constant_model(transfer, minority)
+        constant_model(release, minority, 2)
         worse = promote_from_params(params, flow_project)
         assert not worse["promoted"] and worse["challenger"] < worse["champion"]
         assert (champion / "model.keras").read_bytes() == installed  # the champion stays
 
-        constant_model(transfer, majority)
+        constant_model(release, majority, 2)
         equal = promote_from_params(params, flow_project)
         assert equal["promoted"] and equal["challenger"] == equal["champion"]
     finally:
-        shutil.rmtree(transfer)
-        shutil.copytree(tmp_path / "original", transfer)
+        shutil.rmtree(release)
+        shutil.copytree(tmp_path / "original", release)
         shutil.rmtree(champion, ignore_errors=True)
 
 
@@ -148,25 +147,30 @@ def test_cli_run_no_op_and_status(flow_project):
 def test_dvc_repro_rebuilds_and_reruns_only_downstream_of_a_param(tmp_path):
     root = tiny_project(tmp_path / "repro")
     first = run_in(root, "dvc", "repro")
-    for stage in ("prepare", "baseline", "weights", "freeze", "head", "evaluate", "plots"):
+    for stage in (
+        "prepare",
+        "baseline",
+        "weights",
+        "freeze",
+        "head",
+        "select",
+        "evaluate",
+        "plots",
+    ):
         assert f"Running stage '{stage}'" in first.stdout
     assert all((root / name).is_file() for name in ARTIFACTS)
     assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
     run_in(root, "git", "add", "-A")
     run_in(root, "git", "commit", "-qm", "first run")
 
-    set_param(
-        root,
-        "epochs: 2\n  batch_size: 16\n  patience: 5",
-        "epochs: 1\n  batch_size: 16\n  patience: 5",
-    )
+    params_module.write_overrides(root / "params.yaml", ["head.epochs=1"])
     second = run_in(root, "dvc", "repro")
     ran = [
         line.split("'")[1]
         for line in second.stdout.splitlines()
         if line.startswith("Running stage")
     ]
-    assert ran == ["head", "evaluate", "plots"]
+    assert ran == ["head", "select", "evaluate", "plots"]
     run_in(root, "git", "checkout", "params.yaml")
 
     run_in(root, "dvc", "exp", "run", "-S", "head.dropout=0.3")
