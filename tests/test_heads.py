@@ -83,9 +83,10 @@ def test_ties_within_one_paired_standard_error_go_to_the_simpler_model():
     much_better = base.copy()
     much_better[np.flatnonzero(~base)[:40]] = True  # +10 points
     complexity = {"simple": 0, "complex": 1}
-    scores = {"simple": base.mean(), "complex": better.mean()}
-    winner, reason = heads.tie_break(scores, {"simple": base, "complex": better}, complexity)
+    winner, reason = heads.tie_break({"simple": base, "complex": better}, complexity)
     assert winner == "simple" and "within one paired standard error" in reason
-    scores["complex"] = much_better.mean()
-    winner, reason = heads.tie_break(scores, {"simple": base, "complex": much_better}, complexity)
+    winner, reason = heads.tie_break({"simple": base, "complex": much_better}, complexity)
     assert winner == "complex" and "highest accuracy" in reason
+    losses = {"simple": 1.0 - base * 0.5, "complex": 1.0 - much_better * 0.5}
+    winner, reason = heads.tie_break(losses, complexity, "log-loss", higher_is_better=False)
+    assert winner == "complex" and "lowest log-loss" in reason
