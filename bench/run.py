@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from common import ROOT, machine, median_time, run_child, table  # noqa: E402
 
-from headstart.files import write_json  # noqa: E402
+from headstart.files import timings_path, write_json  # noqa: E402
 
 SECTIONS = ("floor", "recipe", "headstart", "scaling", "startup", "pipeline")
 
@@ -220,12 +220,12 @@ def bench_headstart(ctx, args) -> dict:
         started = time.perf_counter()
         train_head(prepared, ctx["backbone"], features, out, params)
         seconds = time.perf_counter() - started
-        record = read_json(out / "transfer.json")
+        record = {**read_json(out / "transfer.json"), "seconds": read_json(timings_path(out))}
         model = keras.saving.load_model(out / "model.keras")
         runs.append((seconds, record, test_accuracy(model, prepared)))
     record = runs[len(runs) // 2][1]
     return {"epochs": args.epochs, "seconds": round(statistics.median(r[0] for r in runs), 3),
-            "features_s": record["seconds"]["features"], "head_fit_s": record["seconds"]["head_fit"],
+            "features_s": record["seconds"]["features"], "head_fit_s": record["seconds"]["head"],
             "val_accuracy": round(float(np.mean([r[1]["val_accuracy_head_only"] for r in runs])), 4),
             "test_accuracy": round(float(np.mean([r[2] for r in runs])), 4),
             "test_accuracies": [round(r[2], 4) for r in runs]}  # fmt: skip
@@ -240,11 +240,14 @@ def _head_command_params(ctx, args, n: int) -> Path:
     shutil.rmtree(folder / "features", ignore_errors=True)
     target = folder / "params.yaml"
     shutil.copy(ROOT / "params.yaml", target)
+    link = folder / "backbone"  # paths must lie inside the project folder: link the backbone in
+    if not link.exists():
+        link.symlink_to(Path(ctx["backbone"]).resolve(), target_is_directory=True)
     params_module.write_overrides(target, [
         f"base.image_size={ctx['size']}", f"head.epochs={args.epochs}",
         f"head.patience={args.epochs}", "head.target_accuracy=0.9999",
-        f"paths.prepared={prepared}", f"paths.backbone={ctx['backbone']}",
-        f"paths.features={folder / 'features'}", f"paths.transfer={folder / 'transfer'}",
+        f"paths.prepared={Path(prepared).relative_to(folder)}", "paths.backbone=backbone",
+        "paths.features=features", "paths.transfer=transfer",
     ])  # fmt: skip
     return target
 
@@ -258,10 +261,10 @@ def bench_scaling(ctx, args) -> dict:
         params_file = _head_command_params(ctx, args, n)
         child = run_child([str(Path(sys.executable).with_name("headstart")), "step", "head",
                            "--params", str(params_file)])  # fmt: skip
-        record = read_json(params_file.parent / "transfer" / "transfer.json")
+        record = {"seconds": read_json(timings_path(params_file.parent / "transfer"))}
         rows[n] = {"seconds": child["seconds"], "peak_mib": child["peak_mib"],
                    "features_s": record["seconds"]["features"],
-                   "head_fit_s": record["seconds"]["head_fit"]}  # fmt: skip
+                   "head_fit_s": record["seconds"]["head"]}  # fmt: skip
     return rows
 
 
@@ -294,7 +297,7 @@ def bench_pipeline(ctx, args) -> dict:
     metrics = {
         m: read_json(steps_root / f"artifacts/metrics/{m}.json") for m in ("baseline", "transfer")
     }
-    transfer = read_json(steps_root / "artifacts/transfer/transfer.json")
+    transfer = {"seconds": read_json(timings_path(steps_root / "artifacts/transfer"))}
 
     flow_root = _clone(args.work / "pipeline-flow", args.data)
     fresh = run_child([headstart, "run"], cwd=flow_root)
