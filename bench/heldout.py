@@ -1,7 +1,8 @@
 """Held-out accuracy: train the pipeline on Fashion-MNIST images it never saw, score on others.
 
-Builds a git+DVC clone of this project whose data/ holds --per-class Fashion-MNIST TRAIN images
-per class that are not in the demo subset (the first 150 of each class), plus a separate
+Builds a git+DVC clone of this project whose data/ holds Fashion-MNIST TRAIN images that are not
+in the demo subset (the first 150 of each class): enough per class that prepare's training split
+gets --per-class of them on average (the rest go to its val and test splits), plus a separate
 held-out folder of --heldout other such images (class balanced, disjoint from both). The
 official test split is never read. For each seed, `headstart run -S base.seed=SEED [-S ...]`
 runs in the clone (reused across seeds: DVC reruns only what changed), then every model that
@@ -12,7 +13,7 @@ The clone runs its own committed code (PYTHONPATH points at it), so uncommitted 
 this working tree are not measured: commit them first.
 
     apt-get install dataset-fashion-mnist   # the original IDX files
-    python bench/heldout.py                                   # 100/class, 3000 held out, seeds 1 2 3
+    python bench/heldout.py                                   # 100 train/class, 3000 held out, seeds 1 2 3
     python bench/heldout.py --per-class 20 --heldout 200 --seeds 1 \\
         --set baseline.epochs=2 --set head.epochs=2           # a quick check (minutes)
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -45,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
-    parser.add_argument("--per-class", type=int, default=100, help="train images per class")
+    parser.add_argument("--per-class", type=int, default=100,
+                        help="images per class in the training split (data/ holds more: val, test)")  # fmt: skip
     parser.add_argument("--heldout", type=int, default=3000, help="held-out images in total")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="base.seed values")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -82,6 +85,19 @@ def draw_images(labels: np.ndarray, pixels: np.ndarray, per_class: int, heldout_
     return train, heldout
 
 
+def data_per_class(per_class: int, overrides: list[str]) -> int:
+    """Images per class in data/ so that prepare's training split holds `per_class` on average."""
+    import yaml
+
+    fractions = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in ("prepare.val_fraction", "prepare.test_fraction"):
+            fractions[key.split(".")[1]] = float(value)
+    train_fraction = 1.0 - fractions["val_fraction"] - fractions["test_fraction"]
+    return math.ceil(per_class / train_fraction)
+
+
 def write_pngs(pixels: np.ndarray, rows: dict, folder: Path) -> None:
     for name, class_rows in rows.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
@@ -108,7 +124,13 @@ def run_pipeline(project: Path, seed: int, overrides: list[str]) -> dict:
     pythonpath = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
     child = run_child([str(BIN / "headstart"), "run", *sets], cwd=project,
                       env={"PYTHONPATH": pythonpath})  # fmt: skip
-    return {"seconds": child["seconds"], "peak_mib": child["peak_mib"]}
+    report = json.loads((project / "artifacts" / "prepared" / "report.json").read_text())
+    train_images = sum(counts["train"] for counts in report["per_class"].values())
+    return {
+        "seconds": child["seconds"],
+        "peak_mib": child["peak_mib"],
+        "train_images": train_images,
+    }
 
 
 def probabilities(model: Path, heldout: Path) -> tuple[np.ndarray, list[str]]:
@@ -183,7 +205,8 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     labels = read_idx(args.source / "train-labels-idx1-ubyte.gz")
     pixels = read_idx(args.source / "train-images-idx3-ubyte.gz")
-    train, heldout = draw_images(labels, pixels, args.per_class,
+    in_data = data_per_class(args.per_class, args.overrides)
+    train, heldout = draw_images(labels, pixels, in_data,
                                  args.heldout // len(CLASSES), args.data_seed)  # fmt: skip
     project = make_project(work / "project", pixels, train)
     write_pngs(pixels, heldout, work / "heldout")
@@ -199,7 +222,8 @@ def main(argv=None) -> dict:
     summary = summarize(runs)
     print(report(runs, summary))
     result = {"tag": args.tag or commit, "commit": commit, "argv": sys.argv[1:],
-              "settings": {"per_class": args.per_class, "heldout": args.heldout,
+              "settings": {"per_class": args.per_class, "data_per_class": in_data,
+                           "heldout": args.heldout,
                            "seeds": args.seeds, "overrides": args.overrides,
                            "data_seed": args.data_seed, "classes": CLASSES},
               "runs": runs, "summary": summary}  # fmt: skip

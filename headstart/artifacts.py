@@ -9,6 +9,9 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 MODEL_FILE = "model.keras"  # every model folder: model.keras + labels.json beside it
 LABELS_FILE = "labels.json"
+# the transfer model's class probabilities on the val and test splits, written by head so that
+# select and evaluate do not run the backbone again (arrays named by split)
+PROBABILITIES_FILE = "probabilities.npz"
 
 
 def load_split(prepared: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -25,3 +28,9 @@ def load_features(features_dir: Path | str, split: str) -> tuple[np.ndarray, np.
     features_dir = Path(features_dir)
     return (np.load(features_dir / f"{split}_features.npy", mmap_mode="r"),
             np.load(features_dir / f"{split}_labels.npy"))  # fmt: skip
+
+
+def load_probabilities(model_dir: Path | str, split: str) -> np.ndarray:
+    """A model's recorded probabilities (N x classes) on one prepared split."""
+    with np.load(Path(model_dir) / PROBABILITIES_FILE) as recorded:
+        return recorded[split]

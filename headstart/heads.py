@@ -90,23 +90,25 @@ def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 class _BatchedHeads:
     """`count` independent heads of one configuration, trained together with Adam.
 
-    The first layer of all heads is one (features, count * width) matrix, so each batch costs
-    one large matrix product instead of `count` small ones."""
+    Every weight has a leading head axis and each head gets a batch of its own rows, so one
+    batched matrix product serves all heads and no head computes rows it must not learn from."""
 
     def __init__(self, config: HeadConfig, features: int, classes: int, count: int, seed: int):
         rng = np.random.default_rng(seed)
         width = config.units or classes
 
-        def glorot(fan_in: int, fan_out: int, shape) -> tf.Variable:
+        def glorot(fan_in: int, fan_out: int) -> tf.Variable:
             limit = math.sqrt(6.0 / (fan_in + fan_out))
-            return tf.Variable(rng.uniform(-limit, limit, shape).astype(np.float32))
+            return tf.Variable(
+                rng.uniform(-limit, limit, (count, fan_in, fan_out)).astype(np.float32)
+            )
 
-        self.config, self.count, self.width, self.classes = config, count, width, classes
-        self.kernels = [glorot(features, width, (features, count * width))]
-        self.biases = [tf.Variable(np.zeros((count * width,), np.float32))]
+        self.config, self.count = config, count
+        self.kernels = [glorot(features, width)]
+        self.biases = [tf.Variable(np.zeros((count, 1, width), np.float32))]
         if config.units:
-            self.kernels.append(glorot(width, classes, (count, width, classes)))
-            self.biases.append(tf.Variable(np.zeros((count, classes), np.float32)))
+            self.kernels.append(glorot(width, classes))
+            self.biases.append(tf.Variable(np.zeros((count, 1, classes), np.float32)))
         self.variables = [*self.kernels, *self.biases]
         self.moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v)))
                         for v in self.variables]  # fmt: skip
@@ -114,9 +116,8 @@ class _BatchedHeads:
         self.dropout_seed = seed
 
     def logits(self, x: tf.Tensor, training: bool, step: tf.Tensor | None = None) -> tf.Tensor:
-        """(count, batch, classes) from (batch, features)."""
-        first = tf.matmul(x, self.kernels[0]) + self.biases[0]  # (batch, count * width)
-        first = tf.transpose(tf.reshape(first, (-1, self.count, self.width)), (1, 0, 2))
+        """(count, batch, classes) from each head's own rows (count, batch, features)."""
+        first = tf.matmul(x, self.kernels[0]) + self.biases[0]
         if not self.config.units:
             return first
         hidden = tf.nn.relu(first)
@@ -124,33 +125,28 @@ class _BatchedHeads:
             keep = 1.0 - self.config.dropout
             noise = tf.random.stateless_uniform(tf.shape(hidden), seed=[self.dropout_seed, step])
             hidden = tf.where(noise < keep, hidden / keep, 0.0)
-        return tf.matmul(hidden, self.kernels[1]) + self.biases[1][:, None, :]
+        return tf.matmul(hidden, self.kernels[1]) + self.biases[1]
 
     def head_logits(self, x: tf.Tensor, head: tf.Tensor) -> tf.Tensor:
-        """(batch, classes): one head's inference on its own rows (cheap held-out scoring)."""
-        kernel = tf.reshape(self.kernels[0], (-1, self.count, self.width))[:, head, :]
-        first = tf.matmul(x, kernel) + tf.reshape(self.biases[0], (self.count, -1))[head]
+        """(batch, classes): one head's inference on (batch, features)."""
+        first = tf.matmul(x, self.kernels[0][head]) + self.biases[0][head]
         if not self.config.units:
             return first
         return tf.matmul(tf.nn.relu(first), self.kernels[1][head]) + self.biases[1][head]
 
     def weights_of(self, head: int) -> list[np.ndarray]:
         """Head `head`'s weights in Keras order (kernel, bias per Dense layer)."""
-        first = self.kernels[0].numpy().reshape(-1, self.count, self.width)[:, head, :]
-        weights = [first, self.biases[0].numpy().reshape(self.count, -1)[head]]
-        if self.config.units:
-            weights += [self.kernels[1].numpy()[head], self.biases[1].numpy()[head]]
-        return weights
+        return [w for k, b in zip(self.kernels, self.biases, strict=True)
+                for w in (k.numpy()[head], b.numpy()[head, 0])]  # fmt: skip
 
     def train_step(self, x, y, weight, learning_rate: float):
-        """One Adam step; `weight` (count, batch) says how much each row counts for each head."""
+        """One Adam step on (count, batch, features) rows with (count, batch) labels and weights."""
         self.steps.assign_add(1.0)
         with tf.GradientTape() as tape:
             logits = self.logits(x, training=True, step=tf.cast(self.steps, tf.int32))
-            labels = tf.broadcast_to(y[None, :], tf.shape(weight))
-            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
             total = tf.reduce_sum(losses * weight, axis=1) / tf.maximum(
-                tf.reduce_sum(weight, axis=1), 1.0
+                tf.reduce_sum(weight, axis=1), 1e-7
             )
             loss = tf.reduce_sum(total)
             if self.config.l2:
@@ -172,26 +168,37 @@ def _standardise(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return scaled.astype(np.float32), mean.astype(np.float32), variance.astype(np.float32)
 
 
-def _train(config: HeadConfig, x: np.ndarray, y: np.ndarray, weight: np.ndarray, epochs: int,
-           batch_size: int, learning_rate: float, seed: int, classes: int,
-           after_epoch=None) -> _BatchedHeads:  # fmt: skip
-    """Train `len(weight)` heads over the rows of x; `after_epoch(epoch, heads)` may return True
-    to stop early."""
-    heads = _BatchedHeads(config, x.shape[1], classes, len(weight), seed)
+def _epoch_order(members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """(heads, rows) one shuffled pass over each head's rows; a head with fewer rows than the
+    largest repeats a few of its own, so all heads step together."""
+    length = max(len(rows) for rows in members)
+    order = []
+    for rows in members:
+        shuffled = rng.permutation(rows)
+        order.append(np.resize(shuffled, length))  # np.resize repeats from the start
+    return np.stack(order).astype(np.int32)
+
+
+def _train(config: HeadConfig, x: np.ndarray, y: np.ndarray, members: list[np.ndarray],
+           sample_weight: np.ndarray | None, epochs: int, batch_size: int, learning_rate: float,
+           seed: int, classes: int, after_epoch=None) -> _BatchedHeads:  # fmt: skip
+    """Train one head per entry of `members` (the rows it learns from); `after_epoch(epoch,
+    heads)` may return True to stop early."""
+    heads = _BatchedHeads(config, x.shape[1], classes, len(members), seed)
     x_all, y_all = tf.constant(x), tf.constant(y.astype(np.int32))
-    w_all = tf.constant(weight.astype(np.float32))
-    rows = len(y)
+    w_all = tf.constant(np.ones(len(y), np.float32) if sample_weight is None
+                        else np.asarray(sample_weight, np.float32))  # fmt: skip
 
     @tf.function
     def one_epoch(order: tf.Tensor) -> None:  # the whole epoch in one graph: no per-batch Python
-        for start in tf.range(0, rows, batch_size):
-            index = order[start : start + batch_size]
+        for start in tf.range(0, tf.shape(order)[1], batch_size):
+            index = order[:, start : start + batch_size]  # (heads, batch)
             heads.train_step(tf.gather(x_all, index), tf.gather(y_all, index),
-                             tf.gather(w_all, index, axis=1), learning_rate)  # fmt: skip
+                             tf.gather(w_all, index), learning_rate)  # fmt: skip
 
     rng = np.random.default_rng(seed)
     for epoch in range(epochs):
-        one_epoch(tf.constant(rng.permutation(rows)))
+        one_epoch(tf.constant(_epoch_order(members, rng)))
         if after_epoch is not None and after_epoch(epoch, heads):
             break
     return heads
@@ -207,9 +214,7 @@ def cross_validate(config: HeadConfig, features: np.ndarray, labels: np.ndarray,
     labels = np.asarray(labels)
     fold = fold_assignment(labels[:images], folds, seed)
     row_fold = fold[np.arange(len(labels)) % images]
-    weight = (row_fold[None, :] != np.arange(folds)[:, None]).astype(np.float32)
-    if sample_weight is not None:
-        weight *= sample_weight[None, :]
+    members = [np.flatnonzero(row_fold != f) for f in range(folds)]
     held_out = np.bincount(fold, minlength=folds)
     rows = [np.flatnonzero(fold == f) for f in range(folds)]
     scored = [(tf.constant(x[r]), labels[r]) for r in rows]
@@ -230,8 +235,8 @@ def cross_validate(config: HeadConfig, features: np.ndarray, labels: np.ndarray,
         pooled = [float((a * held_out).sum() / held_out.sum()) for a in accuracy]
         return epoch + 1 - (int(np.argmax(pooled)) + 1) >= patience
 
-    _train(config, x, labels, weight, epochs, batch_size, learning_rate, seed, classes,
-           after_epoch)  # fmt: skip
+    _train(config, x, labels, members, sample_weight, epochs, batch_size, learning_rate, seed,
+           classes, after_epoch)  # fmt: skip
     return CvResult(config, np.array(accuracy), np.array(loss), held_out.astype(np.float64),
                     np.array(image_hits))  # fmt: skip
 
@@ -279,9 +284,6 @@ def fit_final(config: HeadConfig, features: np.ndarray, labels: np.ndarray, epoc
     raw = np.asarray(features, dtype=np.float32)
     x, mean, variance = _standardise(raw)
     labels = np.asarray(labels)
-    weight = np.ones((1, len(labels)), np.float32)
-    if sample_weight is not None:
-        weight *= sample_weight[None, :]
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     evaluate = tf.function(lambda a, heads: tf.nn.softmax(heads.head_logits(a, 0)))
 
@@ -292,8 +294,8 @@ def fit_final(config: HeadConfig, features: np.ndarray, labels: np.ndarray, epoc
         history["accuracy"].append(float((probabilities.argmax(axis=1) == labels).mean()))
         return False
 
-    heads = _train(config, x, labels, weight, epochs, batch_size, learning_rate, seed, classes,
-                   after_epoch)  # fmt: skip
+    heads = _train(config, x, labels, [np.arange(len(labels))], sample_weight, epochs,
+                   batch_size, learning_rate, seed, classes, after_epoch)  # fmt: skip
     model = keras_head(config, raw.shape[1], classes, mean, variance)
     model.set_weights(heads.weights_of(0))
     return model, history

@@ -10,13 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.artifacts import MODEL_FILE, load_split
+from headstart.artifacts import (
+    MODEL_FILE,
+    PROBABILITIES_FILE,
+    load_probabilities,
+    load_split,
+)
 from headstart.files import atomic_dir, read_json, require, write_json
 from headstart.metrics import classification_metrics
 from headstart.params import Params
 
 log = logging.getLogger("headstart.evaluate")
 
+RELEASE_TOLERANCE = 1e-4  # float32 differences between one model and its parts run separately
 # model name -> the step that makes it
 PRODUCERS = {"baseline": "baseline", "transfer": "head", "ensemble": "select", "release": "select"}
 
@@ -41,16 +47,26 @@ def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], out_dir: Pat
     prepared_dir = Path(prepared_dir)
     classes = read_json(require(prepared_dir / "labels.json", "prepare"))["classes"]
     for name, folder in model_dirs.items():
-        require(folder / MODEL_FILE, PRODUCERS[name])
+        require(folder / (PROBABILITIES_FILE if name == "transfer" else MODEL_FILE),
+                PRODUCERS[name])  # fmt: skip
     selection = read_json(model_dirs["release"] / "selection.json")
     with open(prepared_dir / "manifest.csv") as handle:
         test_files = [row["file"] for row in csv.DictReader(handle) if row["split"] == "test"]
     x, labels = load_split(prepared_dir, "test")
-    probabilities = {name: predict(keras.saving.load_model(folder / MODEL_FILE), x)
-                     for name, folder in model_dirs.items()}  # fmt: skip
+    probabilities = {  # the transfer model's were recorded by head (no second backbone pass)
+        name: load_probabilities(folder, "test") if name == "transfer"
+        else predict(keras.saving.load_model(folder / MODEL_FILE), x)
+        for name, folder in model_dirs.items()
+    }  # fmt: skip
     weight = selection["ensemble_transfer_weight"]
     probabilities["ensemble"] = (weight * probabilities["transfer"]
                                  + (1 - weight) * probabilities["baseline"])  # fmt: skip
+    # the release is scored as saved; it must agree with the candidate it was built from
+    chosen = probabilities[selection["winner"]]
+    gap = float(np.max(np.abs(probabilities["release"] - chosen))) if len(chosen) else 0.0
+    if gap > RELEASE_TOLERANCE:
+        raise RuntimeError(f"evaluate: the released model differs from {selection['winner']} by "
+                           f"{gap:.2e} in probability on the test split; rerun select")  # fmt: skip
     with atomic_dir(out_dir) as tmp:
         for name, p in probabilities.items():
             metrics, confusion = classification_metrics(p, labels, classes, params.evaluate.top_k)

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.artifacts import MODEL_FILE, SPLITS, load_features, load_split
+from headstart.artifacts import (
+    MODEL_FILE,
+    PROBABILITIES_FILE,
+    SPLITS,
+    load_features,
+    load_split,
+)
 from headstart.files import atomic_dir, read_json, require, sha256_file, write_json, write_timings
 from headstart.params import Params
 from headstart.summaries import write_summary
@@ -116,6 +122,7 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
             # a fresh, uncompiled wrapper around the same (tuned) layers: the saved model then
             # carries no optimizer state from fine-tuning
             transfer = models.end_to_end(extractor, head, params.base.image_size)
+        _record_probabilities(transfer, head, record, prepared_dir, features_dir, tmp)
         transfer.save(tmp / MODEL_FILE)
         head.save(tmp / "head.keras")
         write_summary(transfer, tmp / "summary.txt")
@@ -123,6 +130,20 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
         write_json(tmp / "transfer.json", record)
     write_timings(out_dir, timings)
     return Path(out_dir)
+
+
+def _record_probabilities(transfer, head, record: dict, prepared_dir: Path, features_dir: Path,
+                          tmp: Path) -> None:  # fmt: skip
+    """The transfer model's probabilities on val and test, for select and evaluate: the head on
+    the cached features (the same numbers as the end-to-end model, without its backbone pass),
+    or the whole model when fine-tuning changed the backbone."""
+    tuned = record.get("finetune", {}).get("kept", False)
+    probabilities = {
+        split: predict(transfer, load_split(prepared_dir, split)[0]) if tuned
+        else predict(head, load_features(features_dir, split)[0])
+        for split in ("val", "test")
+    }  # fmt: skip
+    np.savez(tmp / PROBABILITIES_FILE, **probabilities)
 
 
 def _seed_head(features_dir: Path, classes: int, params: Params, tmp: Path):

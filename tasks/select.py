@@ -18,7 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.artifacts import MODEL_FILE, load_split
+from headstart.artifacts import (
+    MODEL_FILE,
+    PROBABILITIES_FILE,
+    load_probabilities,
+    load_split,
+)
 from headstart.files import atomic_dir, read_json, require, write_json
 from headstart.params import Params
 
@@ -93,8 +98,10 @@ def select(prepared_dir: Path | str, baseline_dir: Path | str, transfer_dir: Pat
     require(prepared_dir / "labels.json", "prepare")
     baseline = keras.saving.load_model(require(baseline_dir / MODEL_FILE, "baseline"))
     transfer = keras.saving.load_model(require(transfer_dir / MODEL_FILE, "head"))
+    require(transfer_dir / PROBABILITIES_FILE, "head")
     x_val, y_val = load_split(prepared_dir, "val")
-    probabilities = {"baseline": predict(baseline, x_val), "transfer": predict(transfer, x_val)}
+    probabilities = {"baseline": predict(baseline, x_val),
+                     "transfer": load_probabilities(transfer_dir, "val")}  # fmt: skip
     weight = ensemble_weight(probabilities["baseline"], probabilities["transfer"], y_val)
     probabilities["ensemble"] = (weight * probabilities["transfer"]
                                  + (1 - weight) * probabilities["baseline"])  # fmt: skip

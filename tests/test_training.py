@@ -74,6 +74,22 @@ def test_end_to_end_model_matches_backbone_plus_head_on_the_cache(project):
     assert transfer(bigger).shape == (2, 3)  # any input size is resized inside
 
 
+def test_recorded_transfer_probabilities_are_the_saved_models_outputs(project):
+    """select and evaluate read the transfer model's val/test probabilities from head's record
+    instead of running the backbone again: they must be what the saved model outputs."""
+    import keras
+
+    from headstart.artifacts import load_probabilities, load_split
+
+    root, params = project
+    transfer = keras.saving.load_model(params.path("transfer", root) / "model.keras")
+    for split in ("val", "test"):
+        images, labels = load_split(params.path("prepared", root), split)
+        recorded = load_probabilities(params.path("transfer", root), split)
+        assert recorded.shape == (len(labels), 3)
+        assert np.allclose(recorded, np.asarray(transfer(np.asarray(images, "float32"))), atol=1e-5)
+
+
 def test_feature_cache_is_reused_when_only_head_settings_change(project, tmp_path):
     root, params = project
     record = params.path("features", root) / "features.json"
