@@ -270,11 +270,14 @@ def tie_break(per_item: dict[str, np.ndarray], complexity: dict[str, int],
 
 
 def choose(results: list[CvResult]) -> tuple[CvResult, str]:
-    """The configuration with the best pooled CV accuracy, or a simpler one tied with it."""
-    by_name = {r.config.name: r for r in results}
-    name, reason = tie_break({n: r.best_hits for n, r in by_name.items()},
-                             {n: r.config.complexity for n, r in by_name.items()})  # fmt: skip
-    return by_name[name], reason
+    """The configuration with the highest pooled CV accuracy (an exact tie: the simpler).
+
+    No one-standard-error rule here, unlike `select`: pooled over every training image the CV
+    ranking held on held-out data, and the rule kept picking the linear head, 2-4 points below
+    the dense one on held-out Fashion-MNIST images (bench/RESULTS.md)."""
+    best = max(results, key=lambda r: (r.score, -r.config.complexity))
+    others = ", ".join(f"{r.config.name} {r.score:.4f}" for r in results if r is not best)
+    return best, f"{best.config.name}: highest pooled CV accuracy ({best.score:.4f}; {others})"
 
 
 def fit_final(config: HeadConfig, features: np.ndarray, labels: np.ndarray, epochs: int,

@@ -1,4 +1,4 @@
-"""Choosing the transfer head: folds, the CV stopping rule, the tie rule, the exported head."""
+"""Choosing the transfer head: folds, the CV stopping rule, the choice, the tie rule, the exported head."""
 
 from __future__ import annotations
 
@@ -90,3 +90,21 @@ def test_ties_within_one_paired_standard_error_go_to_the_simpler_model():
     losses = {"simple": 1.0 - base * 0.5, "complex": 1.0 - much_better * 0.5}
     winner, reason = heads.tie_break(losses, complexity, "log-loss", higher_is_better=False)
     assert winner == "complex" and "lowest log-loss" in reason
+
+
+def cv_result(name: str, complexity: int, pooled: list[float]) -> heads.CvResult:
+    """A CV result whose pooled curve is `pooled` (one fold of 100 images)."""
+    config = heads.HeadConfig(name, 0, 0.0, 0.0, complexity)
+    accuracy = np.array(pooled)[:, None]
+    hits = np.zeros((len(pooled), 100), dtype=bool)
+    return heads.CvResult(config, accuracy, 1 - accuracy, np.array([100.0]), hits)
+
+
+def test_the_head_with_the_highest_pooled_cv_accuracy_is_chosen_even_if_more_complex():
+    simple = cv_result("simple", 0, [0.70, 0.80, 0.80, 0.80])
+    complex_ = cv_result("complex", 1, [0.70, 0.81, 0.81, 0.81])
+    chosen, reason = heads.choose([simple, complex_])
+    assert chosen is complex_ and reason.startswith("complex: highest pooled CV accuracy (0.8100")
+    assert "simple 0.8000" in reason
+    tied = cv_result("tied", 2, [0.70, 0.81, 0.81, 0.81])
+    assert heads.choose([tied, complex_])[0] is complex_  # an exact tie goes to the simpler
