@@ -113,7 +113,7 @@ def candidates_table(root: Path, params) -> list[str]:
         label = "transfer (fine-tuned)" if name == "transfer" and selection[
             "transfer_is_finetuned"] else name  # fmt: skip
         if name == "ensemble":
-            label += f" ({selection['ensemble_transfer_weight']:.1f} × transfer)"
+            label += " (mean of both)"
         lines.append(f"| {label} | {val['val_accuracy']:.4f} | {val['val_macro_f1']:.4f} | "
                      f"{test['accuracy']:.4f} | {test['macro_f1']:.4f} | {mark} |")  # fmt: skip
     lines += ["", f"**Released**: {selection['winner']}, chosen on {selection['reason']} "
