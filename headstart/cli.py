@@ -149,7 +149,9 @@ def run(
         with workspace_lock(root, wait=wait):
             if set_:
                 params_module.write_overrides(params_file, set_)
-            params_module.load(params_file)
+            params = params_module.load(params_file)
+            if not force and _nothing_to_run(root, params):
+                return
             from flows.pipeline import pipeline_flow
 
             _hide_prefect_tracebacks_of_user_errors()
@@ -157,6 +159,25 @@ def run(
     except UserError as err:
         raise _fail(err) from None
     typer.echo(result["summary"])
+
+
+def _nothing_to_run(root: Path, params) -> bool:
+    """When DVC says every step is up to date and no Prefect server is configured, print the
+    last run's summary and say so, instead of starting Prefect's temporary server (~10 s) to
+    skip every step. With a configured server the flow runs, so the run is recorded there."""
+    from headstart import dvcstate, prefectconfig
+    from headstart.pipeline import STEP_NAMES, clean_up
+    from headstart.summaries import run_summary
+
+    if prefectconfig.api_url(root) or dvcstate.stale_stages(root):
+        return False
+    clean_up(params, root)  # what the flow does first: leftovers of a killed run
+    typer.echo(run_summary(root, params, [], list(STEP_NAMES), {}))
+    typer.echo(
+        "Every step is up to date (DVC), so no Prefect flow run was started; "
+        "`headstart run --force` runs them all."
+    )
+    return True
 
 
 @app.command()

@@ -28,13 +28,15 @@ class HeadConfig:
     dropout: float
     l2: float  # L2 penalty on kernels (per weight, added to the mean loss)
     complexity: int  # for ties: the simpler (lower) wins
+    learning_rate_scale: float = 1.0  # times head.learning_rate
 
 
 def candidates(seed_units: int, seed_dropout: float) -> tuple[HeadConfig, ...]:
     """The configurations compared: a linear head, a small regularised one, and the seed's
     architecture (Dense `seed_units` + Dropout `seed_dropout`)."""
     return (
-        HeadConfig("linear", 0, 0.0, 1e-3, 0),
+        # softmax regression converges in a third of the epochs at 3x the rate, same CV accuracy
+        HeadConfig("linear", 0, 0.0, 1e-3, 0, learning_rate_scale=3.0),
         HeadConfig("small", 256, 0.5, 1e-4, 1),
         HeadConfig("dense", seed_units, seed_dropout, 0.0, 2),
     )
@@ -185,6 +187,7 @@ def _train(config: HeadConfig, x: np.ndarray, y: np.ndarray, members: list[np.nd
     """Train one head per entry of `members` (the rows it learns from); `after_epoch(epoch,
     heads)` may return True to stop early."""
     heads = _BatchedHeads(config, x.shape[1], classes, len(members), seed)
+    learning_rate *= config.learning_rate_scale
     x_all, y_all = tf.constant(x), tf.constant(y.astype(np.int32))
     w_all = tf.constant(np.ones(len(y), np.float32) if sample_weight is None
                         else np.asarray(sample_weight, np.float32))  # fmt: skip

@@ -342,6 +342,11 @@ def test_two_runs_at_once_never_mix(tmp_path):
 
     again = evaluate_model(root / "artifacts/baseline/model.keras", root / "artifacts/prepared", 3)
     assert again[0]["accuracy"] == metrics["accuracy"]
+    # nothing stale and no Prefect server configured: the last summary, no temporary server
+    noop = run_in(root, "headstart", "run")
+    assert "no Prefect flow run was started" in noop.stdout
+    assert "| baseline | up to date |" in noop.stdout and "**released**" in noop.stdout
+    assert "temporary server" not in noop.stdout + noop.stderr
 
 
 @pytest.mark.slow
