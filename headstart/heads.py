@@ -93,29 +93,41 @@ class _BatchedHeads:
     """`count` independent heads of one configuration, trained together with Adam.
 
     Every weight has a leading head axis and each head gets a batch of its own rows, so one
-    batched matrix product serves all heads and no head computes rows it must not learn from."""
+    batched matrix product serves all heads and no head computes rows it must not learn from.
+    The compiled step and scorer are traced once per shape and reused (see `_heads_for`)."""
 
-    def __init__(self, config: HeadConfig, features: int, classes: int, count: int, seed: int):
-        rng = np.random.default_rng(seed)
+    def __init__(self, config: HeadConfig, features: int, classes: int, count: int):
         width = config.units or classes
-
-        def glorot(fan_in: int, fan_out: int) -> tf.Variable:
-            limit = math.sqrt(6.0 / (fan_in + fan_out))
-            return tf.Variable(
-                rng.uniform(-limit, limit, (count, fan_in, fan_out)).astype(np.float32)
-            )
-
+        shapes = [(count, features, width), *([(count, width, classes)] if config.units else [])]
         self.config, self.count = config, count
-        self.kernels = [glorot(features, width)]
-        self.biases = [tf.Variable(np.zeros((count, 1, width), np.float32))]
-        if config.units:
-            self.kernels.append(glorot(width, classes))
-            self.biases.append(tf.Variable(np.zeros((count, 1, classes), np.float32)))
+        self.kernels = [tf.Variable(tf.zeros(shape)) for shape in shapes]
+        self.biases = [tf.Variable(tf.zeros((count, 1, shape[2]))) for shape in shapes]
         self.variables = [*self.kernels, *self.biases]
         self.moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v)))
                         for v in self.variables]  # fmt: skip
         self.steps = tf.Variable(0.0)
-        self.dropout_seed = seed
+        self.dropout_seed = tf.Variable(0, dtype=tf.int64)
+        rows = tf.TensorSpec((None, features), tf.float32)
+        self.step = tf.function(self.train_step, input_signature=[
+            rows, tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.float32),
+            tf.TensorSpec((count, None), tf.int32), tf.TensorSpec((), tf.float32),
+        ])  # fmt: skip
+        self.probabilities = tf.function(
+            lambda x, head: tf.nn.softmax(self.head_logits(x, head)),
+            input_signature=[rows, tf.TensorSpec((), tf.int32)],
+        )
+
+    def reset(self, seed: int) -> None:
+        """Fresh Glorot-uniform kernels from `seed`, zero biases and optimizer state."""
+        rng = np.random.default_rng(seed)
+        for kernel in self.kernels:
+            _, fan_in, fan_out = kernel.shape
+            limit = math.sqrt(6.0 / (fan_in + fan_out))
+            kernel.assign(rng.uniform(-limit, limit, kernel.shape).astype(np.float32))
+        for variable in [*self.biases, *(m for pair in self.moments for m in pair)]:
+            variable.assign(tf.zeros_like(variable))
+        self.steps.assign(0.0)
+        self.dropout_seed.assign(seed)
 
     def logits(self, x: tf.Tensor, training: bool, step: tf.Tensor | None = None) -> tf.Tensor:
         """(count, batch, classes) from each head's own rows (count, batch, features)."""
@@ -125,7 +137,8 @@ class _BatchedHeads:
         hidden = tf.nn.relu(first)
         if training and self.config.dropout > 0:
             keep = 1.0 - self.config.dropout
-            noise = tf.random.stateless_uniform(tf.shape(hidden), seed=[self.dropout_seed, step])
+            seed = tf.stack([self.dropout_seed, tf.cast(step, tf.int64)])
+            noise = tf.random.stateless_uniform(tf.shape(hidden), seed=seed)
             hidden = tf.where(noise < keep, hidden / keep, 0.0)
         return tf.matmul(hidden, self.kernels[1]) + self.biases[1]
 
@@ -141,8 +154,9 @@ class _BatchedHeads:
         return [w for k, b in zip(self.kernels, self.biases, strict=True)
                 for w in (k.numpy()[head], b.numpy()[head, 0])]  # fmt: skip
 
-    def train_step(self, x, y, weight, learning_rate: float):
-        """One Adam step on (count, batch, features) rows with (count, batch) labels and weights."""
+    def train_step(self, x_all, y_all, w_all, index, learning_rate):
+        """One Adam step; head h learns from rows index[h] of x_all (labels y_all, weights w_all)."""
+        x, y, weight = tf.gather(x_all, index), tf.gather(y_all, index), tf.gather(w_all, index)
         self.steps.assign_add(1.0)
         with tf.GradientTape() as tape:
             logits = self.logits(x, training=True, step=tf.cast(self.steps, tf.int32))
@@ -181,27 +195,36 @@ def _epoch_order(members: list[np.ndarray], rng: np.random.Generator) -> np.ndar
     return np.stack(order).astype(np.int32)
 
 
+_TRAINERS: dict[tuple, _BatchedHeads] = {}
+
+
+def _heads_for(config: HeadConfig, features: int, classes: int, count: int,
+               seed: int) -> _BatchedHeads:  # fmt: skip
+    """Heads of this configuration and shape, freshly initialised from `seed`. Made once per
+    process: tracing the step costs about a second, more than training on a thousand rows, and
+    the head step trains up to seven sets of heads (three CVs, the final fit, the curve)."""
+    key = (config, features, classes, count)
+    if key not in _TRAINERS:
+        _TRAINERS[key] = _BatchedHeads(config, features, classes, count)
+    _TRAINERS[key].reset(seed)
+    return _TRAINERS[key]
+
+
 def _train(config: HeadConfig, x: np.ndarray, y: np.ndarray, members: list[np.ndarray],
            sample_weight: np.ndarray | None, epochs: int, batch_size: int, learning_rate: float,
            seed: int, classes: int, after_epoch=None) -> _BatchedHeads:  # fmt: skip
     """Train one head per entry of `members` (the rows it learns from); `after_epoch(epoch,
     heads)` may return True to stop early."""
-    heads = _BatchedHeads(config, x.shape[1], classes, len(members), seed)
-    learning_rate *= config.learning_rate_scale
+    heads = _heads_for(config, x.shape[1], classes, len(members), seed)
+    rate = tf.constant(learning_rate * config.learning_rate_scale, tf.float32)
     x_all, y_all = tf.constant(x), tf.constant(y.astype(np.int32))
     w_all = tf.constant(np.ones(len(y), np.float32) if sample_weight is None
                         else np.asarray(sample_weight, np.float32))  # fmt: skip
-
-    @tf.function
-    def one_epoch(order: tf.Tensor) -> None:  # the whole epoch in one graph: no per-batch Python
-        for start in tf.range(0, tf.shape(order)[1], batch_size):
-            index = order[:, start : start + batch_size]  # (heads, batch)
-            heads.train_step(tf.gather(x_all, index), tf.gather(y_all, index),
-                             tf.gather(w_all, index), learning_rate)  # fmt: skip
-
     rng = np.random.default_rng(seed)
     for epoch in range(epochs):
-        one_epoch(tf.constant(_epoch_order(members, rng)))
+        order = _epoch_order(members, rng)
+        for start in range(0, order.shape[1], batch_size):
+            heads.step(x_all, y_all, w_all, tf.constant(order[:, start : start + batch_size]), rate)
         if after_epoch is not None and after_epoch(epoch, heads):
             break
     return heads
@@ -222,13 +245,12 @@ def cross_validate(config: HeadConfig, features: np.ndarray, labels: np.ndarray,
     rows = [np.flatnonzero(fold == f) for f in range(folds)]
     scored = [(tf.constant(x[r]), labels[r]) for r in rows]
     accuracy, loss, image_hits = [], [], []
-    evaluate = tf.function(lambda a, f, heads: tf.nn.softmax(heads.head_logits(a, f)))
 
     def after_epoch(epoch: int, heads: _BatchedHeads) -> bool:
         hits, nlls = np.zeros(folds), np.zeros(folds)
         right = np.zeros(images, dtype=bool)
         for f, (x_f, y_f) in enumerate(scored):  # each fold by the head that did not see it
-            probabilities = evaluate(x_f, tf.constant(f), heads).numpy()
+            probabilities = heads.probabilities(x_f, tf.constant(f)).numpy()
             right[rows[f]] = probabilities.argmax(axis=1) == y_f
             hits[f] = np.sum(right[rows[f]])
             nlls[f] = -np.sum(np.log(np.clip(probabilities[np.arange(len(y_f)), y_f], 1e-7, 1)))
@@ -291,10 +313,10 @@ def fit_final(config: HeadConfig, features: np.ndarray, labels: np.ndarray, epoc
     x, mean, variance = _standardise(raw)
     labels = np.asarray(labels)
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
-    evaluate = tf.function(lambda a, heads: tf.nn.softmax(heads.head_logits(a, 0)))
+    x_all = tf.constant(x)
 
     def after_epoch(epoch: int, heads: _BatchedHeads) -> bool:
-        probabilities = evaluate(tf.constant(x), heads).numpy()
+        probabilities = heads.probabilities(x_all, tf.constant(0)).numpy()
         picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
         history["loss"].append(float(-np.log(picked).mean()))
         history["accuracy"].append(float((probabilities.argmax(axis=1) == labels).mean()))
