@@ -16,7 +16,7 @@ from headstart import params as params_module
 from headstart.errors import UserError
 from headstart.lock import workspace_lock
 from headstart.pipeline import STEPS, clean_up, written_with
-from headstart.summaries import run_summary
+from headstart.runsummary import run_summary
 from tasks.prefect_tasks import TASKS
 
 

@@ -12,6 +12,14 @@ LABELS_FILE = "labels.json"
 # the transfer model's class probabilities on the val and test splits, written by head so that
 # select and evaluate do not run the backbone again (arrays named by split)
 PROBABILITIES_FILE = "probabilities.npz"
+BACKBONE_FILE = "backbone.keras"  # the frozen feature extractor (freeze -> head)
+# model name -> the step that makes it (for "run that step first" messages)
+PRODUCERS = {"baseline": "baseline", "transfer": "head", "ensemble": "select", "release": "select"}
+
+
+def weights_file_name(backbone: str) -> str:
+    """The converted ImageNet weights of a backbone in the weights folder (weights -> freeze)."""
+    return f"{backbone}.weights.h5"
 
 
 def load_split(prepared: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -167,7 +167,7 @@ def _nothing_to_run(root: Path, params) -> bool:
     skip every step. With a configured server the flow runs, so the run is recorded there."""
     from headstart import dvcstate, prefectconfig
     from headstart.pipeline import STEP_NAMES, clean_up
-    from headstart.summaries import run_summary
+    from headstart.runsummary import run_summary
 
     if prefectconfig.api_url(root) or dvcstate.stale_stages(root):
         return False

@@ -1,71 +1,13 @@
-"""Text a user reads: model summaries as artifacts, and the run summary (markdown) that
-`headstart run` prints and the flow publishes."""
+"""Model summaries as text artifacts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from headstart.files import read_json, write_text
-from headstart.pipeline import STEPS
+from headstart.files import write_text
 
 
 def write_summary(model, path: Path | str) -> Path:
     lines: list[str] = []
     model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=110)
     return write_text(path, "\n".join(lines) + "\n")
-
-
-def run_summary(root: Path, params, ran: list[str], skipped: list[str], seconds: dict) -> str:
-    """Markdown: data counts and quarantine, baseline vs transfer on test, timings, plots."""
-    lines = ["# headstart run", ""]
-    report_path = params.path("prepared", root) / "report.json"
-    if report_path.exists():
-        totals = read_json(report_path)["totals"]
-        lines += [
-            f"**Data**: {totals['seen']} files, {totals['used']} used "
-            f"({totals['train']} train / {totals['val']} val / {totals['test']} test), "
-            f"{totals['quarantined']} quarantined, {totals['ignored']} ignored "
-            f"(details: `{report_path.relative_to(root)}`)",
-            "",
-        ]
-    lines += candidates_table(root, params)
-    lines += ["", "| step | status | seconds |", "|---|---|---|"]
-    for step in STEPS:
-        status = "ran" if step.name in ran else "up to date" if step.name in skipped else "-"
-        lines.append(f"| {step.name} | {status} | {seconds.get(step.name, '')} |")
-    lines += [
-        "",
-        f"**Plots**: `{params.paths.plots}/` (curves.png, *_confusion.png, release_samples.png, "
-        "learning_curve.png)",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def candidates_table(root: Path, params) -> list[str]:
-    """Every candidate with validation and test figures, the released one marked, and why."""
-    selection_path = params.path("release", root) / "selection.json"
-    metrics_dir = params.path("metrics", root)
-    if not selection_path.exists() or not (metrics_dir / "release.json").exists():
-        return []
-    selection = read_json(selection_path)
-    lines = ["| model | val accuracy | val macro-F1 | test accuracy | test macro-F1 | |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for name, val in selection["candidates"].items():
-        test = read_json(metrics_dir / f"{name}.json")
-        mark = "**released**" if name == selection["winner"] else ""
-        label = "transfer (fine-tuned)" if name == "transfer" and selection[
-            "transfer_is_finetuned"] else name  # fmt: skip
-        if name == "ensemble":
-            label += " (mean of both)"
-        lines.append(f"| {label} | {val['val_accuracy']:.4f} | {val['val_macro_f1']:.4f} | "
-                     f"{test['accuracy']:.4f} | {test['macro_f1']:.4f} | {mark} |")  # fmt: skip
-    lines += ["", f"**Released**: {selection['winner']}, chosen on {selection['reason']} "
-              f"(the test split was not looked at). Model: `{params.paths.release}/model.keras`.",
-              ""]  # fmt: skip
-    curve = metrics_dir / "learning_curve.json"
-    if curve.exists():
-        points = read_json(curve)["points"]
-        lines += ["**Learning curve** (CV accuracy of a linear head on the features): "
-                  + ", ".join(f"{k} of the training images ({v['images']}): {v['cv_accuracy']:.3f}"
-                              for k, v in points.items()), ""]  # fmt: skip
-    return lines

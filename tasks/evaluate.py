@@ -13,6 +13,7 @@ import numpy as np
 from headstart.artifacts import (
     MODEL_FILE,
     PROBABILITIES_FILE,
+    PRODUCERS,
     load_probabilities,
     load_split,
 )
@@ -23,8 +24,6 @@ from headstart.params import Params
 log = logging.getLogger("headstart.evaluate")
 
 RELEASE_TOLERANCE = 1e-4  # float32 differences between one model and its parts run separately
-# model name -> the step that makes it
-PRODUCERS = {"baseline": "baseline", "transfer": "head", "ensemble": "select", "release": "select"}
 
 
 def _write_predictions(path: Path, files: list[str], labels, probabilities, classes) -> None:

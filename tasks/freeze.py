@@ -6,15 +6,13 @@ import logging
 from pathlib import Path
 
 from headstart import backbones
+from headstart.artifacts import BACKBONE_FILE, weights_file_name
 from headstart.errors import UserError
 from headstart.files import atomic_dir, read_json, write_json
 from headstart.params import Params
 from headstart.summaries import write_summary
-from tasks.weights import weights_file_name
 
 log = logging.getLogger("headstart.freeze")
-
-BACKBONE_FILE = "backbone.keras"
 
 
 def frozen_backbone(weights_dir: Path | str, params: Params):

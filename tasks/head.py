@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.artifacts import (
+    BACKBONE_FILE,
     MODEL_FILE,
     PROBABILITIES_FILE,
     SPLITS,
@@ -26,7 +27,6 @@ from headstart.files import atomic_dir, read_json, require, sha256_file, write_j
 from headstart.params import Params
 from headstart.summaries import write_summary
 from headstart.training import predict, predict_batches
-from tasks.freeze import BACKBONE_FILE
 
 log = logging.getLogger("headstart.head")
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.artifacts import load_split
+from headstart.artifacts import PRODUCERS, load_split
 from headstart.files import atomic_dir, read_json, require
 from headstart.params import Params
-from tasks.evaluate import PRODUCERS
 
 log = logging.getLogger("headstart.plots")
 

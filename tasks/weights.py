@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from headstart import backbones
+from headstart.artifacts import weights_file_name
 from headstart.download import fetch, file_digest, hash_kind
 from headstart.errors import UserError
 from headstart.files import atomic_dir, sha256_file, write_json, write_timings
@@ -59,10 +60,6 @@ def build_with_weights(backbone: backbones.Backbone, source: Path, image_size: i
     model = backbone.build(image_size, include_top=False)
     model.load_weights(str(source))  # Keras's legacy .h5 format
     return model
-
-
-def weights_file_name(backbone: str) -> str:
-    return f"{backbone}.weights.h5"
 
 
 def fetch_weights(out_dir: Path | str, params: Params) -> Path:
