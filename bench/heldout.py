@@ -119,17 +119,23 @@ def make_project(target: Path, pixels: np.ndarray, train: dict) -> Path:
 
 
 def run_pipeline(project: Path, seed: int, overrides: list[str]) -> dict:
-    """`headstart run` in the clone, with the clone's own code: wall seconds, peak MiB."""
+    """`headstart run` in the clone, with the clone's own code: wall seconds, peak MiB, training
+    images, the released candidate and the chosen transfer head."""
     sets = [arg for item in [*overrides, f"base.seed={seed}"] for arg in ("-S", item)]
     pythonpath = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
     child = run_child([str(BIN / "headstart"), "run", *sets], cwd=project,
                       env={"PYTHONPATH": pythonpath})  # fmt: skip
     report = json.loads((project / "artifacts" / "prepared" / "report.json").read_text())
     train_images = sum(counts["train"] for counts in report["per_class"].values())
+    artifacts = project / "artifacts"
+    released = json.loads((artifacts / "release" / "selection.json").read_text())["winner"]
+    head = json.loads((artifacts / "transfer" / "transfer.json").read_text())["config"]
     return {
         "seconds": child["seconds"],
         "peak_mib": child["peak_mib"],
         "train_images": train_images,
+        "released": released,
+        "head": head,
     }
 
 
