@@ -166,6 +166,18 @@ def test_the_choice_never_reads_the_test_split(project, tmp_path):
     assert (params.path("release", copy) / "selection.json").read_bytes() == before
 
 
+def test_evaluate_fails_when_the_release_is_not_the_candidate_select_named(project, tmp_path):
+    root, params = project
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    record = params.path("release", copy) / "selection.json"
+    selection = json.loads(record.read_text())
+    other = next(n for n in ("baseline", "transfer", "ensemble") if n != selection["winner"])
+    record.write_text(json.dumps({**selection, "winner": other}))
+    with pytest.raises(RuntimeError, match=f"the released model differs from {other} by"):
+        pipeline.get("evaluate").run(params, copy)
+
+
 def test_an_ensemble_release_is_the_weighted_mean_of_its_members(project, tmp_path):
     import keras
 
