@@ -212,7 +212,10 @@ def predict(
 ) -> None:
     """Classify images with the released model (or a .keras model given first)."""
     from headstart import predicting
+    from headstart.quiet import start_tensorflow_quietly
 
+    if not _VERBOSE["on"]:
+        start_tensorflow_quietly()
     try:
         if inputs and inputs[0].suffix == ".keras":
             model, inputs = inputs[0], inputs[1:]

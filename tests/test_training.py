@@ -292,6 +292,11 @@ def test_predict_cli_reports_bad_files_and_classifies_the_rest(project, tmp_path
     assert [r["file"] for r in rows] == [*map(str, good), str(bad)]
     assert all(len(r["top"]) == 2 and r["top"][0][0].startswith("class_") for r in rows[:2])
     assert "not an image" in rows[2]["error"]
+    from headstart.quiet import STARTUP_NOISE
+
+    assert not STARTUP_NOISE.search(result.stderr), result.stderr  # TensorFlow's C++ start-up
+    verbose = run_cli("-v", "predict", str(model), str(good[0]))
+    assert STARTUP_NOISE.search(verbose.stderr)  # the lines exist: --verbose shows them
 
 
 def test_predict_uses_the_release_by_default(project, tmp_path):
