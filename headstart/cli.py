@@ -100,6 +100,14 @@ def _log_to_stderr() -> None:
     logging.getLogger("headstart").addHandler(handler)
 
 
+def _start_tensorflow() -> None:
+    """Load TensorFlow now, without its C++ start-up lines unless --verbose."""
+    if not _VERBOSE["on"]:
+        from headstart.quiet import start_tensorflow_quietly
+
+        start_tensorflow_quietly()
+
+
 def _fail(err: BaseException) -> typer.Exit:
     typer.echo(f"error: {err}", err=True)
     return typer.Exit(1)
@@ -123,6 +131,8 @@ def step(
     _log_to_stderr()
     try:
         params = params_module.load(params_file)
+        if name != "prepare":  # every other step runs TensorFlow
+            _start_tensorflow()
         out = pipeline.get(name).run(params, params_file.parent, wait=wait)
     except UserError as err:
         raise _fail(err) from None
@@ -152,6 +162,7 @@ def run(
             params = params_module.load(params_file)
             if not force and _nothing_to_run(root, params):
                 return
+            _start_tensorflow()
             from flows.pipeline import pipeline_flow
 
             _hide_prefect_tracebacks_of_user_errors()
@@ -212,10 +223,8 @@ def predict(
 ) -> None:
     """Classify images with the released model (or a .keras model given first)."""
     from headstart import predicting
-    from headstart.quiet import start_tensorflow_quietly
 
-    if not _VERBOSE["on"]:
-        start_tensorflow_quietly()
+    _start_tensorflow()
     try:
         if inputs and inputs[0].suffix == ".keras":
             model, inputs = inputs[0], inputs[1:]
