@@ -267,3 +267,13 @@ def block_start_index(model: keras.Model, backbone: Backbone, blocks: int) -> in
     if start.startswith("after:"):
         return names.index(start.removeprefix("after:")) + 1
     return next(i for i, name in enumerate(names) if name.startswith(start))
+
+
+def unfreeze_top(model: keras.Model, backbone: Backbone, blocks: int) -> keras.Model:
+    """Make the top `blocks` blocks trainable for fine-tuning; BatchNormalization layers stay
+    frozen (their statistics must not drift on a small data set), everything below stays frozen."""
+    start = block_start_index(model, backbone, blocks)
+    model.trainable = True
+    for index, layer in enumerate(model.layers):
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+    return model

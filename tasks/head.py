@@ -253,8 +253,6 @@ def _accuracy(model, x, y) -> float:
 def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path) -> dict:
     """Unfreeze the top `finetune.blocks` blocks (BatchNormalization stays frozen), train on
     images at a low learning rate, and keep the result only if validation accuracy improves."""
-    import keras
-
     from headstart import backbones, models, training
 
     f = params.finetune
@@ -262,11 +260,7 @@ def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path)
     x_val, y_val = load_split(prepared_dir, "val")
     before = _accuracy(transfer, x_val, y_val)
     saved = transfer.get_weights()
-    start = backbones.block_start_index(extractor, backbones.get(params.base.backbone), f.blocks)
-    extractor.trainable = True
-    for index, layer in enumerate(extractor.layers):
-        is_norm = isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = index >= start and not is_norm
+    backbones.unfreeze_top(extractor, backbones.get(params.base.backbone), f.blocks)
     training.compile_classifier(transfer, models.optimizer("adam", f.learning_rate))
     finetune_dir = tmp / "finetune"
     finetune_dir.mkdir()

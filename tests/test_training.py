@@ -244,10 +244,7 @@ def test_finetune_moves_top_convolutions_but_never_batchnorm_statistics(tmp_path
         str(fetch_weights(tmp_path, small_params()) / "efficientnet_lite0.weights.h5")
     )
     extractor = backbones.freeze(backbones.feature_extractor(base, backbone.cut_layer))
-    start = backbones.block_start_index(extractor, backbone, 1)
-    extractor.trainable = True
-    for index, layer in enumerate(extractor.layers):
-        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+    backbones.unfreeze_top(extractor, backbone, 1)  # what the head step's fine-tuning calls
     model = models.end_to_end(extractor, models.dense_head(1280, 2, 8), 32)
     training.compile_classifier(model, keras.optimizers.Adam(1e-2))
     norms = [
