@@ -40,6 +40,12 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classe
     return metrics, confusion.tolist()
 
 
+def ensemble_probabilities(baseline: np.ndarray, transfer: np.ndarray, share: float) -> np.ndarray:
+    """The ensemble's probabilities: `share` of the transfer model's plus the rest of the
+    baseline's (what the released ensemble model computes)."""
+    return share * transfer + (1.0 - share) * baseline
+
+
 def evaluate_model(
     model_path: Path, prepared_dir: Path, top_k: int, split: str = "test"
 ) -> tuple[dict, list, np.ndarray]:

@@ -18,7 +18,7 @@ from headstart.artifacts import (
     load_split,
 )
 from headstart.files import atomic_dir, read_json, require, write_json
-from headstart.metrics import classification_metrics
+from headstart.metrics import classification_metrics, ensemble_probabilities
 from headstart.params import Params
 
 log = logging.getLogger("headstart.evaluate")
@@ -58,8 +58,8 @@ def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], out_dir: Pat
         for name, folder in model_dirs.items()
     }  # fmt: skip
     weight = selection["ensemble_transfer_weight"]
-    probabilities["ensemble"] = (weight * probabilities["transfer"]
-                                 + (1 - weight) * probabilities["baseline"])  # fmt: skip
+    probabilities["ensemble"] = ensemble_probabilities(probabilities["baseline"],
+                                                       probabilities["transfer"], weight)  # fmt: skip
     # the release is scored as saved; it must agree with the candidate it was built from
     chosen = probabilities[selection["winner"]]
     gap = float(np.max(np.abs(probabilities["release"] - chosen))) if len(chosen) else 0.0

@@ -4,8 +4,9 @@ artifacts/release/ (the model we ship).
 Candidates: the baseline CNN, the transfer model (fine-tuned when fine-tuning is on and kept),
 and the ensemble, the mean of the two models' probabilities. The lowest validation log-loss
 wins, unless a simpler candidate is within one paired standard error of it (a tie within noise:
-the simpler one wins). The test split is never read here. The release is one end-to-end Keras model whatever won: raw RGB image of any size in,
-class probabilities out (the ensemble holds both networks).
+the simpler one wins). The test split is never read here. The release is one end-to-end Keras
+model whatever won: raw RGB image of any size in, class probabilities out (the ensemble holds
+both networks).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from headstart.artifacts import (
     load_split,
 )
 from headstart.files import atomic_dir, read_json, require, write_json
+from headstart.metrics import ensemble_probabilities
 from headstart.params import Params
 
 log = logging.getLogger("headstart.select")
@@ -93,8 +95,8 @@ def select(prepared_dir: Path | str, baseline_dir: Path | str, transfer_dir: Pat
     probabilities = {"baseline": predict(baseline, x_val),
                      "transfer": load_probabilities(transfer_dir, "val")}  # fmt: skip
     weight = ENSEMBLE_SHARE
-    probabilities["ensemble"] = (weight * probabilities["transfer"]
-                                 + (1 - weight) * probabilities["baseline"])  # fmt: skip
+    probabilities["ensemble"] = ensemble_probabilities(probabilities["baseline"],
+                                                       probabilities["transfer"], weight)  # fmt: skip
     winner, reason, metrics = choose(probabilities, y_val)
     finetuned = read_json(transfer_dir / "transfer.json").get("finetune", {}).get("kept", False)
     model = release_model(winner, baseline, transfer, params.base.image_size, weight)
