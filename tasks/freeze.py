@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from headstart import backbones
 from headstart.artifacts import BACKBONE_FILE, weights_file_name
 from headstart.errors import UserError
 from headstart.files import atomic_dir, read_json, write_json
@@ -17,6 +16,8 @@ log = logging.getLogger("headstart.freeze")
 
 def frozen_backbone(weights_dir: Path | str, params: Params):
     """Build the configured backbone at base.image_size, load its weights, cut, freeze."""
+    from headstart import backbones
+
     backbone = backbones.get(params.base.backbone)
     weights_dir = Path(weights_dir)
     record = weights_dir / "weights.json"

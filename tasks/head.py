@@ -26,7 +26,6 @@ from headstart.artifacts import (
 from headstart.files import atomic_dir, read_json, require, sha256_file, write_json, write_timings
 from headstart.params import Params
 from headstart.summaries import write_summary
-from headstart.training import predict, predict_batches
 
 log = logging.getLogger("headstart.head")
 
@@ -61,6 +60,8 @@ def cache_features(extractor, key: str, prepared_dir: Path, features_dir: Path, 
     if record.exists() and read_json(record).get("key") == key:
         log.info("head: feature cache is current (%s)", features_dir)
         return features_dir
+    from headstart import training
+
     started = time.perf_counter()
     width = int(extractor.output.shape[-1])
     with atomic_dir(features_dir) as tmp:
@@ -73,7 +74,9 @@ def cache_features(extractor, key: str, prepared_dir: Path, features_dir: Path, 
             for view in range(n_views):
                 augment = _augmenter(seed + 10 * view) if view else None
                 transform = (lambda b, a=augment: a(b, training=True)) if augment else None
-                for start, features in predict_batches(extractor, x, batch_size, transform):
+                for start, features in training.predict_batches(
+                    extractor, x, batch_size, transform
+                ):
                     row = view * len(x) + start
                     out[row : row + len(features)] = features
             out.flush()
@@ -137,10 +140,12 @@ def _record_probabilities(transfer, head, record: dict, prepared_dir: Path, feat
     """The transfer model's probabilities on val and test, for select and evaluate: the head on
     the cached features (the same numbers as the end-to-end model, without its backbone pass),
     or the whole model when fine-tuning changed the backbone."""
+    from headstart import training
+
     tuned = record.get("finetune", {}).get("kept", False)
     probabilities = {
-        split: predict(transfer, load_split(prepared_dir, split)[0]) if tuned
-        else predict(head, load_features(features_dir, split)[0])
+        split: training.predict(transfer, load_split(prepared_dir, split)[0]) if tuned
+        else training.predict(head, load_features(features_dir, split)[0])
         for split in ("val", "test")
     }  # fmt: skip
     np.savez(tmp / PROBABILITIES_FILE, **probabilities)
@@ -247,7 +252,9 @@ def learning_curve(features: np.ndarray, labels: np.ndarray, classes: int, param
 
 
 def _accuracy(model, x, y) -> float:
-    return float(np.mean(np.argmax(predict(model, x), axis=1) == y)) if len(y) else 0.0
+    from headstart import training
+
+    return float(np.mean(np.argmax(training.predict(model, x), axis=1) == y)) if len(y) else 0.0
 
 
 def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path) -> dict:

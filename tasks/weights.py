@@ -10,13 +10,16 @@ import importlib.util
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from headstart import backbones
 from headstart.artifacts import weights_file_name
 from headstart.download import fetch, file_digest, hash_kind
 from headstart.errors import UserError
 from headstart.files import atomic_dir, sha256_file, write_json, write_timings
 from headstart.params import Params
+
+if TYPE_CHECKING:  # TensorFlow loads only when the step runs
+    from headstart import backbones
 
 log = logging.getLogger("headstart.weights")
 
@@ -64,6 +67,8 @@ def build_with_weights(backbone: backbones.Backbone, source: Path, image_size: i
 
 def fetch_weights(out_dir: Path | str, params: Params) -> Path:
     """Produce `<out_dir>/<backbone>.weights.h5` and `<out_dir>/weights.json`."""
+    from headstart import backbones
+
     backbone = backbones.get(params.base.backbone)
     started = time.perf_counter()
     source, origin = source_file(

@@ -144,6 +144,15 @@ def small_params(**sections) -> params_module.Params:
     return params_module.from_dict(raw)
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for every test that runs a flow or task."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture
 def good_data(tmp_path: Path) -> Path:
     data = tmp_path / "data"

@@ -29,14 +29,6 @@ ARTIFACTS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture(scope="module")
 def flow_project(tmp_path_factory, prefect_harness) -> Path:
     return tiny_project(tmp_path_factory.mktemp("flow") / "project")
