@@ -96,7 +96,7 @@ def subset(prepared: Path, out: Path, n_train: int) -> Path:
 
 def setup(args) -> dict:
     """Prepared data, frozen backbone and params for the benchmark, under args.work."""
-    from headstart import pipeline
+    import tasks
     from headstart.params import load
 
     size = args.size or load(ROOT / "params.yaml").base.image_size
@@ -109,7 +109,7 @@ def setup(args) -> dict:
     if not link.exists():
         link.symlink_to(args.data.resolve())
     for name in ("prepare", "weights", "freeze"):
-        pipeline.get(name).run(params, work)
+        tasks.get(name).run(params, work)
     prepared = params.path("prepared", work)
     n_available = len(np.load(prepared / "train_labels.npy"))
     n = args.images or n_available
@@ -260,7 +260,7 @@ def bench_scaling(ctx, args) -> dict:
         n = ctx["n"] * factor
         params_file = _head_command_params(ctx, args, n)
         child = run_child([str(Path(sys.executable).with_name("headstart")), "step", "head",
-                           "--params", str(params_file)])  # fmt: skip
+                           "--project", str(params_file.parent)])  # fmt: skip
         record = {"seconds": read_json(timings_path(params_file.parent / "transfer"))}
         rows[n] = {"seconds": child["seconds"], "peak_mib": child["peak_mib"],
                    "features_s": record["seconds"]["features"],

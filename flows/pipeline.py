@@ -15,24 +15,24 @@ from headstart import dvcstate
 from headstart import params as params_module
 from headstart.errors import UserError
 from headstart.lock import workspace_lock
-from headstart.pipeline import STEPS, clean_up, written_with
+from headstart.pipeline import clean_up
 from headstart.runsummary import run_summary
+from tasks import STEP_NAMES, STEPS
 from tasks.prefect_tasks import TASKS
 
 
 @flow(name="headstart-pipeline", log_prints=True)
-def pipeline_flow(root: str = ".", force: bool = False, params_file: str = "params.yaml",
-                  wait: bool = False) -> dict:  # fmt: skip
+def pipeline_flow(root: str = ".", force: bool = False, wait: bool = False) -> dict:
     """Run every stale step in order (all of them with `force`), then record each step's outputs
     in dvc.lock so `dvc status` is clean and `dvc push` has everything. Holds the workspace lock
     throughout (`wait`: queue behind a run that holds it, instead of failing at once)."""
     with workspace_lock(root, wait=wait):
-        params = params_module.load(Path(root) / params_file)  # fail fast on bad parameters
+        params = params_module.load(Path(root) / params_module.PARAMS_FILE)  # fail fast
         clean_up(params, root)  # no step is writing: this process holds the lock, between steps
-        return _run_steps(root, params, params_file, force)
+        return _run_steps(root, params, force)
 
 
-def _run_steps(root: str, params, params_file: str, force: bool) -> dict:
+def _run_steps(root: str, params, force: bool) -> dict:
     logger = get_run_logger()
     ran, skipped, seconds, unrecorded = [], [], {}, []
     for step in STEPS:
@@ -45,10 +45,10 @@ def _run_steps(root: str, params, params_file: str, force: bool) -> dict:
                     _describe(changes))  # fmt: skip
         started = time.perf_counter()
         try:
-            TASKS[step.name](root, params_file)
+            TASKS[step.name](root)
         except UserError as err:
             raise UserError(f"{step.name}: {err}") from None
-        if not written_with(step, params, root):
+        if not step.written_with(params, root):
             raise UserError(
                 f"{step.name}: {getattr(params.paths, step.output)} was not written with the "
                 "current parameters (changed by another process during this run?); run again"
@@ -59,7 +59,7 @@ def _run_steps(root: str, params, params_file: str, force: bool) -> dict:
             unrecorded.append(f"{step.name} ({problem})")
         seconds[step.name] = round(time.perf_counter() - started, 2)
         ran.append(step.name)
-    summary = run_summary(Path(root), params, ran, skipped, seconds)
+    summary = run_summary(Path(root), params, STEP_NAMES, ran, skipped, seconds)
     if unrecorded:
         summary += f"\n**Not recorded in dvc.lock**: {'; '.join(unrecorded)}\n"
     create_markdown_artifact(markdown=summary, key="headstart-run-summary",

@@ -28,16 +28,16 @@ log = logging.getLogger("headstart.schedule")
 
 
 @flow(name="headstart-retrain", log_prints=True)
-def retrain_flow(root: str = ".", params_file: str = "params.yaml") -> dict:
+def retrain_flow(root: str = ".") -> dict:
     """Refresh the data, retrain only what changed, and promote the new model only if it is at
     least as good on the test split as the current one."""
     with workspace_lock(root, wait=True):  # a manual run in progress: retrain after it
-        return _retrain(root, params_file)
+        return _retrain(root)
 
 
-def _retrain(root: str, params_file: str) -> dict:
+def _retrain(root: str) -> dict:
     logger = get_run_logger()
-    params = params_module.load(Path(root) / params_file)
+    params = params_module.load(Path(root) / params_module.PARAMS_FILE)
     if dvcstate.has_remote(root):
         logger.info("refreshing data: dvc pull data.dvc")
         dvcstate.pull_data(root)
@@ -46,7 +46,7 @@ def _retrain(root: str, params_file: str) -> dict:
     if not stale and champion.exists():
         logger.info("data, parameters and code unchanged: no retraining")
         return {"retrained": False, "promotion": None}
-    result = pipeline_flow(root=root, params_file=params_file, wait=True) if stale else None
+    result = pipeline_flow(root=root, wait=True) if stale else None
     decision = promote_from_params(params, root)
     if decision["promoted"]:
         dvcstate.track(root, params.paths.champion)

@@ -20,7 +20,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ParamsOption = Annotated[Path, typer.Option("--params", help="Parameter file.")]
+ProjectOption = Annotated[
+    Path,
+    typer.Option(
+        "--project", "-C",
+        help="Project folder (its params.yaml, dvc.yaml and artifacts); default: this folder.",
+    ),
+]  # fmt: skip
 
 
 def _quiet_environment() -> None:
@@ -121,19 +127,20 @@ def step(
             help="prepare | baseline | weights | freeze | head | select | evaluate | plots"
         ),
     ],  # fmt: skip
-    params_file: ParamsOption = Path("params.yaml"),
+    project: ProjectOption = Path("."),
     wait: WaitOption = False,
 ) -> None:
     """Run one pipeline step (what each `dvc repro` stage calls)."""
+    import tasks
     from headstart import params as params_module
-    from headstart import pipeline
 
     _log_to_stderr()
     try:
-        params = params_module.load(params_file)
+        step = tasks.get(name)
+        params = params_module.load(project / params_module.PARAMS_FILE)
         if name != "prepare":  # every other step runs TensorFlow
             _start_tensorflow()
-        out = pipeline.get(name).run(params, params_file.parent, wait=wait)
+        out = step.run(params, project, wait=wait)
     except UserError as err:
         raise _fail(err) from None
     typer.echo(f"{name}: wrote {out}")
@@ -146,14 +153,15 @@ def run(
         typer.Option("--set-param", "-S", help="Override section.key=value (written to params)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Run every step, stale or not.")] = False,
-    params_file: ParamsOption = Path("params.yaml"),
+    project: ProjectOption = Path("."),
     wait: WaitOption = False,
 ) -> None:
     """Trigger a Prefect flow run of the whole pipeline (stale steps only)."""
     from headstart import params as params_module
     from headstart.lock import workspace_lock
 
-    root = params_file.parent.resolve()
+    root = project.resolve()
+    params_file = root / params_module.PARAMS_FILE
     try:
         # the lock first: -S rewrites params.yaml, which a running flow is reading
         with workspace_lock(root, wait=wait):
@@ -166,7 +174,7 @@ def run(
             from flows.pipeline import pipeline_flow
 
             _hide_prefect_tracebacks_of_user_errors()
-            result = pipeline_flow(root=str(root), force=force, params_file=params_file.name)
+            result = pipeline_flow(root=str(root), force=force)
     except UserError as err:
         raise _fail(err) from None
     typer.echo(result["summary"])
@@ -177,13 +185,14 @@ def _nothing_to_run(root: Path, params) -> bool:
     last run's summary and say so, instead of starting Prefect's temporary server (~10 s) to
     skip every step. With a configured server the flow runs, so the run is recorded there."""
     from headstart import dvcstate, prefectconfig
-    from headstart.pipeline import STEP_NAMES, clean_up
+    from headstart.pipeline import clean_up
     from headstart.runsummary import run_summary
+    from tasks import STEP_NAMES
 
     if prefectconfig.api_url(root) or dvcstate.stale_stages(root):
         return False
     clean_up(params, root)  # what the flow does first: leftovers of a killed run
-    typer.echo(run_summary(root, params, [], list(STEP_NAMES), {}))
+    typer.echo(run_summary(root, params, STEP_NAMES, [], list(STEP_NAMES), {}))
     typer.echo(
         "Every step is up to date (DVC), so no Prefect flow run was started; "
         "`headstart run --force` runs them all."
@@ -192,17 +201,17 @@ def _nothing_to_run(root: Path, params) -> bool:
 
 
 @app.command()
-def status(params_file: ParamsOption = Path("params.yaml")) -> None:
+def status(project: ProjectOption = Path(".")) -> None:
     """Show which steps are stale (would run) and which are up to date."""
     from headstart import dvcstate
     from headstart import params as params_module
 
     try:
-        params_module.load(params_file)
-        stale = dvcstate.stale_stages(params_file.parent)
+        params_module.load(project / params_module.PARAMS_FILE)
+        stale = dvcstate.stale_stages(project)
     except UserError as err:
         raise _fail(err) from None
-    from headstart.pipeline import STEP_NAMES
+    from tasks import STEP_NAMES
 
     for name in STEP_NAMES:
         typer.echo(f"{name:10s} {'stale' if name in stale else 'up to date'}")
@@ -214,12 +223,12 @@ def predict(
         list[Path],
         typer.Argument(
             help="Image files or folders; a first argument ending in .keras is the "
-            "model to use (default: the release, see --params)."
+            "model to use (default: the project's release)."
         ),
     ],  # fmt: skip
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    params_file: ParamsOption = Path("params.yaml"),
+    project: ProjectOption = Path("."),
 ) -> None:
     """Classify images with the released model (or a .keras model given first)."""
     from headstart import predicting
@@ -230,9 +239,10 @@ def predict(
             model, inputs = inputs[0], inputs[1:]
         else:
             from headstart import params as params_module
+            from headstart.artifacts import MODEL_FILE
 
-            params = params_module.load(params_file)
-            model = params.path("release", params_file.parent) / "model.keras"
+            params = params_module.load(project / params_module.PARAMS_FILE)
+            model = params.path("release", project) / MODEL_FILE
         results = predicting.predict_paths(model, inputs, top_k)
     except UserError as err:
         raise _fail(err) from None
@@ -248,13 +258,13 @@ def schedule(
         float | None, typer.Option(help="Instead of cron: every N seconds.")
     ] = None,
     name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled-retraining",
-    params_file: ParamsOption = Path("params.yaml"),
+    project: ProjectOption = Path("."),
 ) -> None:
     """Serve a Prefect deployment that retrains on a schedule (needs a real Prefect server)."""
     from flows import scheduling
 
     try:
-        scheduling.serve(params_file.parent.resolve(), name=name, cron=cron, interval=interval)
+        scheduling.serve(project.resolve(), name=name, cron=cron, interval=interval)
     except UserError as err:
         raise _fail(err) from None
 

@@ -19,6 +19,7 @@ import yaml
 from headstart.errors import UserError
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "efficientnetb0", "inceptionv3")
+PARAMS_FILE = "params.yaml"  # in the project folder; DVC reads this file, so there is no other
 
 
 # auto: k-fold CV picks among linear, small and dense; seed: the seed's recipe, unchanged
@@ -314,7 +315,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def read_raw(path: Path | str = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
-        raise ParamsError(f"{path}: not found; run from the project root or pass --params")
+        raise ParamsError(f"{path}: not found; run from the project folder or pass --project DIR")
     try:
         raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.MarkedYAMLError as err:

@@ -1,10 +1,11 @@
-"""The pipeline's steps in order: the one list the CLI, the Prefect flow and dvc.yaml agree on."""
+"""How a step runs, whichever way it is started (`headstart step`, a Prefect task, `dvc repro`):
+under the workspace lock, after removing what killed runs left, with its output folder stamped
+with the parameters dvc.yaml lists for its stage. The step list itself is `tasks.STEPS`."""
 
 from __future__ import annotations
 
-import importlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from headstart import files
@@ -14,43 +15,13 @@ from headstart.params import Params, to_dict
 log = logging.getLogger("headstart.pipeline")
 
 
-@dataclass(frozen=True)
-class Step:
-    name: str  # stage name in dvc.yaml and `headstart step NAME`
-    task_name: str  # Prefect task name, in our user's words
-    output: str  # the `paths` key of the folder it writes (stamped with its parameters)
-
-    def run(self, params: Params, root: Path | str = ".", wait: bool = False) -> Path:
-        """Run the step's plain function on the paths from params (no Prefect involved), holding
-        the workspace lock, with its outputs stamped with the parameters it ran with."""
-        module = importlib.import_module(f"tasks.{self.name}")
-        with workspace_lock(root, wait=wait) as outermost:
-            if outermost:
-                clean_up(params, root)
-            with files.stamping(stamp(self.name, params, root)):
-                return module.run(params, Path(root))
-
-
-STEPS = (
-    Step("prepare", "generate_data", "prepared"),
-    Step("baseline", "fit_baseline", "baseline"),
-    Step("weights", "download_weights", "weights"),
-    Step("freeze", "freeze_backbone", "backbone"),
-    Step("head", "train_head", "transfer"),
-    Step("select", "select_model", "release"),
-    Step("evaluate", "evaluate", "metrics"),
-    Step("plots", "plot_results", "plots"),
-)
-STEP_NAMES = tuple(step.name for step in STEPS)
-
-
-def get(name: str) -> Step:
-    for step in STEPS:
-        if step.name == name:
-            return step
-    from headstart.errors import UserError
-
-    raise UserError(f"unknown step '{name}' (steps: {', '.join(STEP_NAMES)})")
+def run_step(name: str, function: Callable[[Params, Path], Path], params: Params, root: Path,
+             wait: bool = False) -> Path:  # fmt: skip
+    with workspace_lock(root, wait=wait) as outermost:
+        if outermost:
+            clean_up(params, root)
+        with files.stamping(stamp(name, params, root)):
+            return function(params, root)
 
 
 def stage_params(name: str, params: Params, root: Path | str) -> dict:
@@ -79,11 +50,12 @@ def stamp(name: str, params: Params, root: Path | str) -> dict:
     return {"step": name, "params": stage_params(name, params, root)}
 
 
-def written_with(step: Step, params: Params, root: Path | str) -> bool:
-    """Does the step's output say it was written with these parameters? (What the flow checks
-    before recording it in dvc.lock: a folder written by another run does not match.)"""
-    marker = files.read_marker(params.path(step.output, root))
-    return marker == {"written_by": "headstart", **stamp(step.name, params, root)}
+def written_with(name: str, output: str, params: Params, root: Path | str) -> bool:
+    """Does step `name`'s output folder (the `paths` key `output`) say it was written with these
+    parameters? (What the flow checks before recording it in dvc.lock: a folder written by
+    another run does not match.)"""
+    marker = files.read_marker(params.path(output, root))
+    return marker == {"written_by": "headstart", **stamp(name, params, root)}
 
 
 def clean_up(params: Params, root: Path | str) -> None:

@@ -3,14 +3,16 @@ artifact: data counts, every candidate on validation and test, the release and w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from headstart.files import read_json
-from headstart.pipeline import STEPS
 
 
-def run_summary(root: Path, params, ran: list[str], skipped: list[str], seconds: dict) -> str:
-    """Markdown: data counts and quarantine, baseline vs transfer on test, timings, plots."""
+def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skipped: list[str],
+                seconds: dict) -> str:  # fmt: skip
+    """Markdown: data counts and quarantine, every candidate on validation and test, each of
+    `steps` (in order) ran / up to date with its seconds, plots."""
     lines = ["# headstart run", ""]
     report_path = params.path("prepared", root) / "report.json"
     if report_path.exists():
@@ -24,9 +26,9 @@ def run_summary(root: Path, params, ran: list[str], skipped: list[str], seconds:
         ]
     lines += candidates_table(root, params)
     lines += ["", "| step | status | seconds |", "|---|---|---|"]
-    for step in STEPS:
-        status = "ran" if step.name in ran else "up to date" if step.name in skipped else "-"
-        lines.append(f"| {step.name} | {status} | {seconds.get(step.name, '')} |")
+    for name in steps:
+        status = "ran" if name in ran else "up to date" if name in skipped else "-"
+        lines.append(f"| {name} | {status} | {seconds.get(name, '')} |")
     lines += [
         "",
         f"**Plots**: `{params.paths.plots}/` (curves.png, *_confusion.png, release_samples.png, "

@@ -15,13 +15,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from headstart import params as params_module
-from headstart.pipeline import STEPS, Step
+from tasks import STEPS, Step
 
 
 def _make_task(step: Step):
     @task(name=step.task_name, cache_policy=NO_CACHE, persist_result=False)  # fmt: skip
-    def run_step(root: str, params_file: str = "params.yaml") -> str:
-        params = params_module.load(Path(root) / params_file)
+    def run_step(root: str) -> str:
+        params = params_module.load(Path(root) / params_module.PARAMS_FILE)
         return str(step.run(params, root))
 
     return run_step

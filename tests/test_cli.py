@@ -27,7 +27,7 @@ def test_help_imports_no_heavy_module():
 
 
 def test_unknown_step_is_one_line_error():
-    result = run_cli("step", "train", "--params", str(ROOT / "params.yaml"))
+    result = run_cli("step", "train", "--project", str(ROOT))
     assert result.returncode == 1
     assert result.stderr.strip() == (
         "error: unknown step 'train' (steps: prepare, baseline, weights, freeze, head, select, "
@@ -49,7 +49,7 @@ def test_prefect_yaml_deploys_the_retraining_flow():
 
 def test_steps_out_of_order_say_which_step_to_run(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    result = run_cli("step", "head", "--params", str(tmp_path / "params.yaml"))
+    result = run_cli("step", "head", "--project", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path}/artifacts/prepared/labels.json: missing; "

@@ -121,7 +121,7 @@ def test_small_class_is_a_clear_error_and_keeps_earlier_output(good_data, tmp_pa
 def test_missing_data_folder_via_cli_is_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     write_overrides(tmp_path / "params.yaml", ["paths.data=nowhere"])
-    result = run_cli("step", "prepare", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path)
+    result = run_cli("step", "prepare", "--project", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path}/nowhere: data folder not found; put images in "

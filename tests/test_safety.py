@@ -40,7 +40,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def test_an_output_path_outside_the_allowed_area_is_one_line_and_touches_nothing(tmp_path, value):
     root = project_copy(tmp_path)
     before = snapshot(root)
-    result = run_cli("run", "--params", str(root / "params.yaml"), "-S",
+    result = run_cli("run", "--project", str(root), "-S",
                      f"paths.baseline={value}")  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
@@ -55,7 +55,7 @@ def test_a_path_edited_in_params_yaml_is_refused_by_step(tmp_path):
         text.replace("prepared: artifacts/prepared", "prepared: tasks")
     )
     before = snapshot(root)
-    result = run_cli("step", "prepare", "--params", str(root / "params.yaml"))
+    result = run_cli("step", "prepare", "--project", str(root))
     assert result.returncode == 1 and "paths.prepared" in result.stderr
     assert snapshot(root) == before
 
@@ -151,7 +151,7 @@ def test_cli_step_refuses_while_a_run_holds_the_workspace(tmp_path):
     root = project_copy(tmp_path)
     holder = start_holder(root)
     try:
-        result = run_cli("step", "prepare", "--params", str(root / "params.yaml"))
+        result = run_cli("step", "prepare", "--project", str(root))
     finally:
         holder.kill()
         holder.wait()
@@ -222,7 +222,7 @@ def test_broken_parameter_files_are_one_line_for_every_command(tmp_path, command
     if damage is not None:
         params_file.write_text(damage((ROOT / "params.yaml").read_text()))
         before = params_file.read_text()
-    result = run_cli(*command, "--params", str(params_file))
+    result = run_cli(*command, "--project", str(tmp_path))
     assert result.returncode == 1, result.stdout
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr

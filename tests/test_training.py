@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import git_clone, run_cli, small_params, write_good_images
 
-from headstart import backbones, pipeline
+import tasks
+from headstart import backbones
 from headstart.artifacts import load_features
 from headstart.files import MARKER, read_json
 from headstart.metrics import classification_metrics
@@ -36,7 +37,7 @@ def project(tmp_path_factory) -> tuple[Path, object]:
     params = small_params()
     write_random_backbone(params.path("backbone", root))
     for name in ("prepare", "baseline", "head", "select", "evaluate", "plots"):
-        pipeline.get(name).run(params, root)
+        tasks.get(name).run(params, root)
     return root, params
 
 
@@ -95,15 +96,15 @@ def test_feature_cache_is_reused_when_only_head_settings_change(project, tmp_pat
     record = params.path("features", root) / "features.json"
     before = read_json(record)
     changed = small_params(head={"epochs": 1, "units": 16})
-    pipeline.get("head").run(changed, root)
+    tasks.get("head").run(changed, root)
     assert read_json(record) == before
     views = small_params(head={"views": 2, "epochs": 1})
-    pipeline.get("head").run(views, root)
+    tasks.get("head").run(views, root)
     train_images = np.load(params.path("prepared", root) / "train_labels.npy")
     features, labels = load_features(params.path("features", root), "train")
     assert len(features) == len(labels) == 2 * len(train_images)
     assert not np.allclose(features[: len(train_images)], features[len(train_images) :], atol=0)
-    pipeline.get("head").run(params, root)  # restore the module's state for later tests
+    tasks.get("head").run(params, root)  # restore the module's state for later tests
 
 
 def test_metrics_files_have_flat_keys(project):
@@ -142,7 +143,7 @@ def test_the_seed_head_can_be_pinned(project, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     pinned = small_params(head={"config": "seed", "units": 24})
-    pipeline.get("head").run(pinned, copy)
+    tasks.get("head").run(pinned, copy)
     out = pinned.path("transfer", copy)
     assert read_json(out / "transfer.json")["config"] == "seed"
     assert not (out / "head_selection.json").exists()
@@ -161,7 +162,7 @@ def test_the_choice_never_reads_the_test_split(project, tmp_path):
     np.save(prepared / "test_labels.npy", np.roll(labels, 1))
     images = np.load(prepared / "test_images.npy")
     np.save(prepared / "test_images.npy", 255 - images)
-    pipeline.get("select").run(params, copy)
+    tasks.get("select").run(params, copy)
     before = (params.path("release", root) / "selection.json").read_bytes()
     assert (params.path("release", copy) / "selection.json").read_bytes() == before
 
@@ -175,7 +176,7 @@ def test_evaluate_fails_when_the_release_is_not_the_candidate_select_named(proje
     other = next(n for n in ("baseline", "transfer", "ensemble") if n != selection["winner"])
     record.write_text(json.dumps({**selection, "winner": other}))
     with pytest.raises(RuntimeError, match=f"the released model differs from {other} by"):
-        pipeline.get("evaluate").run(params, copy)
+        tasks.get("evaluate").run(params, copy)
 
 
 def test_an_ensemble_release_is_the_weighted_mean_of_its_members(project, tmp_path):
@@ -267,7 +268,7 @@ def test_finetune_step_keeps_the_better_model_and_records_it(project, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     tuned = small_params(finetune={"enabled": True, "blocks": 1, "epochs": 1, "batch_size": 8})
-    pipeline.get("head").run(tuned, copy)
+    tasks.get("head").run(tuned, copy)
     record = read_json(tuned.path("transfer", copy) / "transfer.json")["finetune"]
     assert record["kept"] == (record["val_accuracy_after"] > record["val_accuracy_before"])
     import keras
@@ -310,6 +311,8 @@ def test_predict_uses_the_release_by_default(project, tmp_path):
     explicit = run_cli("predict", str(params.path("release", root) / "model.keras"), str(image),
                        "--json", cwd=root)  # fmt: skip
     assert json.loads(explicit.stdout) == [row]
+    elsewhere = run_cli("predict", "--project", str(root), str(image), "--json", cwd=tmp_path)
+    assert json.loads(elsewhere.stdout) == [row]  # the project's release, from another folder
 
 
 @pytest.mark.slow
@@ -325,7 +328,7 @@ def test_transfer_on_real_lite0_weights_beats_chance_on_demo_images(tmp_path):
     params = small_params(base={"image_size": 64}, head={"epochs": 15, "units": 128},
                           prepare={"val_fraction": 0.2, "test_fraction": 0.3})  # fmt: skip
     for name in ("prepare", "weights", "freeze", "head"):
-        pipeline.get(name).run(params, root)
+        tasks.get(name).run(params, root)
     import keras
 
     model = keras.saving.load_model(params.path("transfer", root) / "model.keras")
