@@ -3,6 +3,7 @@ promotion)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,35 @@ def evaluate_model(
     probabilities = predict(keras.saving.load_model(model_path), x)
     metrics, confusion = classification_metrics(probabilities, y, classes, top_k)
     return metrics, confusion, probabilities
+
+
+def per_image_loss(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0))
+
+
+def paired_standard_error(hits_a: np.ndarray, hits_b: np.ndarray) -> float:
+    """Standard error of the accuracy difference of two models scored on the same items."""
+    difference = hits_a.astype(np.float64) - hits_b.astype(np.float64)
+    return (
+        float(difference.std(ddof=1) / math.sqrt(len(difference))) if len(difference) > 1 else 0.0
+    )
+
+
+def tie_break(per_item: dict[str, np.ndarray], complexity: dict[str, int],
+              metric: str = "accuracy", higher_is_better: bool = True) -> tuple[str, str]:  # fmt: skip
+    """(winner, reason) from each candidate's per-item scores on the same items (hits for
+    accuracy, per-image losses for log-loss): the best mean wins, unless a simpler candidate is
+    within one paired standard error of it (then the simplest such one wins: a tie within noise)."""
+    sign = 1.0 if higher_is_better else -1.0
+    scores = {name: sign * float(np.mean(values)) for name, values in per_item.items()}
+    best = max(scores, key=lambda name: (scores[name], -complexity[name]))
+    tied = [name for name in scores if complexity[name] < complexity[best]
+            and scores[best] - scores[name]
+            <= paired_standard_error(per_item[best], per_item[name])]  # fmt: skip
+    word = "highest" if higher_is_better else "lowest"
+    if not tied:
+        return best, f"{best}: {word} {metric} ({sign * scores[best]:.4f})"
+    winner = min(tied, key=lambda name: (complexity[name], -scores[name]))
+    margin = scores[best] - scores[winner]
+    return winner, (f"{winner}: {metric} within one paired standard error of {best}'s (behind by "
+                    f"{margin:.4f}); the simpler model wins a tie within noise")  # fmt: skip

@@ -24,7 +24,12 @@ from headstart.artifacts import (
     load_split,
 )
 from headstart.files import atomic_dir, read_json, require, write_json
-from headstart.metrics import ensemble_probabilities
+from headstart.metrics import (
+    classification_metrics,
+    ensemble_probabilities,
+    per_image_loss,
+    tie_break,
+)
 from headstart.params import Params
 
 log = logging.getLogger("headstart.select")
@@ -38,17 +43,11 @@ COMPLEXITY = {"baseline": 0, "transfer": 1, "ensemble": 2}  # for ties: simpler 
 ENSEMBLE_SHARE = 0.5
 
 
-def per_image_loss(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0))
-
-
 def choose(probabilities: dict[str, np.ndarray], labels: np.ndarray) -> tuple[str, str, dict]:
     """(winner, reason, per-candidate validation metrics) from validation probabilities.
 
     Chosen on validation log-loss, which uses the confidence of every prediction; accuracy on a
     small validation split moves in steps of one image and swings by points between splits."""
-    from headstart.heads import tie_break
-    from headstart.metrics import classification_metrics
 
     metrics = {}
     for name, p in probabilities.items():

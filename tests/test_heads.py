@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from headstart import heads
+from headstart import heads, metrics
 
 
 def blobs(per_class: int = 30, classes: int = 3, features: int = 8, spread: float = 0.5,
@@ -83,12 +83,12 @@ def test_ties_within_one_paired_standard_error_go_to_the_simpler_model():
     much_better = base.copy()
     much_better[np.flatnonzero(~base)[:40]] = True  # +10 points
     complexity = {"simple": 0, "complex": 1}
-    winner, reason = heads.tie_break({"simple": base, "complex": better}, complexity)
+    winner, reason = metrics.tie_break({"simple": base, "complex": better}, complexity)
     assert winner == "simple" and "within one paired standard error" in reason
-    winner, reason = heads.tie_break({"simple": base, "complex": much_better}, complexity)
+    winner, reason = metrics.tie_break({"simple": base, "complex": much_better}, complexity)
     assert winner == "complex" and "highest accuracy" in reason
     losses = {"simple": 1.0 - base * 0.5, "complex": 1.0 - much_better * 0.5}
-    winner, reason = heads.tie_break(losses, complexity, "log-loss", higher_is_better=False)
+    winner, reason = metrics.tie_break(losses, complexity, "log-loss", higher_is_better=False)
     assert winner == "complex" and "lowest log-loss" in reason
 
 
