@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ LABELS_FILE = "labels.json"
 # the transfer model's class probabilities on the val and test splits, written by head so that
 # select and evaluate do not run the backbone again (arrays named by split)
 PROBABILITIES_FILE = "probabilities.npz"
+LIVE_DIR = "dvclive"  # in a model folder: DVCLive's per-epoch and summary metrics (dvc.yaml reads)
 BACKBONE_FILE = "backbone.keras"  # the frozen feature extractor (freeze -> head)
 # model name -> the step that makes it (for "run that step first" messages)
 PRODUCERS = {"baseline": "baseline", "transfer": "head", "ensemble": "select", "release": "select"}
@@ -42,3 +44,16 @@ def load_probabilities(model_dir: Path | str, split: str) -> np.ndarray:
     """A model's recorded probabilities (N x classes) on one prepared split."""
     with np.load(Path(model_dir) / PROBABILITIES_FILE) as recorded:
         return recorded[split]
+
+
+def read_history(live_dir: Path | str, name: str) -> dict[str, list[float]]:
+    """The per-epoch values `live_logger` wrote for `name`, in Keras's keys (`loss`,
+    `val_accuracy`, ...), in step order."""
+    metrics = Path(live_dir) / "plots" / "metrics" / name
+    history = {}
+    for split, prefix in (("train", ""), ("eval", "val_")):
+        for path in sorted((metrics / split).glob("*.tsv")):
+            with open(path, newline="") as handle:
+                rows = sorted(csv.DictReader(handle, delimiter="\t"), key=lambda r: int(r["step"]))
+            history[prefix + path.stem] = [float(row[path.stem]) for row in rows]
+    return history

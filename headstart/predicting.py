@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import numpy as np
 from headstart import images
 from headstart.errors import UserError
 from headstart.files import read_json
+from headstart.progress import progress
+
+log = logging.getLogger("headstart.predict")
 
 
 def _expand(inputs: list[Path]) -> list[Path]:
@@ -41,7 +45,7 @@ def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1) ->
         raise UserError("no image files given (pass files or folders)")
     import keras
 
-    from headstart.training import predict
+    from headstart.training import predict_batches
 
     if not zipfile.is_zipfile(model_path):
         raise UserError(f"{model_path}: not a valid .keras file (damaged or truncated); "
@@ -55,15 +59,23 @@ def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1) ->
         ) from None
     results: list[dict] = []
     decoded, rows = [], []
-    for path in files:
-        try:
-            decoded.append(images.load(path, size))
-            rows.append(len(results))
-            results.append({"file": str(path)})
-        except images.BadImage as err:
-            results.append({"file": str(path), "error": str(err)})
+    with progress(len(files), "predict (reading)", log, unit="files") as shown:
+        for path in files:
+            try:
+                decoded.append(images.load(path, size))
+                rows.append(len(results))
+                results.append({"file": str(path)})
+            except images.BadImage as err:
+                results.append({"file": str(path), "error": str(err)})
+            shown.advance()
     if decoded:
-        probabilities = predict(model, np.stack(decoded))
+        stacked = np.stack(decoded)
+        outputs = []
+        with progress(len(stacked), "predict (classifying)", log, unit="images") as shown:
+            for _, output in predict_batches(model, stacked):  # as training.predict does
+                outputs.append(output)
+                shown.advance(len(output))
+        probabilities = np.concatenate(outputs)
         k = min(top_k, len(classes))
         for row, p in zip(rows, probabilities, strict=True):
             best = np.argsort(-p)[:k]

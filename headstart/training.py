@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import warnings
 import weakref
@@ -112,9 +111,11 @@ def fit(
     patience: int,
     target_accuracy: float,
     class_weight: dict[int, float] | None = None,
+    live=None,
 ) -> dict[str, list[float]]:
-    """Train with early stopping (best weights restored), the target-accuracy stop, a best-model
-    checkpoint, and per-epoch history in `<out_dir>/history.csv` (DVC plots reads it)."""
+    """Train with early stopping (best weights restored), the target-accuracy stop and a best-model
+    checkpoint in `out_dir`; with `live` (see `live_logger`), each epoch's values are logged to
+    DVCLive as `<name>/train/...` and `<name>/eval/...` as the epoch ends."""
     callbacks = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=max(patience, 1), restore_best_weights=True
@@ -129,27 +130,62 @@ def fit(
         NonFiniteLoss(name),
         _ProgressLog(name, epochs),
     ]
+    if live is not None:
+        callbacks.append(_LiveLog(live, name))
     history = model.fit(
         train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=0,
         class_weight=class_weight, shuffle=False,
     )  # fmt: skip
-    write_history(history.history, out_dir / "history.csv")
     return history.history
 
 
-def write_history(history: dict[str, list[float]], path: Path) -> None:
-    keys = ["loss", "accuracy", "val_loss", "val_accuracy"]
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["epoch", *keys])
-        for epoch in range(len(history["loss"])):
-            writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6f}" for k in keys)])
+def live_logger(directory: Path | str):
+    """A `dvclive.Live` that writes only under `directory`: per-epoch values in
+    `plots/metrics/<name>.tsv` (columns step, value), the latest of each plus summary values in
+    `metrics.json`. Use it as a context manager; files are final when it exits.
+
+    dvc.yaml lists these files, so DVCLive itself makes no dvc.yaml, report or experiment, opens
+    no Git or DVC repository (a plain `Live` runs `dvc init` in a Git repository without DVC and,
+    under `dvc exp run`, `git add`s its folder) and sends nothing to DVC Studio.
+    """
+    from dvclive import Live
+
+    class LocalLive(Live):
+        def _init_dvc(self):
+            pass
+
+        def _init_studio(self):
+            self._studio_events_to_skip.update(("start", "data", "done"))
+
+        def post_data_to_studio(self):
+            pass
+
+    return LocalLive(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
 
 
-def read_history(path: Path | str) -> dict[str, list[float]]:
-    with open(path) as handle:
-        rows = list(csv.DictReader(handle))
-    return {key: [float(row[key]) for row in rows] for key in rows[0]} if rows else {}
+def live_name(name: str, key: str) -> str:
+    """DVCLive's name for one of a Keras history's keys: `<name>/train/accuracy` for `accuracy`,
+    `<name>/eval/accuracy` for `val_accuracy` (the split names DVCLive's own Keras logger uses)."""
+    return f"{name}/eval/{key[4:]}" if key.startswith("val_") else f"{name}/train/{key}"
+
+
+def log_history(live, name: str, history: dict[str, list[float]]) -> None:
+    """Log a finished per-epoch history (Keras-style keys) to DVCLive, one step per epoch."""
+    for epoch in range(len(history.get("loss", []))):
+        for key, values in history.items():
+            live.log_metric(live_name(name, key), float(values[epoch]))
+        live.next_step()
+
+
+class _LiveLog(keras.callbacks.Callback):
+    def __init__(self, live, name: str):
+        super().__init__()
+        self.live, self.name = live, name
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.live.log_metric(live_name(self.name, key), float(value))
+        self.live.next_step()
 
 
 def compile_classifier(model: keras.Model, optimizer, steps_per_execution: int = 1):

@@ -6,7 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from headstart.artifacts import MODEL_FILE, load_split
+from headstart.artifacts import LIVE_DIR, MODEL_FILE, load_split
 from headstart.files import atomic_dir, read_json, require
 from headstart.params import Params
 from headstart.summaries import write_summary
@@ -27,12 +27,12 @@ def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) 
     x_val, y_val = load_split(prepared_dir, "val")
     model = models.baseline_cnn(x_train.shape[1], len(classes))
     training.compile_classifier(model, models.optimizer("adam", p.learning_rate))
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, training.live_logger(tmp / LIVE_DIR) as live:
         training.fit(
             model,
             training.dataset(x_train, y_train, p.batch_size, shuffle=True, seed=seed),
             training.dataset(x_val, y_val, p.batch_size),
-            tmp, "baseline", p.epochs, p.patience, p.target_accuracy,
+            tmp, "baseline", p.epochs, p.patience, p.target_accuracy, live=live,
         )  # fmt: skip
         model.save(tmp / MODEL_FILE)
         write_summary(model, tmp / "summary.txt")

@@ -17,6 +17,7 @@ import numpy as np
 
 from headstart.artifacts import (
     BACKBONE_FILE,
+    LIVE_DIR,
     MODEL_FILE,
     PROBABILITIES_FILE,
     SPLITS,
@@ -61,13 +62,18 @@ def cache_features(extractor, key: str, prepared_dir: Path, features_dir: Path, 
         log.info("head: feature cache is current (%s)", features_dir)
         return features_dir
     from headstart import training
+    from headstart.progress import progress
 
     started = time.perf_counter()
     width = int(extractor.output.shape[-1])
-    with atomic_dir(features_dir) as tmp:
+    splits = {split: load_split(prepared_dir, split) for split in SPLITS}  # memory-mapped
+    total = sum((views if split == "train" else 1) * len(x) for split, (x, _) in splits.items())
+    with (
+        atomic_dir(features_dir) as tmp,
+        progress(total, "features", log, unit="images", artifact="feature-extraction") as shown,
+    ):
         counts = {}
-        for split in SPLITS:
-            x, y = load_split(prepared_dir, split)
+        for split, (x, y) in splits.items():
             n_views = views if split == "train" else 1
             out = np.lib.format.open_memmap(tmp / f"{split}_features.npy", mode="w+",
                                             dtype=np.float32, shape=(n_views * len(x), width))  # fmt: skip
@@ -79,6 +85,7 @@ def cache_features(extractor, key: str, prepared_dir: Path, features_dir: Path, 
                 ):
                     row = view * len(x) + start
                     out[row : row + len(features)] = features
+                    shown.advance(len(features))
             out.flush()
             del out
             np.save(tmp / f"{split}_labels.npy", np.tile(y, n_views))
@@ -95,7 +102,7 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
                out_dir: Path | str, params: Params) -> Path:  # fmt: skip
     import keras
 
-    from headstart import models
+    from headstart import models, training
 
     prepared_dir, backbone_dir = Path(prepared_dir), Path(backbone_dir)
     features_dir = Path(features_dir)
@@ -108,19 +115,20 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
     key = cache_key(prepared_dir, backbone_dir, p.views, seed)
     cache_features(extractor, key, prepared_dir, features_dir, p.views, seed)
     timings["features"] = time.perf_counter() - started
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, training.live_logger(tmp / LIVE_DIR) as live:
         started = time.perf_counter()
         if p.config == "seed":
-            head, record = _seed_head(features_dir, len(classes), params, tmp)
+            head, record = _seed_head(features_dir, len(classes), params, tmp, live)
         else:
-            head, record = _chosen_head(features_dir, len(classes), params, tmp)
+            head, record = _chosen_head(features_dir, len(classes), params, tmp, live)
         timings["head"] = time.perf_counter() - started
         transfer = models.end_to_end(extractor, head, params.base.image_size)
         f_val, y_val = load_features(features_dir, "val")
         record["val_accuracy_head_only"] = _accuracy(head, f_val, y_val)
+        live.log_metric("head/val_accuracy", record["val_accuracy_head_only"], plot=False)
         if params.finetune.enabled:
             started = time.perf_counter()
-            record.update(finetune(transfer, extractor, prepared_dir, params, tmp))
+            record.update(finetune(transfer, extractor, prepared_dir, params, tmp, live))
             timings["finetune"] = time.perf_counter() - started
             # a fresh, uncompiled wrapper around the same (tuned) layers: the saved model then
             # carries no optimizer state from fine-tuning
@@ -151,9 +159,9 @@ def _record_probabilities(transfer, head, record: dict, prepared_dir: Path, feat
     np.savez(tmp / PROBABILITIES_FILE, **probabilities)
 
 
-def _seed_head(features_dir: Path, classes: int, params: Params, tmp: Path):
+def _seed_head(features_dir: Path, classes: int, params: Params, tmp: Path, live):
     """The seed's head exactly (`head.config: seed`): Dense units + Dropout, Keras `fit` with
-    early stopping on the validation split's loss."""
+    early stopping on the validation split's loss; per-epoch values to DVCLive (`live`)."""
     from headstart import models, training
 
     p, seed = params.head, params.base.seed
@@ -168,17 +176,20 @@ def _seed_head(features_dir: Path, classes: int, params: Params, tmp: Path):
         head,
         training.dataset(f_train, y_train, p.batch_size, shuffle=True, seed=seed),
         training.dataset(f_val, y_val, p.batch_size),
-        tmp, "head", p.epochs, p.patience, p.target_accuracy, class_weight=weights,
+        tmp, "head", p.epochs, p.patience, p.target_accuracy, class_weight=weights, live=live,
     )  # fmt: skip
+    live.log_metric("head/config", "seed", plot=False)
     return head, {"config": "seed", "selection": "pinned by head.config: seed"}
 
 
 LEARNING_CURVE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
 
-def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path):
+def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path, live):
     """Compare the candidate heads by k-fold CV on the training features, train the chosen one
-    on all of them for its best epoch count; record every score and a learning curve."""
+    on all of them for its best epoch count; record every score and a learning curve. DVCLive
+    (`live`) gets the final head's per-epoch training values, the chosen configuration's pooled
+    CV values as its per-epoch validation values, and the choice as summary values."""
     from headstart import heads, training
 
     p, seed = params.head, params.base.seed
@@ -208,7 +219,10 @@ def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path):
     pooled_loss = (chosen.loss * chosen.held_out).sum(axis=1) / chosen.held_out.sum()
     history["val_loss"] = [float(v) for v in pooled_loss[: chosen.best_epochs]]
     history["val_accuracy"] = [float(v) for v in chosen.curve[: chosen.best_epochs]]
-    training.write_history(history, tmp / "history.csv")
+    training.log_history(live, "head", history)
+    for key, value in {"config": chosen.config.name, "cv_accuracy": float(chosen.score),
+                       "folds": folds, "epochs": chosen.best_epochs}.items():  # fmt: skip
+        live.log_metric(f"head/{key}", value, plot=False)
     write_json(tmp / "head_selection.json", {
         "chosen": chosen.config.name, "reason": reason, "folds": folds,
         "candidates": [r.record() for r in results],
@@ -257,9 +271,10 @@ def _accuracy(model, x, y) -> float:
     return float(np.mean(np.argmax(training.predict(model, x), axis=1) == y)) if len(y) else 0.0
 
 
-def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path) -> dict:
+def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path, live) -> dict:
     """Unfreeze the top `finetune.blocks` blocks (BatchNormalization stays frozen), train on
-    images at a low learning rate, and keep the result only if validation accuracy improves."""
+    images at a low learning rate, and keep the result only if validation accuracy improves.
+    Per-epoch values and the decision go to DVCLive (`live`) under `finetune/`."""
     from headstart import backbones, models, training
 
     f = params.finetune
@@ -276,6 +291,7 @@ def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path)
         training.dataset(x_train, y_train, f.batch_size, shuffle=True, seed=params.base.seed),
         training.dataset(x_val, y_val, f.batch_size),
         finetune_dir, "finetune", f.epochs, params.head.patience, params.head.target_accuracy,
+        live=live,
     )  # fmt: skip
     after = _accuracy(transfer, x_val, y_val)
     kept = after > before
@@ -284,6 +300,9 @@ def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path)
     backbones.freeze(extractor)
     log.info("finetune: val accuracy %.4f -> %.4f, %s", before, after,
              "kept" if kept else "discarded (head-only model kept)")  # fmt: skip
+    for key, value in {"val_accuracy_before": before, "val_accuracy_after": after,
+                       "kept": kept}.items():  # fmt: skip
+        live.log_metric(f"finetune/{key}", value, plot=False)
     return {"finetune": {"val_accuracy_before": before, "val_accuracy_after": after,
                          "kept": kept, "blocks": f.blocks}}  # fmt: skip
 

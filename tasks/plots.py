@@ -1,4 +1,4 @@
-"""plots: histories, metrics and test images -> artifacts/plots/*.png."""
+"""plots: per-epoch metrics (DVCLive's), test metrics and test images -> artifacts/plots/*.png."""
 
 from __future__ import annotations
 
@@ -8,30 +8,30 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.artifacts import PRODUCERS, load_split
+from headstart.artifacts import LIVE_DIR, PRODUCERS, load_split, read_history
 from headstart.files import atomic_dir, read_json, require
 from headstart.params import Params
 
 log = logging.getLogger("headstart.plots")
 
 
-def plot_results(prepared_dir: Path | str, history_files: dict[str, Path], metrics_dir: Path | str,
-                 out_dir: Path | str, params: Params) -> Path:  # fmt: skip
+def plot_results(prepared_dir: Path | str, histories: dict[str, tuple[Path, str]],
+                 metrics_dir: Path | str, out_dir: Path | str, params: Params) -> Path:  # fmt: skip
+    """`histories`: model name -> (its DVCLive folder, the name its epochs were logged under)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from headstart import plotting
-    from headstart.training import read_history
 
     prepared_dir, metrics_dir = Path(prepared_dir), Path(metrics_dir)
-    for name, path in history_files.items():
-        require(path, PRODUCERS[name])
+    for name, (live_dir, _) in histories.items():
+        require(live_dir, PRODUCERS[name])
     require(metrics_dir / "release_confusion.json", "evaluate")
     images, _ = load_split(require(prepared_dir, "prepare"), "test")
     with atomic_dir(out_dir) as tmp:
         figures = {"curves.png": plotting.training_curves(
-            {name: read_history(path) for name, path in history_files.items()})}  # fmt: skip
-        for name in (*history_files, "release"):
+            {name: read_history(*logged) for name, logged in histories.items()})}  # fmt: skip
+        for name in (*histories, "release"):
             confusion = read_json(metrics_dir / f"{name}_confusion.json")
             figures[f"{name}_confusion.png"] = plotting.confusion_matrix(
                 confusion["matrix"], confusion["classes"], f"{name}: confusion (test, normalised)"
@@ -71,7 +71,7 @@ def _spread(items: list[int], count: int) -> list[int]:
 
 
 def run(params: Params, root: Path) -> Path:
-    histories = {"baseline": params.path("baseline", root) / "history.csv",
-                 "transfer": params.path("transfer", root) / "history.csv"}  # fmt: skip
+    histories = {"baseline": (params.path("baseline", root) / LIVE_DIR, "baseline"),
+                 "transfer": (params.path("transfer", root) / LIVE_DIR, "head")}  # fmt: skip
     return plot_results(params.path("prepared", root), histories, params.path("metrics", root),
                         params.path("plots", root), params)  # fmt: skip

@@ -26,6 +26,7 @@ from headstart.artifacts import SPLITS
 from headstart.errors import UserError
 from headstart.files import atomic_dir, write_json, write_text
 from headstart.params import Params
+from headstart.progress import progress
 
 log = logging.getLogger("headstart.prepare")
 
@@ -112,45 +113,45 @@ def split_of(sha256: str, seed: int, val_fraction: float, test_fraction: float) 
     return "train"
 
 
-def _scan(data_dir: Path, params: Params, raw_file) -> list[_Seen]:
+def _scan(data_dir: Path, params: Params, raw_file, entries: int) -> list[_Seen]:
     size, p = params.base.image_size, params.prepare
     seen: list[_Seen] = []
     rows = 0
-    for count, (rel, label, hidden) in enumerate(_walk(data_dir), start=1):
-        if count % 500 == 0:
-            log.info("prepare: %d files read", count)
-        path = data_dir / rel
-        if path.is_symlink():
-            problem = _link_problem(path, data_dir)
-            if problem:
-                seen.append(_Seen(rel, label or "", *problem))
+    with progress(entries, "prepare", log, unit="files") as shown:
+        for rel, label, hidden in _walk(data_dir):
+            shown.advance()
+            path = data_dir / rel
+            if path.is_symlink():
+                problem = _link_problem(path, data_dir)
+                if problem:
+                    seen.append(_Seen(rel, label or "", *problem))
+                    continue
+            if label is None:
+                seen.append(_Seen(rel, "", "ignored", "outside a class folder"))
                 continue
-        if label is None:
-            seen.append(_Seen(rel, "", "ignored", "outside a class folder"))
-            continue
-        if hidden:
-            seen.append(_Seen(rel, label, "ignored", "hidden file"))
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            seen.append(_Seen(rel, label, "quarantined", f"unreadable ({err.strerror or err})"))
-            continue
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            array = images.decode(data, size, p.resize, p.max_pixels)
-        except images.NotAnImage as err:
-            if path.suffix.lower() in images.IMAGE_EXTENSIONS:
+            if hidden:
+                seen.append(_Seen(rel, label, "ignored", "hidden file"))
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as err:
+                seen.append(_Seen(rel, label, "quarantined", f"unreadable ({err.strerror or err})"))
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            try:
+                array = images.decode(data, size, p.resize, p.max_pixels)
+            except images.NotAnImage as err:
+                if path.suffix.lower() in images.IMAGE_EXTENSIONS:
+                    seen.append(_Seen(rel, label, "quarantined", str(err), digest))
+                else:
+                    seen.append(_Seen(rel, label, "ignored", "not an image file", digest))
+                continue
+            except images.BadImage as err:
                 seen.append(_Seen(rel, label, "quarantined", str(err), digest))
-            else:
-                seen.append(_Seen(rel, label, "ignored", "not an image file", digest))
-            continue
-        except images.BadImage as err:
-            seen.append(_Seen(rel, label, "quarantined", str(err), digest))
-            continue
-        raw_file.write(array.tobytes())
-        seen.append(_Seen(rel, label, "used", "", digest, rows))
-        rows += 1
+                continue
+            raw_file.write(array.tobytes())
+            seen.append(_Seen(rel, label, "used", "", digest, rows))
+            rows += 1
     return seen
 
 
@@ -236,7 +237,8 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
     pixels = size * size * 3
     with tempfile.TemporaryFile(dir=out_dir.parent if out_dir.parent.exists() else None) as raw:
         buffered = io.BufferedWriter(raw, buffer_size=1 << 22)  # type: ignore[arg-type]
-        seen = _scan(data_dir, params, buffered)
+        entries = count_entries(data_dir)
+        seen = _scan(data_dir, params, buffered, entries)
         buffered.flush()
         conflicts = _resolve_duplicates(seen)
         used = Counter(i.label for i in seen if i.status == "used")
@@ -258,7 +260,7 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
                 )
         n_rows = sum(1 for i in seen if i.row >= 0)
         decoded = np.memmap(raw, dtype=np.uint8, mode="r", shape=(max(n_rows, 1), pixels))
-        report = _report(seen, classes, empty, conflicts, params, count_entries(data_dir))
+        report = _report(seen, classes, empty, conflicts, params, entries)
         with atomic_dir(out_dir) as tmp:
             _write(tmp, seen, classes, decoded, size)
             write_json(tmp / "labels.json", {"classes": classes, "image_size": size})

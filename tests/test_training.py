@@ -46,16 +46,22 @@ def test_baseline_artifacts(project):
     out = params.path("baseline", root)
     for name in (
         "model.keras",
-        "history.csv",
+        "dvclive/metrics.json",
         "summary.txt",
         "labels.json",
         "checkpoint.weights.h5",
     ):
         assert (out / name).is_file(), name
-    with open(out / "history.csv") as handle:
-        rows = list(csv.DictReader(handle))
+    logged = sorted(f.relative_to(out).as_posix() for f in out.glob("dvclive/**/*.tsv"))
+    assert logged == [f"dvclive/plots/metrics/baseline/{split}/{metric}.tsv"
+                      for split in ("eval", "train") for metric in ("accuracy", "loss")]  # fmt: skip
+    with open(out / "dvclive/plots/metrics/baseline/train/loss.tsv") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
     assert 1 <= len(rows) <= params.baseline.epochs
-    assert set(rows[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
+    assert [row["step"] for row in rows] == [str(step) for step in range(len(rows))]
+    summary = read_json(out / "dvclive/metrics.json")
+    assert summary["step"] == len(rows) - 1
+    assert summary["baseline"]["train"]["loss"] == pytest.approx(float(rows[-1]["loss"]))
     assert "conv64" in (out / "summary.txt").read_text()
 
 
@@ -93,18 +99,19 @@ def test_recorded_transfer_probabilities_are_the_saved_models_outputs(project):
 
 def test_feature_cache_is_reused_when_only_head_settings_change(project, tmp_path):
     root, params = project
-    record = params.path("features", root) / "features.json"
+    copy = tmp_path / "copy"  # the module's project stays as it is for the other tests
+    shutil.copytree(root, copy)
+    record = params.path("features", copy) / "features.json"
     before = read_json(record)
     changed = small_params(head={"epochs": 1, "units": 16})
-    tasks.get("head").run(changed, root)
+    tasks.get("head").run(changed, copy)
     assert read_json(record) == before
     views = small_params(head={"views": 2, "epochs": 1})
-    tasks.get("head").run(views, root)
-    train_images = np.load(params.path("prepared", root) / "train_labels.npy")
-    features, labels = load_features(params.path("features", root), "train")
+    tasks.get("head").run(views, copy)
+    train_images = np.load(params.path("prepared", copy) / "train_labels.npy")
+    features, labels = load_features(params.path("features", copy), "train")
     assert len(features) == len(labels) == 2 * len(train_images)
     assert not np.allclose(features[: len(train_images)], features[len(train_images) :], atol=0)
-    tasks.get("head").run(params, root)  # restore the module's state for later tests
 
 
 def test_metrics_files_have_flat_keys(project):

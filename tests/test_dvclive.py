@@ -1,0 +1,133 @@
+"""Per-epoch and summary metrics are DVCLive's files, and DVC reads them through dvc.yaml."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import run_in, small_params, tiny_project
+
+from headstart import training
+from headstart.artifacts import read_history
+
+HISTORY = {
+    "loss": [1.5, 0.9, 0.7],
+    "accuracy": [0.4, 0.6, 0.75],
+    "val_loss": [1.6, 1.1, 1.0],
+    "val_accuracy": [0.35, 0.5, 0.55],
+}
+
+
+def test_the_plots_reader_returns_the_logged_epochs(tmp_path):
+    with training.live_logger(tmp_path / "dvclive") as live:
+        training.log_history(live, "baseline", HISTORY)
+        training.log_history(live, "other", {"loss": [9.0], "accuracy": [0.1]})
+    assert read_history(tmp_path / "dvclive", "baseline") == HISTORY
+    rows = (tmp_path / "dvclive/plots/metrics/baseline/eval/accuracy.tsv").read_text().split()
+    assert rows == ["step", "accuracy", "0", "0.35", "1", "0.5", "2", "0.55"]
+    summary = json.loads((tmp_path / "dvclive/metrics.json").read_text())
+    assert summary["baseline"] == {"train": {"loss": 0.7, "accuracy": 0.75},
+                                   "eval": {"loss": 1.0, "accuracy": 0.55}}  # fmt: skip
+    assert summary["step"] == 3  # the last step: "other"'s one epoch after baseline's three
+
+
+def test_fit_logs_every_epoch_as_it_ends(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    training.compile_classifier(model, keras.optimizers.Adam(0.05))
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    data = training.dataset(x, (x[:, 0] > 0).astype("int32"), 8)
+    with training.live_logger(tmp_path / "dvclive") as live:
+        history = training.fit(model, data, data, tmp_path, "baseline", epochs=3, patience=5,
+                               target_accuracy=1.01, live=live)  # fmt: skip
+        assert live.step == 3
+    assert read_history(tmp_path / "dvclive", "baseline") == history
+    assert len(history["val_accuracy"]) == 3
+
+
+def test_the_head_logs_its_epochs_and_its_choice(tmp_path):
+    from tasks import head
+
+    rng = np.random.default_rng(1)
+    features = tmp_path / "features"
+    features.mkdir()
+    for split, n in (("train", 24), ("val", 8)):
+        labels = np.arange(n) % 2
+        np.save(features / f"{split}_features.npy",
+                (rng.normal(size=(n, 6)) + 2 * labels[:, None]).astype("float32"))  # fmt: skip
+        np.save(features / f"{split}_labels.npy", labels)
+    params = small_params(head={"epochs": 3, "folds": 2, "units": 8})
+    out = tmp_path / "out"
+    out.mkdir()
+    with training.live_logger(out / "dvclive") as live:
+        _, record = head._chosen_head(features, 2, params, out, live)
+    history = read_history(out / "dvclive", "head")
+    assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert len(history["loss"]) == len(history["val_accuracy"]) == record["epochs"]
+    summary = json.loads((out / "dvclive/metrics.json").read_text())["head"]
+    selection = json.loads((out / "head_selection.json").read_text())
+    chosen = next(c for c in selection["candidates"] if c["name"] == selection["chosen"])
+    assert summary["config"] == record["config"] == selection["chosen"]
+    assert summary["cv_accuracy"] == pytest.approx(chosen["cv_accuracy"], abs=1e-6)
+    assert (summary["folds"], summary["epochs"]) == (2, record["epochs"])
+    assert summary["eval"]["accuracy"] == pytest.approx(history["val_accuracy"][-1])
+
+
+def test_dvclive_touches_no_repository_and_sends_nothing(tmp_path, monkeypatch, capfd):
+    """A plain `dvclive.Live` runs `dvc init` in a Git repository without DVC and, with a DVC
+    Studio token set, posts to Studio: the project's logger does neither and prints nothing."""
+    import dvclive.studio
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for command in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(command, cwd=repo, check=True, capture_output=True)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("DVC_STUDIO_TOKEN", "a-token")
+    monkeypatch.setenv("DVC_STUDIO_REPO_URL", "https://example.invalid/repo.git")
+    posted = []
+    monkeypatch.setattr(dvclive.studio, "post_live_metrics", lambda *a, **k: posted.append(a))
+    with training.live_logger(repo / "out" / "dvclive") as live:
+        training.log_history(live, "baseline", HISTORY)
+        live.log_metric("baseline/kept", True, plot=False)
+    assert posted == []
+    assert sorted(p.name for p in repo.iterdir()) == [".git", "out"]
+    assert sorted(p.name for p in (repo / "out/dvclive").iterdir()) == ["metrics.json", "plots"]
+    assert capfd.readouterr() == ("", "")
+
+
+@pytest.mark.slow
+def test_dvc_plots_metrics_and_experiments_read_dvclive_after_a_run(tmp_path):
+    root = tiny_project(tmp_path / "p")
+    run_in(root, "dvc", "repro", "baseline")
+    live = root / "artifacts/baseline/dvclive"
+    epochs = read_history(live, "baseline")["loss"]
+    assert 1 <= len(epochs) <= 2  # baseline.epochs=2 in the tiny project
+
+    metrics = json.loads(run_in(root, "dvc", "metrics", "show", "--json").stdout)
+    logged = metrics[""]["data"]["artifacts/baseline/dvclive/metrics.json"]["data"]
+    assert logged["step"] == len(epochs) - 1
+    assert logged["baseline"]["train"]["loss"] == pytest.approx(epochs[-1])
+    assert set(logged["baseline"]["eval"]) == {"loss", "accuracy"}
+
+    # the plots dvc.yaml defines from DVCLive's files (a bare `dvc plots show` also wants the
+    # PNGs of the plots stage, which has not run here)
+    plots = json.loads(run_in(root, "dvc", "plots", "show", "--json", "accuracy", "loss").stdout)
+    for name in ("accuracy", "loss"):
+        rows = plots["data"][name][0]["content"]["data"]["values"]
+        files = {row["filename"].split("dvclive/plots/metrics/")[-1] for row in rows}
+        assert files == {f"baseline/train/{name}.tsv", f"baseline/eval/{name}.tsv"}
+        assert len(rows) == 2 * len(epochs)
+    assert {e["source"].split("/")[1] for e in plots["errors"]} == {"transfer"}  # not run yet
+
+    experiments = json.loads(run_in(root, "dvc", "exp", "show", "--json").stdout)
+    workspace = next(e for e in experiments if e["rev"] == "workspace")["data"]["metrics"]
+    shown = workspace["artifacts/baseline/dvclive/metrics.json"]["data"]
+    assert shown["baseline"]["eval"]["accuracy"] == logged["baseline"]["eval"]["accuracy"]
+
+    status = run_in(root, "git", "status", "--porcelain").stdout
+    assert status.split() == ["M", "dvc.lock"]  # DVCLive wrote no dvc.yaml and added no files
