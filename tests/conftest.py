@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -145,12 +147,14 @@ def small_params(**sections) -> params_module.Params:
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    """One temporary Prefect server for every test that runs a flow or task."""
+def prefect_harness() -> str:
+    """One temporary Prefect server for every test that runs a flow or task; yields its API URL
+    (a `headstart run` subprocess given it as PREFECT_API_URL skips starting its own server)."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture
@@ -194,15 +198,48 @@ def tiny_project(target: Path) -> Path:
     return root
 
 
-def run_in(root: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
-    """A command of the installed project (dvc, headstart) in `root`, with the venv on PATH."""
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+def run_in(root: Path, *command: str, check: bool = True,
+           api_url: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """A command of the installed project (dvc, headstart) in `root`, with the venv on PATH;
+    `api_url`: the Prefect server it uses (default: none configured, as on a fresh machine)."""
+    result = subprocess.run(command, cwd=root, env=command_env(api_url), capture_output=True,
+                            text=True)  # fmt: skip
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def command_env(api_url: str | None = None) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+@dataclass(frozen=True)
+class Trained:
+    root: Path  # never changed by a test: copy it with `trained_copy`
+    first_run: dict  # what the first flow run returned
+    api_url: str  # the test harness's Prefect server
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory, prefect_harness) -> Trained:
+    """A tiny git+DVC project after one whole flow run (under the test harness). Tests work on
+    their own copy (`trained_copy`), so none depends on another test or on the order."""
+    from flows.pipeline import pipeline_flow
+
+    root = tiny_project(tmp_path_factory.mktemp("trained") / "project")
+    return Trained(root, pipeline_flow(root=str(root)), prefect_harness)
+
+
+@pytest.fixture
+def trained_copy(trained_project: Trained, tmp_path: Path) -> Path:
+    """A private copy of the trained project (git repo, DVC cache, artifacts and all)."""
+    return Path(shutil.copytree(trained_project.root, tmp_path / "project", symlinks=True))
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

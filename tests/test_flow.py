@@ -17,6 +17,7 @@ from conftest import run_in, tiny_project
 
 from headstart import dvcstate
 from headstart import params as params_module
+from tasks import STEP_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +30,6 @@ ARTIFACTS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def flow_project(tmp_path_factory, prefect_harness) -> Path:
-    return tiny_project(tmp_path_factory.mktemp("flow") / "project")
-
-
 def set_param(root: Path, old: str, new: str) -> None:
     path = root / "params.yaml"
     text = path.read_text()
@@ -41,39 +37,38 @@ def set_param(root: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
-def test_flow_runs_stale_steps_records_them_and_skips_when_current(flow_project):
-    from flows.pipeline import pipeline_flow
-
-    root = str(flow_project)
-    first = pipeline_flow(root=root)
+def test_the_first_flow_run_runs_every_step_and_records_it(trained_project):
+    first, root = trained_project.first_run, trained_project.root
     assert first["ran"] == ["prepare", "baseline", "weights", "freeze", "head", "select",
                             "evaluate", "plots"]  # fmt: skip
-    assert all((flow_project / name).is_file() for name in ARTIFACTS)
-    assert run_in(flow_project, "dvc", "status", "--json").stdout.strip() == "{}"
+    assert all((root / name).is_file() for name in ARTIFACTS)
+    assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
     assert "| transfer |" in first["summary"] and "quarantined" in first["summary"]
     assert "**Released**" in first["summary"] and "**released**" in first["summary"]
 
-    second = pipeline_flow(root=root)
-    assert second["ran"] == [] and len(second["skipped"]) == 8
 
-    params_module.write_overrides(flow_project / "params.yaml", ["head.epochs=1"])
-    third = pipeline_flow(root=root)
-    assert third["ran"] == ["head", "select", "evaluate", "plots"]
-    assert run_in(flow_project, "dvc", "status", "--json").stdout.strip() == "{}"
-    marker = json.loads((flow_project / "artifacts/transfer/.headstart-output").read_text())
+def test_the_flow_skips_current_steps_and_reruns_what_a_param_touches(trained_copy):
+    from flows.pipeline import pipeline_flow
+
+    again = pipeline_flow(root=str(trained_copy))
+    assert again["ran"] == [] and len(again["skipped"]) == 8
+
+    params_module.write_overrides(trained_copy / "params.yaml", ["head.epochs=1"])
+    changed = pipeline_flow(root=str(trained_copy))
+    assert changed["ran"] == ["head", "select", "evaluate", "plots"]
+    assert run_in(trained_copy, "dvc", "status", "--json").stdout.strip() == "{}"
+    marker = json.loads((trained_copy / "artifacts/transfer/.headstart-output").read_text())
     assert marker["params"]["head"]["epochs"] == 1  # the outputs are this run's
 
 
-def test_failing_step_fails_the_flow_with_its_message(flow_project, tmp_path):
+def test_failing_step_fails_the_flow_with_its_message(trained_copy):
     from flows.pipeline import pipeline_flow
 
-    set_param(flow_project, "min_per_class: 3 ", "min_per_class: 50 ")
-    try:
-        with pytest.raises(ValueError, match="fewer than prepare.min_per_class=50"):
-            pipeline_flow(root=str(flow_project))
-    finally:
-        set_param(flow_project, "min_per_class: 50 ", "min_per_class: 3 ")
-    assert (flow_project / "artifacts/prepared/manifest.csv").is_file()  # old output kept
+    set_param(trained_copy, "min_per_class: 3 ", "min_per_class: 50 ")
+    before = (trained_copy / "artifacts/prepared/manifest.csv").read_bytes()
+    with pytest.raises(ValueError, match="fewer than prepare.min_per_class=50"):
+        pipeline_flow(root=str(trained_copy))
+    assert (trained_copy / "artifacts/prepared/manifest.csv").read_bytes() == before  # kept
 
 
 def constant_model(release: Path, answer: int, classes: int) -> None:
@@ -90,91 +85,74 @@ def constant_model(release: Path, answer: int, classes: int) -> None:
     model.save(release / "model.keras")
 
 
-def test_promotion_uses_the_release_and_keeps_a_better_champion(flow_project, tmp_path):
-    import shutil
-
+def test_promotion_uses_the_release_and_keeps_a_better_champion(trained_copy):
     from headstart.promotion import promote_from_params
 
-    params = params_module.load(flow_project / "params.yaml")
+    params = params_module.load(trained_copy / "params.yaml")
     release, champion = (
-        params.path("release", flow_project),
-        params.path("champion", flow_project),
+        params.path("release", trained_copy),
+        params.path("champion", trained_copy),
     )
-    shutil.copytree(release, tmp_path / "original")
     counts = np.bincount(
-        np.load(params.path("prepared", flow_project) / "test_labels.npy"), minlength=2
+        np.load(params.path("prepared", trained_copy) / "test_labels.npy"), minlength=2
     )
     assert counts[0] != counts[1]  # the tiny test split is deterministic and unbalanced
     majority, minority = int(np.argmax(counts)), int(np.argmin(counts))
-    try:
-        constant_model(release, majority, 2)
-        first = promote_from_params(params, flow_project)
-        assert first["promoted"] and first["reason"] == "no current model"
-        installed = (champion / "model.keras").read_bytes()
-        assert installed == (release / "model.keras").read_bytes()
+    constant_model(release, majority, 2)
+    first = promote_from_params(params, trained_copy)
+    assert first["promoted"] and first["reason"] == "no current model"
+    installed = (champion / "model.keras").read_bytes()
+    assert installed == (release / "model.keras").read_bytes()
 
-        constant_model(release, minority, 2)
-        worse = promote_from_params(params, flow_project)
-        assert not worse["promoted"] and worse["challenger"] < worse["champion"]
-        assert (champion / "model.keras").read_bytes() == installed  # the champion stays
+    constant_model(release, minority, 2)
+    worse = promote_from_params(params, trained_copy)
+    assert not worse["promoted"] and worse["challenger"] < worse["champion"]
+    assert (champion / "model.keras").read_bytes() == installed  # the champion stays
 
-        constant_model(release, majority, 2)
-        equal = promote_from_params(params, flow_project)
-        assert equal["promoted"] and equal["challenger"] == equal["champion"]
-    finally:
-        shutil.rmtree(release)
-        shutil.copytree(tmp_path / "original", release)
-        shutil.rmtree(champion, ignore_errors=True)
+    constant_model(release, majority, 2)
+    equal = promote_from_params(params, trained_copy)
+    assert equal["promoted"] and equal["challenger"] == equal["champion"]
 
 
-def test_cli_run_no_op_and_status(flow_project):
-    result = run_in(flow_project, "headstart", "status")
+def test_cli_status_here_and_from_another_folder_and_a_refused_override(trained_copy, tmp_path):
+    result = run_in(trained_copy, "headstart", "status")
     assert all(line.endswith("up to date") for line in result.stdout.strip().splitlines())
-    bad = run_in(flow_project, "headstart", "run", "-S", "head.epochs=-1", check=False)
+    params_module.write_overrides(trained_copy / "params.yaml", ["baseline.epochs=3"])
+    elsewhere = run_in(tmp_path, "headstart", "status", "--project", str(trained_copy))
+    assert [line.split()[-1] for line in elsewhere.stdout.splitlines()] == [
+        "date", "stale", "date", "date", "date", "stale", "stale", "stale"]  # fmt: skip
+    bad = run_in(trained_copy, "headstart", "run", "-S", "head.epochs=-1", check=False)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "head.epochs must be > 0" in bad.stderr
 
 
-def test_dvc_repro_rebuilds_and_reruns_only_downstream_of_a_param(tmp_path):
-    root = tiny_project(tmp_path / "repro")
-    first = run_in(root, "dvc", "repro")
-    for stage in (
-        "prepare",
-        "baseline",
-        "weights",
-        "freeze",
-        "head",
-        "select",
-        "evaluate",
-        "plots",
-    ):
-        assert f"Running stage '{stage}'" in first.stdout
-    assert all((root / name).is_file() for name in ARTIFACTS)
-    assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
+def test_dvc_repro_from_scratch_runs_every_stage_in_step_order(tmp_path):
+    root = tiny_project(tmp_path / "fresh")
+    dry = run_in(root, "dvc", "repro", "--dry")
+    planned = [line.split("'")[1] for line in dry.stdout.splitlines()
+               if line.startswith("Running stage")]  # fmt: skip
+    assert planned == list(STEP_NAMES)
+
+
+def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path):
+    root = trained_copy
     run_in(root, "git", "add", "-A")
     run_in(root, "git", "commit", "-qm", "first run")
-
-    params_module.write_overrides(root / "params.yaml", ["head.epochs=1"])
-    second = run_in(root, "dvc", "repro")
-    ran = [
-        line.split("'")[1]
-        for line in second.stdout.splitlines()
-        if line.startswith("Running stage")
-    ]
+    experiment = run_in(root, "dvc", "exp", "run", "-S", "head.epochs=1")
+    ran = [line.split("'")[1] for line in experiment.stdout.splitlines()
+           if line.startswith("Running stage")]  # fmt: skip
     assert ran == ["head", "select", "evaluate", "plots"]
-    run_in(root, "git", "checkout", "params.yaml")
-
-    run_in(root, "dvc", "exp", "run", "-S", "head.dropout=0.3")
+    assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
     diff = run_in(root, "dvc", "metrics", "diff", "--json")
     assert "artifacts/metrics/transfer.json" in json.loads(diff.stdout)
     params_diff = json.loads(run_in(root, "dvc", "params", "diff", "--json").stdout)
-    assert params_diff["params.yaml"]["head.dropout"]["new"] == 0.3
+    assert params_diff["params.yaml"]["head.epochs"] == {"old": 2, "new": 1}
     plots = run_in(root, "dvc", "plots", "diff", "-o", str(tmp_path / "plots"))
     assert (tmp_path / "plots" / "index.html").is_file(), plots.stdout
 
 
-def test_schedule_serves_a_deployment_that_runs(flow_project, tmp_path):
+def test_schedule_serves_a_deployment_that_runs(trained_copy, tmp_path):
     """A real local Prefect server; `headstart schedule --interval` must execute a run."""
     from flows.scheduling import start_local_server
 
@@ -183,7 +161,7 @@ def test_schedule_serves_a_deployment_that_runs(flow_project, tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     served = subprocess.Popen(
         ["headstart", "schedule", "--interval", "5", "--name", "test-schedule"],
-        cwd=flow_project,
+        cwd=trained_copy,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -201,8 +179,8 @@ def test_schedule_serves_a_deployment_that_runs(flow_project, tmp_path):
         server.terminate()
         server.wait(timeout=30)
     assert state == "COMPLETED", output[-3000:]
-    assert (flow_project / "models/champion/model.keras").is_file()
-    assert dvcstate.changed(flow_project, "plots") == []
+    assert (trained_copy / "models/champion/model.keras").is_file()
+    assert dvcstate.changed(trained_copy, "plots") == []
 
 
 def wait_for_completed_run(api_url: str, flow_name: str, timeout: float) -> str:

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, image_bytes, run_cli, small_params, write_good_images
+from conftest import (
+    ROOT,
+    command_env,
+    image_bytes,
+    run_cli,
+    run_in,
+    small_params,
+    write_good_images,
+)
 
 from headstart import files, lock
 from headstart import params as params_module
@@ -273,10 +281,10 @@ def wait_for(predicate, timeout: float = 120.0, every: float = 0.02) -> None:
         time.sleep(every)
 
 
-def headstart_process(root: Path, *args: str) -> subprocess.Popen:
-    """`headstart ARGS` in its own process group (killing the group also stops the temporary
+def headstart_process(root: Path, *args: str, api_url: str | None = None) -> subprocess.Popen:
+    """`headstart ARGS` in its own process group (killing the group also stops a temporary
     Prefect server it starts), output to files in ../logs."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = command_env(api_url)
     logs = root.parent / "logs"
     logs.mkdir(exist_ok=True)
     with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
@@ -295,14 +303,12 @@ def temporaries(root: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("killed_in", [".baseline.tmp-", ".transfer.tmp-"])
-def test_kill_9_in_a_step_then_run_completes_clean(tmp_path, killed_in):
-    from conftest import run_in, tiny_project
-
-    root = tiny_project(tmp_path / "project")
-    slow = ["-S", "baseline.epochs=60", "-S", "baseline.patience=60", "-S", "head.epochs=60",
-            "-S", "head.patience=60"]  # fmt: skip
-    victim = headstart_process(root, "run", *slow)
+@pytest.mark.parametrize("killed_in, change", [(".baseline.tmp-", "baseline.epochs=3"),
+                                               (".transfer.tmp-", "head.epochs=3")])  # fmt: skip
+def test_kill_9_in_a_step_then_run_completes_clean(trained_copy, trained_project, killed_in,
+                                                   change):  # fmt: skip
+    root, api_url = trained_copy, trained_project.api_url
+    victim = headstart_process(root, "run", "-S", change, api_url=api_url)
     try:
         wait_for(lambda: any(killed_in in name for name in temporaries(root))
                  or victim.poll() is not None)  # fmt: skip
@@ -311,18 +317,17 @@ def test_kill_9_in_a_step_then_run_completes_clean(tmp_path, killed_in):
         os.killpg(victim.pid, signal.SIGKILL)  # no clean-up code runs
         victim.wait()
     assert temporaries(root)  # the killed step left its temporary folder
-    result = run_in(root, "headstart", "run")
+    result = run_in(root, "headstart", "run", api_url=api_url)
     assert "stale lock" in result.stderr and "left by a run that did not finish" in result.stderr
     assert temporaries(root) == []
     assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
 
 
 @pytest.mark.slow
-def test_two_runs_at_once_never_mix(tmp_path):
-    from conftest import run_in, tiny_project
-
-    root = tiny_project(tmp_path / "project")
-    first = headstart_process(root, "run", "-S", "baseline.epochs=5")
+def test_two_runs_at_once_never_mix(trained_copy, trained_project):
+    root = trained_copy
+    first = headstart_process(root, "run", "-S", "baseline.epochs=5",
+                              api_url=trained_project.api_url)  # fmt: skip
     wait_for(lambda: (root / ".headstart" / "lock").is_file()
              and "baseline.epochs=5" in (root / ".headstart" / "lock").read_text())  # fmt: skip
     second = run_in(root, "headstart", "run", "-S", "baseline.epochs=1", check=False)
@@ -350,10 +355,9 @@ def test_two_runs_at_once_never_mix(tmp_path):
 
 
 @pytest.mark.slow
-def test_status_and_run_complete_with_bad_links_in_the_data(tmp_path):
-    from conftest import run_in, tiny_project
-
-    root = tiny_project(tmp_path / "project")
+def test_status_and_run_complete_with_bad_links_in_the_data(trained_copy, trained_project,
+                                                            tmp_path):  # fmt: skip
+    root, api_url = trained_copy, trained_project.api_url
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "x.png").write_bytes(image_bytes(77))
@@ -365,12 +369,13 @@ def test_status_and_run_complete_with_bad_links_in_the_data(tmp_path):
         os.symlink(target, root / "data" / link)
     status = run_in(root, "headstart", "status")
     assert "prepare    stale" in status.stdout
-    result = run_in(root, "headstart", "run")
+    result = run_in(root, "headstart", "run", api_url=api_url)
     assert "Not recorded in dvc.lock**: prepare (DVC cannot read" in result.stdout
     report = (root / "artifacts/prepared/report.txt").read_text()
     for name in ("loop_a", "loop_b", "dangling.png", "hostname.png", "outside.png", "folder"):
         assert name in report
-    failed = run_in(root, "headstart", "run", "-S", "prepare.min_per_class=50", check=False)
+    failed = run_in(root, "headstart", "run", "-S", "prepare.min_per_class=50", check=False,
+                    api_url=api_url)  # fmt: skip
     assert failed.returncode == 1
     assert "Traceback" not in failed.stderr
     errors = [line for line in failed.stderr.splitlines() if "rror" in line]

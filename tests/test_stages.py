@@ -83,6 +83,18 @@ def test_stage_deps_cover_every_project_module_the_step_imports():
     assert missing_deps(stages()) == {}
 
 
+def test_stage_deps_name_no_module_the_step_does_not_import():
+    """An extra code dep reruns a stage for nothing."""
+    extra = {}
+    for name, stage in stages().items():
+        deps = {d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]}
+        code = {d for d in deps if d.endswith(".py")}
+        files = {str(module_file(m).relative_to(ROOT)) for m in closure(f"tasks.{name}")}
+        if code - files:
+            extra[name] = sorted(code - files)
+    assert extra == {}
+
+
 def test_a_removed_dep_is_found():
     changed = stages()
     changed["evaluate"]["deps"].remove("headstart/metrics.py")
