@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_in, tiny_project
+from conftest import ROOT, run_in
 
 from headstart import dvcstate
 from headstart import params as params_module
@@ -127,12 +127,17 @@ def test_cli_status_here_and_from_another_folder_and_a_refused_override(trained_
     assert "head.epochs must be > 0" in bad.stderr
 
 
-def test_dvc_repro_from_scratch_runs_every_stage_in_step_order(tmp_path):
-    root = tiny_project(tmp_path / "fresh")
-    dry = run_in(root, "dvc", "repro", "--dry")
-    planned = [line.split("'")[1] for line in dry.stdout.splitlines()
-               if line.startswith("Running stage")]  # fmt: skip
-    assert planned == list(STEP_NAMES)
+def test_dvc_repro_orders_the_stages_as_the_steps_run():
+    """dvc repro's graph (from dvc.yaml's deps and outs) only ever points forward in the step
+    order, and has the edges the steps need, so a from-scratch repro runs them as the flow does."""
+    dot = run_in(ROOT, "dvc", "dag", "--dot").stdout
+    edges = {tuple(part.strip().strip('";') for part in line.split("->"))
+             for line in dot.splitlines() if "->" in line}  # fmt: skip
+    order = {name: index for index, name in enumerate(STEP_NAMES)}
+    assert all(order[a] < order[b] for a, b in edges if a in order), edges
+    assert {("data.dvc", "prepare"), ("weights", "freeze"), ("freeze", "head"),
+            ("prepare", "head"), ("baseline", "select"), ("head", "select"),
+            ("select", "evaluate"), ("evaluate", "plots")} <= edges  # fmt: skip
 
 
 def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path):
@@ -147,7 +152,7 @@ def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path
     diff = run_in(root, "dvc", "metrics", "diff", "--json")
     assert "artifacts/metrics/transfer.json" in json.loads(diff.stdout)
     params_diff = json.loads(run_in(root, "dvc", "params", "diff", "--json").stdout)
-    assert params_diff["params.yaml"]["head.epochs"] == {"old": 2, "new": 1}
+    assert params_diff["params.yaml"]["head.epochs"] == {"old": 2, "new": 1, "diff": -1}
     plots = run_in(root, "dvc", "plots", "diff", "-o", str(tmp_path / "plots"))
     assert (tmp_path / "plots" / "index.html").is_file(), plots.stdout
 
