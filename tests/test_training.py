@@ -315,9 +315,10 @@ def test_predict_uses_the_release_by_default(project, tmp_path):
     result = run_cli("predict", str(image), "--json", cwd=root)
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)
-    explicit = run_cli("predict", str(params.path("release", root) / "model.keras"), str(image),
-                       "--json", cwd=root)  # fmt: skip
-    assert json.loads(explicit.stdout) == [row]
+    from headstart import predicting
+
+    explicit = predicting.predict_paths(params.path("release", root) / "model.keras", [image])
+    assert json.loads(predicting.render(explicit, as_json=True)) == [row]
     elsewhere = run_cli("predict", "--project", str(root), str(image), "--json", cwd=tmp_path)
     assert json.loads(elsewhere.stdout) == [row]  # the project's release, from another folder
 
