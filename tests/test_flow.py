@@ -151,7 +151,7 @@ def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path
     assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
     diff = run_in(root, "dvc", "metrics", "diff", "--json")
     changed = json.loads(diff.stdout)["artifacts/metrics/transfer.json"]
-    assert changed["top1_accuracy"]["new"] is not None and changed["top2_accuracy"]["new"] is None
+    assert changed["top1_accuracy"]["old"] is None and changed["top1_accuracy"]["new"] is not None
     params_diff = json.loads(run_in(root, "dvc", "params", "diff", "--json").stdout)
     assert params_diff["params.yaml"]["evaluate.top_k"] == {"old": 3, "new": 1, "diff": -2}
     plots = run_in(root, "dvc", "plots", "diff", "-o", str(tmp_path / "plots"))
