@@ -29,8 +29,9 @@ log = logging.getLogger("headstart.schedule")
 
 @flow(name="headstart-retrain", log_prints=True)
 def retrain_flow(root: str = ".") -> dict:
-    """Refresh the data, retrain only what changed, and promote the new model only if it is at
-    least as good on the test split as the current one."""
+    """Refresh the data, retrain only what changed, and promote the new model only if the
+    promotion rule (params.yaml `promotion`, headstart/promotion.py) lets it replace the current
+    one on the test split."""
     with workspace_lock(root, wait=True):  # a manual run in progress: retrain after it
         return _retrain(root)
 

@@ -124,7 +124,7 @@ def step(
     name: Annotated[
         str,
         typer.Argument(
-            help="prepare | baseline | weights | freeze | head | select | evaluate | plots"
+            help="prepare | baseline | weights | freeze | head | select | evaluate | plots | export"
         ),
     ],  # fmt: skip
     project: ProjectOption = Path("."),
@@ -144,6 +144,13 @@ def step(
     except UserError as err:
         raise _fail(err) from None
     typer.echo(f"{name}: wrote {out}")
+
+
+@app.command("export")
+def export_release(project: ProjectOption = Path("."), wait: WaitOption = False) -> None:
+    """Export the release (SavedModel, LiteRT, ONNX), check each against it on the test split,
+    and write the model card: the `export` step, as `headstart step export` runs it."""
+    step("export", project=project, wait=wait)
 
 
 @app.command()
@@ -228,9 +235,19 @@ def predict(
     ],  # fmt: skip
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    reject: Annotated[
+        bool,
+        typer.Option(
+            "--reject",
+            help='Answer "unknown" (with the OOD score and threshold) for images unlike the '
+            "training data, instead of a class.",
+        ),
+    ] = False,
     project: ProjectOption = Path("."),
 ) -> None:
-    """Classify images with the released model (or a .keras model given first)."""
+    """Classify images with the released model (or a .keras model given first).
+
+    Probabilities are calibrated when the model's folder holds calibration.json (a release)."""
     from headstart import predicting
 
     _start_tensorflow()
@@ -243,10 +260,12 @@ def predict(
 
             params = params_module.load(project / params_module.PARAMS_FILE)
             model = params.path("release", project) / MODEL_FILE
-        results = predicting.predict_paths(model, inputs, top_k)
+        results = predicting.predict_paths(model, inputs, top_k, reject=reject)
     except UserError as err:
         raise _fail(err) from None
     typer.echo(predicting.render(results, as_json))
+    if not as_json and any(r.get("calibrated") and "top" in r for r in results):
+        typer.echo("(probabilities calibrated: the temperature in calibration.json)", err=True)
     if any("error" in r for r in results):
         raise typer.Exit(2 if all("error" in r for r in results) else 0)
 

@@ -33,7 +33,7 @@ def end_to_end(backbone: keras.Model, head: keras.Model, image_size: int) -> ker
     """Raw RGB image of any size in, class probabilities out (resized inside)."""
     inputs = keras.Input((None, None, 3), name="image")
     x = layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(inputs)
-    outputs = head(backbone(x, training=False))
+    outputs = head(backbone(x, training=False), training=False)  # Resizing would pass training=True
     return keras.Model(inputs, outputs, name="transfer")
 
 

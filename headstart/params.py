@@ -24,6 +24,13 @@ PARAMS_FILE = "params.yaml"  # in the project folder; DVC reads this file, so th
 
 # auto: k-fold CV picks among linear, small and dense; seed: the seed's recipe, unchanged
 HEAD_CONFIGS = ("auto", "linear", "small", "dense", "seed")
+# the export step's formats (headstart/exporting.py has a converter for each)
+EXPORT_FORMATS = ("saved_model", "litert", "onnx")
+# "unknown" answers: distance of the backbone's features to the nearest class centroid
+OOD_METHODS = ("mahalanobis", "cosine")
+# mcnemar: replace the champion only on a significant improvement (see headstart/promotion.py);
+# at_least: the old rule, test accuracy >= the champion's
+PROMOTION_RULES = ("mcnemar", "at_least")
 
 
 class ParamsError(UserError):
@@ -103,6 +110,26 @@ class Plots:
 
 
 @dataclass(frozen=True)
+class Ood:
+    method: str = "mahalanobis"
+    keep: float = 0.95
+
+
+@dataclass(frozen=True)
+class Promotion:
+    rule: str = "mcnemar"
+    alpha: float = 0.05
+    recall_tolerance: float = 0.05
+
+
+@dataclass(frozen=True)
+class Export:
+    formats: tuple[str, ...] = EXPORT_FORMATS
+    min_agreement: float = 0.995
+    latency_runs: int = 20
+
+
+@dataclass(frozen=True)
 class Paths:
     data: str = "data"
     prepared: str = "artifacts/prepared"
@@ -114,6 +141,7 @@ class Paths:
     features: str = "artifacts/features"
     metrics: str = "artifacts/metrics"
     plots: str = "artifacts/plots"
+    export: str = "artifacts/export"
     champion: str = "models/champion"
 
 
@@ -128,6 +156,9 @@ class Params:
     finetune: Finetune = Finetune()
     evaluate: Evaluate = Evaluate()
     plots: Plots = Plots()
+    ood: Ood = Ood()
+    promotion: Promotion = Promotion()
+    export: Export = Export()
     paths: Paths = Paths()
 
     def path(self, name: str, root: Path | str = ".") -> Path:
@@ -152,6 +183,30 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
         None if v in HEAD_CONFIGS else f"must be one of {', '.join(HEAD_CONFIGS)}"
     ),
     "head.folds": lambda v: None if v >= 2 else "must be >= 2",
+    "export.formats": lambda v: (
+        None
+        if set(v) <= set(EXPORT_FORMATS) and len(set(v)) == len(v)
+        else f"must list each of {', '.join(EXPORT_FORMATS)} at most once"
+    ),
+    "export.min_agreement": lambda v: (
+        None if 0 <= v <= 1 else "must be in [0, 1]: the top-1 agreement each export needs"
+    ),
+    "export.latency_runs": lambda v: None if v >= 1 else "must be >= 1",
+    "ood.method": lambda v: (
+        None if v in OOD_METHODS else f"must be one of {', '.join(OOD_METHODS)}"
+    ),
+    "ood.keep": lambda v: (
+        None if 0 < v <= 1 else "must be in (0, 1]: the fraction of validation images kept"
+    ),
+    "promotion.rule": lambda v: (
+        None if v in PROMOTION_RULES else f"must be one of {', '.join(PROMOTION_RULES)}"
+    ),
+    "promotion.alpha": lambda v: (
+        None if 0 < v < 1 else "must be between 0 and 1 (exclusive), e.g. 0.05"
+    ),
+    "promotion.recall_tolerance": lambda v: (
+        None if 0 <= v <= 1 else "must be between 0 and 1 (an absolute recall drop; 1 = no check)"
+    ),
     "weights.url": lambda v: (
         None if v == "" or _url_allowed(v) else "must be empty or an https:// URL"
     ),
@@ -176,6 +231,12 @@ _FRACTIONS = {"val_fraction", "test_fraction", "target_accuracy"}
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
+    if typing.get_origin(kind) is tuple:  # a list of strings
+        if value is None:
+            return ()
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"params: {name} must be a list, e.g. [a, b] (got {value!r})")
+        return tuple(_coerce(name, item, str) for item in value)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -365,7 +426,10 @@ def load(path: Path | str = "params.yaml", overrides: list[str] | None = None) -
 
 
 def to_dict(params: Params) -> dict[str, Any]:
-    return dataclasses.asdict(params)
+    """Sections -> keys -> values, lists as lists (as params.yaml, JSON and DVC hold them)."""
+    return {section: {key: list(value) if isinstance(value, tuple) else value
+                      for key, value in values.items()}
+            for section, values in dataclasses.asdict(params).items()}  # fmt: skip
 
 
 def write_overrides(path: Path | str, overrides: list[str]) -> None:

@@ -94,3 +94,36 @@ def learning_curve(points: dict[str, dict], head: str) -> Figure:
     ax.set_title(f"learning curve ({head} head on the frozen backbone's features)")
     ax.grid(alpha=0.3)
     return figure
+
+
+def reliability_diagram(before: dict, after: dict, temperature: float) -> Figure:
+    """Accuracy against confidence per bin (`calibration.reliability` tables), before and after
+    temperature scaling, with each bin's image count; the diagonal is perfect calibration."""
+    figure = Figure(figsize=(11, 4.8), layout="constrained")
+    axes = figure.subplots(1, 2, sharey=True)
+    titles = ("uncalibrated", f"temperature scaled (T = {temperature:.2f})")
+    for ax, table, title in zip(axes, (before, after), titles, strict=True):
+        edges = np.asarray(table["edges"])
+        width = edges[1] - edges[0]
+        filled = [i for i, n in enumerate(table["counts"]) if n]
+        left = edges[filled]
+        accuracy = [table["accuracy"][i] for i in filled]
+        confidence = [table["confidence"][i] for i in filled]
+        ax.bar(left, accuracy, width=width, align="edge", edgecolor="black", color="tab:blue",
+               alpha=0.8, label="accuracy")  # fmt: skip
+        ax.scatter(left + width / 2, confidence, marker="_", s=250, linewidths=2.5,
+                   color="tab:red", zorder=3, label="mean confidence")  # fmt: skip
+        for i, x in zip(filled, left, strict=True):
+            ax.annotate(str(table["counts"][i]), (x + width / 2, max(table["accuracy"][i],
+                        table["confidence"][i])), textcoords="offset points", xytext=(0, 3),
+                        ha="center", fontsize=7)  # fmt: skip
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.08)
+        ax.set_xlabel("confidence (top probability); numbers: test images per bin")
+        ax.set_title(f"{title}: ECE {table['ece']:.4f}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    axes[0].set_ylabel("accuracy")
+    figure.suptitle(f"release: reliability on the test split ({before['bins']} bins)")
+    return figure

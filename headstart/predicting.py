@@ -1,4 +1,9 @@
-"""`headstart predict`: a saved model + its labels.json, images decoded exactly as in prepare."""
+"""`headstart predict`: a saved model + its labels.json, images decoded exactly as in prepare.
+
+A release folder also holds calibration.json (its probabilities are then reported temperature
+scaled: `calibrated` true) and, for `--reject`, ood.json/ood.npz and backbone.keras: an image
+whose OOD score is above the threshold is answered "unknown" instead of a class.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart import images
+from headstart import calibration, images
 from headstart.errors import UserError
 from headstart.files import read_json
 from headstart.progress import progress
@@ -29,9 +34,44 @@ def _expand(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1) -> list[dict]:
-    """One result per image file: {"file", "top": [(label, probability), ...]} or {"file",
-    "error"} for a file that cannot be read (the rest still run)."""
+def _load_model(path: Path, what: str):
+    import keras
+
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a valid .keras file (damaged or truncated); "
+                        f"retrain {what} (headstart run) or restore it (dvc checkout)")  # fmt: skip
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as err:  # a corrupt or foreign file: say so in one line
+        raise UserError(
+            f"{path}: not a valid .keras file ({type(err).__name__}: {err}); "
+            f"retrain {what} (headstart run) or restore it (dvc checkout)"
+        ) from None
+
+
+def _ood_scores(model_dir: Path, detector, pictures: np.ndarray) -> np.ndarray:
+    """The OOD score of each decoded image, from the release's copy of the frozen backbone."""
+    from headstart.artifacts import BACKBONE_FILE
+    from headstart.training import predict
+
+    path = model_dir / BACKBONE_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing; --reject needs a release made by "
+                        "`headstart step select` (rerun it)")  # fmt: skip
+    backbone = _load_model(path, "it")
+    if tuple(backbone.input_shape[1:3]) != pictures.shape[1:3]:
+        raise UserError(f"{path}: takes {backbone.input_shape[1]} px images but labels.json says "
+                        f"{pictures.shape[1]}; rerun `headstart step select`")  # fmt: skip
+    return detector.score(predict(backbone, pictures))
+
+
+def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1,
+                  reject: bool = False) -> list[dict]:  # fmt: skip
+    """One result per image file: {"file", "top": [(label, probability), ...], "calibrated"} or
+    {"file", "error"} for a file that cannot be read (the rest still run). Probabilities are
+    temperature scaled when calibration.json sits beside the model (`calibrated`: true).
+    `reject`: also "ood_score" and "ood_threshold"; an image scored above the threshold gets
+    "unknown": true and no "top" (no class is claimed)."""
     model_path = Path(model_path)
     labels_path = model_path.parent / "labels.json"
     if not model_path.is_file():
@@ -43,20 +83,15 @@ def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1) ->
     files = _expand(list(inputs))
     if not files:
         raise UserError("no image files given (pass files or folders)")
-    import keras
+    temperature = calibration.read_temperature(model_path.parent)
+    detector = None
+    if reject:
+        from headstart import ood
 
+        detector, _ = ood.load(model_path.parent)
     from headstart.training import predict_batches
 
-    if not zipfile.is_zipfile(model_path):
-        raise UserError(f"{model_path}: not a valid .keras file (damaged or truncated); "
-                        "retrain it (headstart run) or restore it (dvc checkout)")  # fmt: skip
-    try:
-        model = keras.saving.load_model(model_path, safe_mode=True)
-    except Exception as err:  # a corrupt or foreign file: say so in one line
-        raise UserError(
-            f"{model_path}: not a valid .keras file ({type(err).__name__}: {err}); "
-            "retrain it (headstart run) or restore it (dvc checkout)"
-        ) from None
+    model = _load_model(model_path, "it")
     results: list[dict] = []
     decoded, rows = [], []
     with progress(len(files), "predict (reading)", log, unit="files") as shown:
@@ -76,10 +111,19 @@ def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1) ->
                 outputs.append(output)
                 shown.advance(len(output))
         probabilities = np.concatenate(outputs)
+        if temperature is not None:
+            probabilities = calibration.apply_temperature(probabilities, temperature)
+        scores = _ood_scores(model_path.parent, detector, stacked) if detector else None
         k = min(top_k, len(classes))
-        for row, p in zip(rows, probabilities, strict=True):
-            best = np.argsort(-p)[:k]
-            results[row]["top"] = [(classes[i], float(p[i])) for i in best]
+        for index, (row, p) in enumerate(zip(rows, probabilities, strict=True)):
+            result = results[row]
+            if scores is not None:
+                result.update(ood_score=float(scores[index]), ood_threshold=detector.threshold,
+                              unknown=bool(scores[index] > detector.threshold))  # fmt: skip
+            if not result.get("unknown"):
+                best = np.argsort(-p)[:k]
+                result["top"] = [(classes[i], float(p[i])) for i in best]
+            result["calibrated"] = temperature is not None
     return results
 
 
@@ -91,7 +135,12 @@ def render(results: list[dict], as_json: bool) -> str:
     for r in results:
         if "error" in r:
             lines.append(f"{r['file']:<{width}}  ERROR {r['error']}")
+        elif r.get("unknown"):
+            lines.append(f"{r['file']:<{width}}  unknown (OOD score {r['ood_score']:.3f} > "
+                         f"threshold {r['ood_threshold']:.3f})")  # fmt: skip
         else:
             tops = ", ".join(f"{label} {p:.3f}" for label, p in r["top"])
+            if "ood_score" in r:
+                tops += f"  (OOD score {r['ood_score']:.3f} <= {r['ood_threshold']:.3f})"
             lines.append(f"{r['file']:<{width}}  {tops}")
     return "\n".join(lines)

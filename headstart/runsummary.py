@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from headstart.files import read_json
+from headstart.modelcard import CARD_FILE
 
 
 def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skipped: list[str],
@@ -25,6 +26,7 @@ def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skippe
             "",
         ]
     lines += candidates_table(root, params)
+    lines += exports_table(root, params)
     lines += ["", "| step | status | seconds |", "|---|---|---|"]
     for name in steps:
         status = "ran" if name in ran else "up to date" if name in skipped else "-"
@@ -32,7 +34,7 @@ def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skippe
     lines += [
         "",
         f"**Plots**: `{params.paths.plots}/` (curves.png, *_confusion.png, release_samples.png, "
-        "learning_curve.png)",
+        "release_reliability.png, learning_curve.png)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -58,6 +60,8 @@ def candidates_table(root: Path, params) -> list[str]:
     lines += ["", f"**Released**: {selection['winner']}, chosen on {selection['reason']} "
               f"(the test split was not looked at). Model: `{params.paths.release}/model.keras`.",
               ""]  # fmt: skip
+    lines += trust_lines(read_json(metrics_dir / "release.json"),
+                         params.path("release", root) / "ood.json")  # fmt: skip
     curve = metrics_dir / "learning_curve.json"
     if curve.exists():
         points = read_json(curve)["points"]
@@ -65,3 +69,45 @@ def candidates_table(root: Path, params) -> list[str]:
                   + ", ".join(f"{k} of the training images ({v['images']}): {v['cv_accuracy']:.3f}"
                               for k, v in points.items()), ""]  # fmt: skip
     return lines
+
+
+def trust_lines(release: dict, ood_path: Path) -> list[str]:
+    """Calibration (ECE on test before/after the temperature) and the "unknown" threshold."""
+    if "ece" not in release or not ood_path.exists():  # from before these existed
+        return []
+    ood = read_json(ood_path)
+    return [f"**Confidence**: temperature {release['temperature']:.3f} (fitted on validation); "
+            f"test ECE {release['ece']:.4f} before, {release['ece_calibrated']:.4f} after; "
+            "`headstart predict` reports the calibrated probabilities.", "",
+            f"**Unknown answers** (`headstart predict --reject`): {ood['method']} distance of "
+            f"the backbone's features to the nearest class centroid; the threshold keeps "
+            f"{100 * ood['val_kept']:.1f} % of the validation images (chosen there) and "
+            f"{100 * release['ood_kept']:.1f} % of the test images.", ""]  # fmt: skip
+
+
+def exports_table(root: Path, params) -> list[str]:
+    """The exports with their agreement with the Keras release on test, size and latency (or
+    why a format is not available), from export.json."""
+    record_path = params.path("export", root) / "export.json"
+    if not record_path.exists():
+        return []
+    record = read_json(record_path)
+    reference = record["reference"]
+    lines = [f"**Exports** (`{params.paths.export}/`; agreement with the Keras release on "
+             f"{record['test_images']} test images, single-image latency on this CPU):", "",
+             "| format | agreement | max \\|Δp\\| | size | latency |", "|---|---|---|---|---|",
+             f"| keras (release) | | | {_megabytes(reference['bytes'])} | "
+             f"{reference['latency_ms']:.1f} ms |"]  # fmt: skip
+    for name, result in record["formats"].items():
+        if not result["available"]:
+            reason = result["reason"].replace("|", "\\|")
+            lines.append(f"| {name} | not available: {reason} | | | |")
+            continue
+        diff = "-" if result["max_abs_diff"] is None else f"{result['max_abs_diff']:.1e}"
+        lines.append(f"| {name} | {100 * result['agreement']:.2f} % | {diff} | "
+                     f"{_megabytes(result['bytes'])} | {result['latency_ms']:.1f} ms |")  # fmt: skip
+    return [*lines, "", f"**Model card**: `{params.paths.export}/{CARD_FILE}`", ""]
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.2f} MB"

@@ -15,7 +15,7 @@ from pathlib import Path
 from headstart import pipeline
 from headstart.errors import UserError
 from headstart.params import Params
-from tasks import baseline, evaluate, freeze, head, plots, prepare, select, weights
+from tasks import baseline, evaluate, export, freeze, head, plots, prepare, select, weights
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ STEPS = (
     Step("select", "select_model", "release", select.run),
     Step("evaluate", "evaluate", "metrics", evaluate.run),
     Step("plots", "plot_results", "plots", plots.run),
+    Step("export", "export_model", "export", export.run),
 )
 STEP_NAMES = tuple(step.name for step in STEPS)
 

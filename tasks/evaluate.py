@@ -1,5 +1,10 @@
 """evaluate: every candidate and the release, once, on the held-out test split ->
-artifacts/metrics/ (DVC metrics). The only step that reads the test split's labels."""
+artifacts/metrics/ (DVC metrics). The only step that reads the test split's labels.
+
+For the release also: the expected calibration error before and after its temperature
+(`ece`, `ece_calibrated`; the reliability tables behind them in release_calibration.json, for
+the plots step), and the fraction of test images its OOD threshold keeps (`ood_kept`), scored
+with the release's own copy of the backbone, as `headstart predict --reject` does."""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart import calibration, ood
 from headstart.artifacts import (
+    BACKBONE_FILE,
     MODEL_FILE,
     PROBABILITIES_FILE,
     PRODUCERS,
@@ -33,6 +40,32 @@ def _write_predictions(path: Path, files: list[str], labels, probabilities, clas
         for file, label, row in zip(files, labels, probabilities, strict=True):
             best = int(np.argmax(row))
             writer.writerow([file, classes[label], classes[best], f"{row[best]:.4f}"])
+
+
+def release_extras(release_dir: Path, images, probabilities: np.ndarray,
+                   labels: np.ndarray) -> tuple[dict, dict]:  # fmt: skip
+    """(flat metrics, reliability tables) of the release's calibration and OOD threshold on test."""
+    import keras
+
+    from headstart.training import predict
+
+    require(release_dir / calibration.CALIBRATION_FILE, "select")
+    temperature = calibration.read_temperature(release_dir)
+    calibrated = calibration.apply_temperature(probabilities, temperature)
+    before = calibration.reliability(probabilities, labels)
+    after = calibration.reliability(calibrated, labels)
+    detector, _ = ood.load(release_dir)
+    backbone = keras.saving.load_model(require(release_dir / BACKBONE_FILE, "select"))
+    scores = detector.score(predict(backbone, images)) if len(labels) else np.zeros(0)
+    metrics = {
+        "temperature": temperature,
+        "ece": before["ece"],
+        "ece_calibrated": after["ece"],
+        "loss_calibrated": calibration.negative_log_likelihood(calibrated, labels),
+        "ood_threshold": detector.threshold,
+        "ood_kept": float(np.mean(scores <= detector.threshold)) if len(scores) else 1.0,
+    }
+    return metrics, {"temperature": temperature, "before": before, "after": after}
 
 
 def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], out_dir: Path | str,
@@ -66,17 +99,24 @@ def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], out_dir: Pat
     if gap > RELEASE_TOLERANCE:
         raise RuntimeError(f"evaluate: the released model differs from {selection['winner']} by "
                            f"{gap:.2e} in probability on the test split; rerun select")  # fmt: skip
+    extras, tables = release_extras(model_dirs["release"], x, probabilities["release"], labels)
     with atomic_dir(out_dir) as tmp:
         for name, p in probabilities.items():
             metrics, confusion = classification_metrics(p, labels, classes, params.evaluate.top_k)
             if name in selection["candidates"]:
                 metrics.update(selection["candidates"][name])  # its validation figures too
             metrics["released"] = name == selection["winner"] or name == "release"
+            if name == "release":
+                metrics.update(extras)
             write_json(tmp / f"{name}.json", metrics)
             write_json(tmp / f"{name}_confusion.json", {"classes": classes, "matrix": confusion})
             _write_predictions(tmp / f"{name}_predictions.csv", test_files, labels, p, classes)
             log.info("evaluate: %s test accuracy %.4f, macro-F1 %.4f", name, metrics["accuracy"],
                      metrics["macro_f1"])  # fmt: skip
+        write_json(tmp / "release_calibration.json", tables)
+        log.info("evaluate: release ECE %.4f -> %.4f calibrated (T = %.3f); OOD threshold keeps "
+                 "%.1f %% of the test images", extras["ece"], extras["ece_calibrated"],
+                 extras["temperature"], 100 * extras["ood_kept"])  # fmt: skip
         curve = model_dirs["transfer"] / "learning_curve.json"
         if curve.is_file():
             shutil.copy(curve, tmp / "learning_curve.json")

@@ -45,6 +45,9 @@ def plot_results(prepared_dir: Path | str, histories: dict[str, tuple[Path, str]
             [rows[i]["predicted"] for i in picks],
             "release: test predictions (errors in red)",
         )
+        tables = read_json(require(metrics_dir / "release_calibration.json", "evaluate"))
+        figures["release_reliability.png"] = plotting.reliability_diagram(
+            tables["before"], tables["after"], tables["temperature"])  # fmt: skip
         curve_file = metrics_dir / "learning_curve.json"
         if curve_file.is_file():
             curve = read_json(curve_file)

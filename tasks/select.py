@@ -7,6 +7,12 @@ wins, unless a simpler candidate is within one paired standard error of it (a ti
 the simpler one wins). The test split is never read here. The release is one end-to-end Keras
 model whatever won: raw RGB image of any size in, class probabilities out (the ensemble holds
 both networks).
+
+Beside it: calibration.json (the temperature for the winner's probabilities, fitted on the
+validation split), and what `headstart predict --reject` needs to answer "unknown": ood.npz and
+ood.json (class centroids of the frozen backbone's training features, and the threshold that
+keeps `ood.keep` of the validation images) with a copy of that backbone, backbone.keras, so the
+release folder predicts on its own.
 """
 
 from __future__ import annotations
@@ -17,12 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart import calibration, ood
 from headstart.artifacts import (
+    BACKBONE_FILE,
     MODEL_FILE,
     PROBABILITIES_FILE,
+    load_features,
     load_probabilities,
     load_split,
 )
+from headstart.errors import UserError
 from headstart.files import atomic_dir, read_json, require, write_json
 from headstart.metrics import (
     classification_metrics,
@@ -71,22 +81,46 @@ def release_model(winner: str, baseline, transfer, image_size: int, weight: floa
     resized = layers.Resizing(image_size, image_size, interpolation="bilinear",
                               name="resize")(inputs)  # fmt: skip
     if winner == "baseline":
-        return keras.Model(inputs, baseline(resized), name="release_baseline")
+        return keras.Model(inputs, baseline(resized, training=False), name="release_baseline")
     mixed = layers.Add(name="weighted_mean")([
-        layers.Rescaling(weight, name="transfer_share")(transfer(inputs)),
-        layers.Rescaling(1.0 - weight, name="baseline_share")(baseline(resized)),
+        layers.Rescaling(weight, name="transfer_share")(transfer(inputs, training=False)),
+        layers.Rescaling(1.0 - weight, name="baseline_share")(baseline(resized, training=False)),
     ])  # fmt: skip
     return keras.Model(inputs, mixed, name="release_ensemble")
 
 
+def fit_detector(features_dir: Path, prepared_dir: Path, classes: int,
+                 params: Params) -> tuple[ood.Detector, dict]:  # fmt: skip
+    """The OOD detector: centroids from the training features (the unaugmented view: the first
+    rows, one per training image), threshold keeping `ood.keep` of the validation features."""
+    f_train, y_train = load_features(features_dir, "train")
+    f_val, y_val = load_features(features_dir, "val")
+    train_labels = np.load(prepared_dir / "train_labels.npy")
+    if not (np.array_equal(y_train[: len(train_labels)], train_labels)
+            and np.array_equal(y_val, np.load(prepared_dir / "val_labels.npy"))):  # fmt: skip
+        raise UserError(f"{features_dir}: the feature cache does not match {prepared_dir}; "
+                        "run `headstart step head` first")  # fmt: skip
+    train_images = len(train_labels)
+    detector, record = ood.fit(f_train[:train_images], train_labels, classes, params.ood.method)
+    scores = detector.score(f_val)
+    threshold = ood.choose_threshold(scores, params.ood.keep)
+    record.update(keep=params.ood.keep, val_images=int(len(scores)),
+                  val_kept=float(np.mean(scores <= threshold)) if len(scores) else 1.0)  # fmt: skip
+    return ood.Detector(detector.method, detector.centroids, detector.whitening, threshold), record
+
+
 def select(prepared_dir: Path | str, baseline_dir: Path | str, transfer_dir: Path | str,
-           out_dir: Path | str, params: Params) -> Path:  # fmt: skip
+           features_dir: Path | str, backbone_dir: Path | str, out_dir: Path | str,
+           params: Params) -> Path:  # fmt: skip
     import keras
 
     from headstart.training import predict
 
     prepared_dir, baseline_dir, transfer_dir = map(Path, (prepared_dir, baseline_dir, transfer_dir))
-    require(prepared_dir / "labels.json", "prepare")
+    features_dir, backbone_dir = Path(features_dir), Path(backbone_dir)
+    classes = read_json(require(prepared_dir / "labels.json", "prepare"))["classes"]
+    require(backbone_dir / BACKBONE_FILE, "freeze")
+    require(features_dir / "features.json", "head")
     baseline = keras.saving.load_model(require(baseline_dir / MODEL_FILE, "baseline"))
     transfer = keras.saving.load_model(require(transfer_dir / MODEL_FILE, "head"))
     require(transfer_dir / PROBABILITIES_FILE, "head")
@@ -97,19 +131,29 @@ def select(prepared_dir: Path | str, baseline_dir: Path | str, transfer_dir: Pat
     probabilities["ensemble"] = ensemble_probabilities(probabilities["baseline"],
                                                        probabilities["transfer"], weight)  # fmt: skip
     winner, reason, metrics = choose(probabilities, y_val)
+    calibrated = calibration.fit(probabilities[winner], y_val)
+    detector, detector_record = fit_detector(features_dir, prepared_dir, len(classes), params)
     finetuned = read_json(transfer_dir / "transfer.json").get("finetune", {}).get("kept", False)
     model = release_model(winner, baseline, transfer, params.base.image_size, weight)
     with atomic_dir(out_dir) as tmp:
         model.save(tmp / MODEL_FILE)
         shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")
+        write_json(tmp / calibration.CALIBRATION_FILE, calibrated)
+        shutil.copy(backbone_dir / BACKBONE_FILE, tmp / BACKBONE_FILE)
+        ood.save(detector, tmp, detector_record)
         write_json(tmp / "selection.json", {
             "winner": winner, "reason": reason, "ensemble_transfer_weight": weight,
             "transfer_is_finetuned": finetuned, "candidates": metrics,
         })  # fmt: skip
     log.info("select: released %s (%s)", winner, reason)
+    log.info("select: temperature %.3f (validation NLL %.4f -> %.4f); %s OOD threshold %.4g "
+             "keeps %.1f %% of validation", calibrated["temperature"],
+             calibrated["val_nll_before"], calibrated["val_nll_after"], detector.method,
+             detector.threshold, 100 * detector_record["val_kept"])  # fmt: skip
     return Path(out_dir)
 
 
 def run(params: Params, root: Path) -> Path:
     return select(params.path("prepared", root), params.path("baseline", root),
-                  params.path("transfer", root), params.path("release", root), params)  # fmt: skip
+                  params.path("transfer", root), params.path("features", root),
+                  params.path("backbone", root), params.path("release", root), params)  # fmt: skip

@@ -31,7 +31,7 @@ def test_unknown_step_is_one_line_error():
     assert result.returncode == 1
     assert result.stderr.strip() == (
         "error: unknown step 'train' (steps: prepare, baseline, weights, freeze, head, select, "
-        "evaluate, plots)"
+        "evaluate, plots, export)"
     )
 
 

@@ -27,6 +27,7 @@ ARTIFACTS = [
     "artifacts/transfer/model.keras", "artifacts/release/model.keras",
     "artifacts/release/selection.json", "artifacts/metrics/transfer.json",
     "artifacts/metrics/release.json", "artifacts/plots/curves.png",
+    "artifacts/export/export.json", "artifacts/export/MODEL_CARD.md",
 ]  # fmt: skip
 
 
@@ -40,7 +41,7 @@ def set_param(root: Path, old: str, new: str) -> None:
 def test_the_first_flow_run_runs_every_step_and_records_it(trained_project):
     first, root = trained_project.first_run, trained_project.root
     assert first["ran"] == ["prepare", "baseline", "weights", "freeze", "head", "select",
-                            "evaluate", "plots"]  # fmt: skip
+                            "evaluate", "plots", "export"]  # fmt: skip
     assert all((root / name).is_file() for name in ARTIFACTS)
     assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
     assert "| transfer |" in first["summary"] and "quarantined" in first["summary"]
@@ -51,11 +52,11 @@ def test_the_flow_skips_current_steps_and_reruns_what_a_param_touches(trained_co
     from flows.pipeline import pipeline_flow
 
     again = pipeline_flow(root=str(trained_copy))
-    assert again["ran"] == [] and len(again["skipped"]) == 8
+    assert again["ran"] == [] and len(again["skipped"]) == 9
 
     params_module.write_overrides(trained_copy / "params.yaml", ["head.epochs=1"])
     changed = pipeline_flow(root=str(trained_copy))
-    assert changed["ran"] == ["head", "select", "evaluate", "plots"]
+    assert changed["ran"] == ["head", "select", "evaluate", "plots", "export"]
     assert run_in(trained_copy, "dvc", "status", "--json").stdout.strip() == "{}"
     marker = json.loads((trained_copy / "artifacts/transfer/.headstart-output").read_text())
     assert marker["params"]["head"]["epochs"] == 1  # the outputs are this run's
@@ -107,11 +108,22 @@ def test_promotion_uses_the_release_and_keeps_a_better_champion(trained_copy):
     constant_model(release, minority, 2)
     worse = promote_from_params(params, trained_copy)
     assert not worse["promoted"] and worse["challenger"] < worse["champion"]
+    assert (worse["test"]["b"], worse["test"]["c"]) == (counts[minority], counts[majority])
+    assert not worse["recall"][majority]["ok"]  # its recall falls from 1 to 0
     assert (champion / "model.keras").read_bytes() == installed  # the champion stays
 
-    constant_model(release, majority, 2)
+    constant_model(release, majority, 2)  # the same answers: under the default rule no evidence
     equal = promote_from_params(params, trained_copy)
-    assert equal["promoted"] and equal["challenger"] == equal["champion"]
+    assert not equal["promoted"] and equal["challenger"] == equal["champion"]
+    assert (equal["test"]["b"], equal["test"]["c"], equal["test"]["p_value"]) == (0, 0, 1.0)
+    assert (champion / "model.keras").read_bytes() == installed
+
+    params_module.write_overrides(trained_copy / "params.yaml", ["promotion.rule=at_least"])
+    params = params_module.load(trained_copy / "params.yaml")
+    at_least = promote_from_params(params, trained_copy)  # the old rule: a tie replaces it
+    assert at_least["promoted"] and at_least["rule"] == "at_least"
+    assert (champion / "model.keras").read_bytes() == (release / "model.keras").read_bytes()
+    assert json.loads((champion / "promotion.json").read_text())["test"]["b"] == 0
 
 
 def test_cli_status_here_and_from_another_folder_and_a_refused_override(trained_copy, tmp_path):
@@ -137,7 +149,8 @@ def test_dvc_repro_orders_the_stages_as_the_steps_run():
     assert all(order[a] < order[b] for a, b in edges if a in order), edges
     assert {("data.dvc", "prepare"), ("weights", "freeze"), ("freeze", "head"),
             ("prepare", "head"), ("baseline", "select"), ("head", "select"),
-            ("select", "evaluate"), ("evaluate", "plots")} <= edges  # fmt: skip
+            ("select", "evaluate"), ("evaluate", "plots"), ("select", "export"),
+            ("evaluate", "export")} <= edges  # fmt: skip
 
 
 def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path):
@@ -147,7 +160,8 @@ def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path
     experiment = run_in(root, "dvc", "exp", "run", "-S", "evaluate.top_k=1")
     ran = [line.split("'")[1] for line in experiment.stdout.splitlines()
            if line.startswith("Running stage")]  # fmt: skip
-    assert ran == ["evaluate", "plots"]  # what reads evaluate.top_k, and what comes after
+    # what reads evaluate.top_k, and what comes after (export: its model card lists every param)
+    assert ran == ["evaluate", "plots", "export"]
     assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
     diff = run_in(root, "dvc", "metrics", "diff", "--json")
     changed = json.loads(diff.stdout)["artifacts/metrics/transfer.json"]

@@ -199,7 +199,8 @@ def test_an_ensemble_release_is_the_weighted_mean_of_its_members(project, tmp_pa
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
     x = np.random.default_rng(1).uniform(0, 255, (4, 45, 37, 3)).astype("float32")
     resized = keras.layers.Resizing(params.base.image_size, params.base.image_size)(x)
-    expected = 0.3 * np.asarray(transfer(x)) + 0.7 * np.asarray(baseline(resized))
+    expected = (0.3 * np.asarray(transfer(x, training=False))
+                + 0.7 * np.asarray(baseline(resized, training=False)))  # fmt: skip
     assert np.allclose(np.asarray(loaded(x)), expected, atol=1e-5)
 
 
@@ -233,7 +234,7 @@ def test_plots_are_written(project):
     out = params.path("plots", root)
     names = sorted(p.name for p in out.iterdir() if p.name != MARKER)
     assert names == ["baseline_confusion.png", "curves.png", "learning_curve.png",
-                     "release_confusion.png", "release_samples.png",
+                     "release_confusion.png", "release_reliability.png", "release_samples.png",
                      "transfer_confusion.png"]  # fmt: skip
     from PIL import Image
 

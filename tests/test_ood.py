@@ -1,0 +1,101 @@
+"""The OOD score behind "unknown" answers (headstart/ood.py), on small arrays checked against
+direct formulas and scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from headstart import ood
+from headstart.errors import UserError
+
+
+def blobs(seed: int = 0, per_class: int = 60, classes: int = 3, width: int = 8):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (classes, width)) + 3
+    labels = np.repeat(np.arange(classes), per_class)
+    return centres[labels] + rng.normal(0, 0.3, (len(labels), width)), labels
+
+
+@pytest.mark.parametrize("n", [1, 7, 20, 212, 1000])
+def test_the_threshold_keeps_at_least_the_asked_fraction(n):
+    scores = np.random.default_rng(n).normal(size=n)
+    for keep in (0.5, 0.9, 0.95, 1.0):
+        threshold = ood.choose_threshold(scores, keep)
+        kept = np.mean(scores <= threshold)
+        assert kept >= keep
+        assert kept - 1 / n < keep  # one image fewer would not do: the fewest that keep enough
+        ordered = np.sort(scores)
+        kept_images = round(kept * n)
+        assert threshold > ordered[kept_images - 1]  # no score sits on the threshold
+        if kept_images < n:  # halfway to the first score past it
+            assert threshold == pytest.approx((ordered[kept_images - 1] + ordered[kept_images]) / 2)
+
+
+def test_ledoit_wolf_matches_scikit_learn():
+    from sklearn.covariance import ledoit_wolf
+
+    x = np.random.default_rng(0).normal(size=(40, 60)) * np.linspace(0.5, 2, 60)
+    x -= x.mean(axis=0)
+    ours, shrinkage = ood.ledoit_wolf(x)
+    theirs, their_shrinkage = ledoit_wolf(x, assume_centered=True)
+    assert shrinkage == pytest.approx(their_shrinkage)
+    assert np.allclose(ours, theirs)
+
+
+def test_cosine_score_is_one_minus_the_best_cosine_similarity():
+    features, labels = blobs()
+    detector, record = ood.fit(features, labels, 3, "cosine")
+    assert record["method"] == "cosine" and record["train_images"] == 180
+    x = np.random.default_rng(1).normal(size=(5, 8))
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    centroids = unit(np.stack([unit(features[labels == c]).mean(axis=0) for c in range(3)]))
+    expected = 1 - (unit(x) @ centroids.T).max(axis=1)
+    assert np.allclose(detector.score(x), expected)
+
+
+def test_mahalanobis_score_is_the_distance_to_the_nearest_centroid():
+    features, labels = blobs()
+    detector, record = ood.fit(features, labels, 3, "mahalanobis")
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    means = np.stack([unit[labels == c].mean(axis=0) for c in range(3)])
+    covariance, shrinkage = ood.ledoit_wolf(unit - means[labels])
+    assert record["shrinkage"] == shrinkage
+    precision = np.linalg.inv(covariance)
+    x = np.random.default_rng(2).normal(size=(5, 8)) + 3
+    x_unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    expected = np.sqrt(np.min([np.einsum("ij,jk,ik->i", x_unit - m, precision, x_unit - m)
+                               for m in means], axis=0))  # fmt: skip
+    assert np.allclose(detector.score(x), expected)
+
+
+@pytest.mark.parametrize("method", ["mahalanobis", "cosine"])
+def test_far_features_score_past_a_threshold_that_keeps_the_known_ones(method, tmp_path):
+    features, labels = blobs(per_class=100)
+    detector, record = ood.fit(features[::2], labels[::2], 3, method)
+    threshold = ood.choose_threshold(detector.score(features[1::2]), 0.95)
+    fitted = ood.Detector(detector.method, detector.centroids, detector.whitening, threshold)
+    far = np.random.default_rng(3).normal(0, 1, (50, 8)) - 3  # another part of feature space
+    assert fitted.unknown(fitted.score(far)).all()
+    ood.save(fitted, tmp_path, {**record, "keep": 0.95})
+    loaded, stored = ood.load(tmp_path)
+    assert stored["threshold"] == threshold and stored["keep"] == 0.95
+    assert np.allclose(loaded.score(far), fitted.score(far), rtol=1e-4)  # float32 on disk
+
+
+def test_a_missing_or_damaged_detector_is_a_one_line_error(tmp_path):
+    with pytest.raises(UserError, match="ood.json: missing; --reject needs a release"):
+        ood.load(tmp_path)
+    (tmp_path / ood.OOD_FILE).write_text('{"method": "mahalanobis", "threshold": 1.0}')
+    np.savez(tmp_path / ood.OOD_ARRAYS, centroids=np.zeros((2, 3)))
+    with pytest.raises(UserError, match="incomplete method 'mahalanobis'"):
+        ood.load(tmp_path)
+    (tmp_path / ood.OOD_ARRAYS).write_bytes(b"not an npz")
+    with pytest.raises(UserError, match="unreadable OOD detector"):
+        ood.load(tmp_path)
+
+
+def test_an_unknown_method_names_the_setting():
+    features, labels = blobs()
+    with pytest.raises(UserError, match="ood.method must be one of mahalanobis, cosine"):
+        ood.fit(features, labels, 3, "knn")

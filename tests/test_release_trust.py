@@ -1,0 +1,269 @@
+"""Calibrated confidence and "unknown" answers through the steps (select fits them, evaluate
+scores them on test, plots draws the reliability diagram, predict applies them), on a tiny real
+project with a random-weight backbone (plumbing), and on demo images with the real Lite0
+weights (slow)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import git_clone, run_cli, small_params, write_good_images
+from PIL import Image
+
+import tasks
+from headstart import calibration, ood
+from headstart.artifacts import load_features
+from headstart.files import read_json
+
+
+def write_random_backbone(out: Path, image_size: int = 32, seed: int = 0) -> None:
+    import keras
+
+    from headstart import backbones
+
+    keras.utils.set_random_seed(seed)  # the same random weights every run
+    out.mkdir(parents=True, exist_ok=True)
+    extractor = backbones.freeze(
+        backbones.feature_extractor(backbones.efficientnet_lite0(image_size), "top_activation")
+    )
+    extractor.save(out / "backbone.keras")
+
+
+def write_photos(folder: Path) -> list[Path]:
+    """Natural photos bundled with scikit-image and scikit-learn, as PNG and JPEG files."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "camera")}
+    arrays["china"] = load_sample_images().images[0]
+    paths = []
+    for index, (name, array) in enumerate(arrays.items()):
+        paths.append(folder / f"{name}.{'jpg' if index % 2 else 'png'}")
+        Image.fromarray(array).save(paths[-1])
+    return paths
+
+
+def write_noise(folder: Path, count: int = 3) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"noise_{i}.png" for i in range(count)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, object]:
+    root = tmp_path_factory.mktemp("trust")
+    write_good_images(root / "data", classes=3, per_class=12)
+    params = small_params()
+    write_random_backbone(params.path("backbone", root))
+    for name in ("prepare", "baseline", "head", "select", "evaluate", "plots"):
+        tasks.get(name).run(params, root)
+    return root, params
+
+
+def test_select_stores_a_temperature_fitted_on_validation(project):
+    from headstart.artifacts import load_probabilities, load_split
+
+    root, params = project
+    release = params.path("release", root)
+    record = read_json(release / calibration.CALIBRATION_FILE)
+    selection = read_json(release / "selection.json")
+    _, y_val = load_split(params.path("prepared", root), "val")
+    assert record["val_images"] == len(y_val) and record["temperature"] > 0
+    assert record["val_nll_after"] <= record["val_nll_before"]
+    assert record["val_nll_before"] == pytest.approx(
+        selection["candidates"][selection["winner"]]["val_loss"], abs=1e-4)  # fmt: skip
+    if selection["winner"] == "transfer":  # recorded by head: the fit can be redone here
+        p = load_probabilities(params.path("transfer", root), "val")
+        assert record["temperature"] == pytest.approx(calibration.fit_temperature(p, y_val))
+
+
+def test_the_release_folder_holds_what_reject_needs(project):
+    root, params = project
+    release = params.path("release", root)
+    assert (release / "backbone.keras").read_bytes() == (
+        params.path("backbone", root) / "backbone.keras").read_bytes()  # fmt: skip
+    detector, record = ood.load(release)
+    assert record["method"] == params.ood.method and record["keep"] == params.ood.keep
+    f_val, _ = load_features(params.path("features", root), "val")
+    scores = detector.score(f_val)
+    assert np.mean(scores <= detector.threshold) >= params.ood.keep  # by construction
+    assert record["val_kept"] == pytest.approx(np.mean(scores <= detector.threshold))
+    n_train = len(np.load(params.path("prepared", root) / "train_labels.npy"))
+    assert record["train_images"] == n_train
+
+
+def test_calibration_and_threshold_never_read_the_test_split(project, tmp_path):
+    root, params = project
+    copy = Path(shutil.copytree(root, tmp_path / "copy"))
+    features = params.path("features", copy) / "test_features.npy"
+    np.save(features, -np.load(features))
+    prepared = params.path("prepared", copy)
+    np.save(prepared / "test_labels.npy", np.roll(np.load(prepared / "test_labels.npy"), 1))
+    tasks.get("select").run(params, copy)
+    for name in (calibration.CALIBRATION_FILE, ood.OOD_FILE, ood.OOD_ARRAYS):
+        assert (params.path("release", copy) / name).read_bytes() == (
+            params.path("release", root) / name).read_bytes(), name  # fmt: skip
+
+
+def test_a_stale_feature_cache_is_a_one_line_error(project, tmp_path):
+    from headstart.errors import UserError
+
+    root, params = project
+    copy = Path(shutil.copytree(root, tmp_path / "copy"))
+    labels = params.path("features", copy) / "val_labels.npy"
+    np.save(labels, np.roll(np.load(labels), 1))
+    with pytest.raises(UserError, match="feature cache does not match .*run `headstart step head`"):
+        tasks.get("select").run(params, copy)
+
+
+def test_evaluate_reports_ece_before_and_after_on_test(project):
+    import keras
+
+    from headstart.artifacts import load_split
+    from headstart.training import predict
+
+    root, params = project
+    metrics = read_json(params.path("metrics", root) / "release.json")
+    release = params.path("release", root)
+    x, y = load_split(params.path("prepared", root), "test")
+    p = predict(keras.saving.load_model(release / "model.keras"), x)
+    temperature = read_json(release / calibration.CALIBRATION_FILE)["temperature"]
+    calibrated = calibration.apply_temperature(p, temperature)
+    assert metrics["temperature"] == temperature
+    assert metrics["ece"] == pytest.approx(calibration.expected_calibration_error(p, y), abs=1e-5)
+    assert metrics["ece_calibrated"] == pytest.approx(
+        calibration.expected_calibration_error(calibrated, y), abs=1e-5)  # fmt: skip
+    assert metrics["ece_calibrated"] <= metrics["ece"] + 1e-9
+    tables = read_json(params.path("metrics", root) / "release_calibration.json")
+    assert sum(tables["before"]["counts"]) == sum(tables["after"]["counts"]) == len(y)
+    assert tables["after"]["ece"] == metrics["ece_calibrated"]
+    assert (
+        0 <= metrics["ood_kept"] <= 1 and metrics["ood_threshold"] == ood.load(release)[0].threshold
+    )
+
+
+def test_the_reliability_diagram_is_drawn(project):
+    root, params = project
+    figure = params.path("plots", root) / "release_reliability.png"
+    assert Image.open(figure).size[0] > 500
+
+
+def test_predict_reports_the_temperature_scaled_probabilities(project, tmp_path):
+    import keras
+
+    from headstart import images, predicting
+
+    root, params = project
+    release = Path(shutil.copytree(params.path("release", root), tmp_path / "release"))
+    record = read_json(release / calibration.CALIBRATION_FILE)
+    (release / calibration.CALIBRATION_FILE).write_text(json.dumps({**record, "temperature": 2.5}))
+    files = sorted((root / "data" / "class_1").iterdir())[:3]
+    results = predicting.predict_paths(release / "model.keras", files, top_k=3)
+    model = keras.saving.load_model(release / "model.keras")
+    raw = np.asarray(model(np.stack([images.load(f, 32) for f in files]).astype("float32")))
+    expected = calibration.apply_temperature(raw, 2.5)
+    classes = read_json(release / "labels.json")["classes"]
+    for result, row, plain in zip(results, expected, raw, strict=True):
+        assert result["calibrated"] is True and "ood_score" not in result
+        got = dict(result["top"])
+        assert [got[c] for c in classes] == pytest.approx(row.tolist(), abs=1e-5)
+        assert not np.allclose([got[c] for c in classes], plain, atol=1e-3)  # T = 2.5 shows
+    (release / calibration.CALIBRATION_FILE).unlink()
+    plain_results = predicting.predict_paths(release / "model.keras", files, top_k=3)
+    assert all(r["calibrated"] is False for r in plain_results)
+    assert [dict(r["top"])[classes[0]] for r in plain_results] == pytest.approx(
+        raw[:, 0].tolist(), abs=1e-5)  # fmt: skip
+
+
+def test_predict_reject_answers_unknown_for_photos_and_noise(project, tmp_path):
+    root, params = project
+    model = params.path("release", root) / "model.keras"
+    strangers = write_photos(tmp_path / "photos") + write_noise(tmp_path / "noise")
+    own = sorted((root / "data" / "class_0").iterdir())[:4]
+    result = run_cli("predict", str(model), *map(str, strangers + own), "--reject", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {Path(row["file"]).name: row for row in json.loads(result.stdout)}
+    threshold = read_json(model.parent / ood.OOD_FILE)["threshold"]
+    for path in strangers:
+        row = rows[path.name]
+        assert row["unknown"] is True and "top" not in row, row
+        assert row["ood_score"] > row["ood_threshold"] == threshold
+    assert sum(not rows[path.name]["unknown"] for path in own) >= 3  # training images: known
+    for path in own:
+        row = rows[path.name]
+        assert row["unknown"] == (row["ood_score"] > threshold)
+        assert ("top" in row) == (not row["unknown"])
+    from headstart import predicting
+
+    text = predicting.render([rows[strangers[0].name], rows[own[0].name]], as_json=False)
+    assert f"{strangers[0]}  unknown (OOD score {rows[strangers[0].name]['ood_score']:.3f} > " \
+           f"threshold {threshold:.3f})" in text  # fmt: skip
+    (plain,) = predicting.predict_paths(model, strangers[:1])
+    assert "unknown" not in plain and plain["top"][0][0].startswith("class_")  # without --reject
+
+
+def test_predict_reject_without_a_detector_is_one_line(project, tmp_path):
+    root, params = project
+    model = params.path("transfer", root) / "model.keras"  # no ood.json beside it
+    image = sorted((root / "data" / "class_0").iterdir())[0]
+    result = run_cli("predict", str(model), str(image), "--reject")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {model.parent}/ood.json: missing; --reject needs a release made by "
+        "`headstart step select` (rerun it)"
+    )
+
+
+@pytest.mark.slow
+def test_real_lite0_on_demo_images_rejects_photos_and_keeps_its_own(tmp_path):
+    """The issue's check, scaled down: 40 demo images per class at 64 px, the real weights."""
+    clone = git_clone(tmp_path / "clone")
+    dvc = Path(sys.executable).with_name("dvc")
+    subprocess.run([str(dvc), "pull", "-q", "data.dvc"], cwd=clone, check=True)
+    root = tmp_path / "project"
+    for folder in sorted((clone / "data").iterdir()):
+        (root / "data" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:40]:
+            shutil.copy(image, root / "data" / folder.name / image.name)
+    params = small_params(base={"image_size": 64}, baseline={"epochs": 1},
+                          head={"config": "linear", "epochs": 10},
+                          prepare={"val_fraction": 0.25, "test_fraction": 0.25})  # fmt: skip
+    for name in ("prepare", "baseline", "weights", "freeze", "head", "select"):
+        tasks.get(name).run(params, root)
+    from headstart import predicting
+
+    model = params.path("release", root) / "model.keras"
+    photos = predicting.predict_paths(model, write_photos(tmp_path / "photos"), reject=True)
+    with open(params.path("prepared", root) / "manifest.csv") as handle:
+        test_files = [root / "data" / row["file"] for row in csv.DictReader(handle)
+                      if row["split"] == "test"]  # fmt: skip
+    own = predicting.predict_paths(model, test_files, reject=True)
+    rejected = np.mean([r["unknown"] for r in photos])
+    kept = np.mean([not r["unknown"] for r in own])
+    assert len(own) >= 90
+    assert rejected >= 0.8, [(r["file"], r["ood_score"]) for r in photos]
+    assert kept >= 0.88, kept  # 95 % of validation by construction; ~100 test images swing ±2.5
+
+
+def test_the_run_summary_reports_calibration_and_the_threshold(project):
+    from headstart.runsummary import candidates_table
+
+    root, params = project
+    metrics = read_json(params.path("metrics", root) / "release.json")
+    record = read_json(params.path("release", root) / ood.OOD_FILE)
+    text = "\n".join(candidates_table(root, params))
+    assert (f"test ECE {metrics['ece']:.4f} before, {metrics['ece_calibrated']:.4f} after"
+            in text)  # fmt: skip
+    assert (f"keeps {100 * record['val_kept']:.1f} % of the validation images (chosen there) and "
+            f"{100 * metrics['ood_kept']:.1f} % of the test images" in text)  # fmt: skip
