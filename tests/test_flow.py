@@ -132,7 +132,7 @@ def test_cli_status_here_and_from_another_folder_and_a_refused_override(trained_
     params_module.write_overrides(trained_copy / "params.yaml", ["baseline.epochs=3"])
     elsewhere = run_in(tmp_path, "headstart", "status", "--project", str(trained_copy))
     assert [line.split()[-1] for line in elsewhere.stdout.splitlines()] == [
-        "date", "stale", "date", "date", "date", "stale", "stale", "stale"]  # fmt: skip
+        "date", "stale", "date", "date", "date", "stale", "stale", "stale", "stale"]  # fmt: skip
     bad = run_in(trained_copy, "headstart", "run", "-S", "head.epochs=-1", check=False)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
