@@ -182,6 +182,7 @@ SMALL_OVERRIDES = [
     "prepare.test_fraction=0.25", "prepare.min_per_class=3", "baseline.epochs=2",
     "baseline.batch_size=16", "head.epochs=2", "head.batch_size=16", "head.units=32",
     "plots.samples=8",
+    "export.formats=[saved_model]", "export.latency_runs=2",  # all three: tests/test_export.py
 ]  # fmt: skip
 
 
