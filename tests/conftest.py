@@ -157,6 +157,35 @@ def prefect_harness() -> str:
         yield PREFECT_API_URL.value()
 
 
+def write_random_backbone(out: Path, image_size: int = 32, seed: int | None = None) -> None:
+    """A frozen Lite0 with random weights: enough for plumbing (learning needs real weights);
+    `seed`: the same random weights every run."""
+    import keras
+
+    from headstart import backbones
+
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    extractor = backbones.freeze(
+        backbones.feature_extractor(backbones.efficientnet_lite0(image_size), "top_activation")
+    )
+    extractor.save(out / "backbone.keras")
+
+
+def stepped_project(root: Path, seed: int | None = None) -> tuple[Path, params_module.Params]:
+    """A tiny project (3 classes) run through every step but weights/freeze, in-process, on a
+    random frozen backbone (`seed`: see write_random_backbone)."""
+    import tasks
+
+    write_good_images(root / "data", classes=3, per_class=12)
+    params = small_params()
+    write_random_backbone(params.path("backbone", root), seed=seed)
+    for name in ("prepare", "baseline", "head", "select", "evaluate", "plots"):
+        tasks.get(name).run(params, root)
+    return root, params
+
+
 @pytest.fixture
 def good_data(tmp_path: Path) -> Path:
     data = tmp_path / "data"

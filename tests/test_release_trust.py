@@ -14,26 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import git_clone, run_cli, small_params, write_good_images
+from conftest import git_clone, run_cli, small_params, stepped_project
 from PIL import Image
 
 import tasks
 from headstart import calibration, ood
 from headstart.artifacts import load_features
 from headstart.files import read_json
-
-
-def write_random_backbone(out: Path, image_size: int = 32, seed: int = 0) -> None:
-    import keras
-
-    from headstart import backbones
-
-    keras.utils.set_random_seed(seed)  # the same random weights every run
-    out.mkdir(parents=True, exist_ok=True)
-    extractor = backbones.freeze(
-        backbones.feature_extractor(backbones.efficientnet_lite0(image_size), "top_activation")
-    )
-    extractor.save(out / "backbone.keras")
 
 
 def write_photos(folder: Path) -> list[Path]:
@@ -62,13 +49,7 @@ def write_noise(folder: Path, count: int = 3) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, object]:
-    root = tmp_path_factory.mktemp("trust")
-    write_good_images(root / "data", classes=3, per_class=12)
-    params = small_params()
-    write_random_backbone(params.path("backbone", root))
-    for name in ("prepare", "baseline", "head", "select", "evaluate", "plots"):
-        tasks.get(name).run(params, root)
-    return root, params
+    return stepped_project(tmp_path_factory.mktemp("trust"), seed=0)
 
 
 def test_select_stores_a_temperature_fitted_on_validation(project):

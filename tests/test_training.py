@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import git_clone, run_cli, small_params, write_good_images
+from conftest import git_clone, run_cli, small_params, stepped_project
 
 import tasks
 from headstart import backbones
@@ -20,25 +20,10 @@ from headstart.files import MARKER, read_json
 from headstart.metrics import classification_metrics
 
 
-def write_random_backbone(out: Path, image_size: int = 32) -> None:
-    """A frozen Lite0 with random weights: enough for plumbing (learning needs real weights)."""
-    out.mkdir(parents=True, exist_ok=True)
-    extractor = backbones.freeze(
-        backbones.feature_extractor(backbones.efficientnet_lite0(image_size), "top_activation")
-    )
-    extractor.save(out / "backbone.keras")
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, object]:
     """A tiny project run through every step but weights/freeze (random frozen backbone)."""
-    root = tmp_path_factory.mktemp("project")
-    write_good_images(root / "data", classes=3, per_class=12)
-    params = small_params()
-    write_random_backbone(params.path("backbone", root))
-    for name in ("prepare", "baseline", "head", "select", "evaluate", "plots"):
-        tasks.get(name).run(params, root)
-    return root, params
+    return stepped_project(tmp_path_factory.mktemp("project"))
 
 
 def test_baseline_artifacts(project):
