@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -173,16 +175,38 @@ def write_random_backbone(out: Path, image_size: int = 32, seed: int | None = No
     extractor.save(out / "backbone.keras")
 
 
-def stepped_project(root: Path, seed: int | None = None) -> tuple[Path, params_module.Params]:
+def built_once(tmp_path_factory, name: str, build) -> tuple[Path, object]:
+    """(folder, what `build(folder)` returned, JSON-able): built by one pytest process and shared
+    by all. pytest-xdist workers each run every session and module fixture they need, and these
+    projects cost a minute of CPU each. Tests must not change the folder: copy it first."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of this run
+    folder, done = base / name, base / f"{name}.done.json"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here until it is built
+        if not done.exists():
+            if folder.exists():
+                shutil.rmtree(folder)  # a build that failed in another worker
+            folder.mkdir()
+            done.write_text(json.dumps({"built": build(folder)}))
+    return folder, json.loads(done.read_text())["built"]
+
+
+def stepped_project(tmp_path_factory, seed: int | None = None) -> tuple[Path, params_module.Params]:
     """A tiny project (3 classes) run through every step but weights/freeze, in-process, on a
-    random frozen backbone (`seed`: see write_random_backbone)."""
+    random frozen backbone (`seed`: see write_random_backbone); built once per test run."""
     import tasks
 
-    write_good_images(root / "data", classes=3, per_class=12)
     params = small_params()
-    write_random_backbone(params.path("backbone", root), seed=seed)
-    for name in ("prepare", "baseline", "head", "select", "evaluate", "plots"):
-        tasks.get(name).run(params, root)
+
+    def build(root: Path) -> None:
+        write_good_images(root / "data", classes=3, per_class=12)
+        write_random_backbone(params.path("backbone", root), seed=seed)
+        for name in ("prepare", "baseline", "head", "select", "evaluate", "plots"):
+            tasks.get(name).run(params, root)
+
+    root, _ = built_once(tmp_path_factory, f"stepped-{seed}", build)
     return root, params
 
 
@@ -262,8 +286,11 @@ def trained_project(tmp_path_factory, prefect_harness) -> Trained:
     their own copy (`trained_copy`), so none depends on another test or on the order."""
     from flows.pipeline import pipeline_flow
 
-    root = tiny_project(tmp_path_factory.mktemp("trained") / "project")
-    return Trained(root, pipeline_flow(root=str(root)), prefect_harness)
+    def build(folder: Path) -> dict:
+        return pipeline_flow(root=str(tiny_project(folder / "project")))
+
+    folder, first_run = built_once(tmp_path_factory, "trained", build)
+    return Trained(folder / "project", first_run, prefect_harness)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, run_cli, small_params, write_good_images
+from conftest import ROOT, built_once, run_cli, small_params, write_good_images
 
 import tasks
 from headstart import exporting, modelcard
@@ -233,20 +233,23 @@ def test_each_format_of_an_ensemble_release_agrees_and_runs_in_inference_mode(tm
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, params_module.Params]:
     """A tiny git + DVC project run through every step, export last (all three formats)."""
-    root = tmp_path_factory.mktemp("export") / "project"
-    write_good_images(root / "data", classes=3, per_class=12)
-    (root / modelcard.NOTES_FILE).write_text(NOTES)
-    git(root, "init", "-q")
-    dvc = str(Path(sys.executable).with_name("dvc"))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    subprocess.run([dvc, "init", "-q"], cwd=root, check=True, env=env)
-    subprocess.run([dvc, "add", "-q", "data"], cwd=root, check=True, env=env)
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "tiny data")
     params = small_params()
-    for name in ("prepare", "baseline", "weights", "freeze", "head", "select", "evaluate",
-                 "export"):  # fmt: skip
-        tasks.get(name).run(params, root)
+
+    def build(root: Path) -> None:
+        write_good_images(root / "data", classes=3, per_class=12)
+        (root / modelcard.NOTES_FILE).write_text(NOTES)
+        git(root, "init", "-q")
+        dvc = str(Path(sys.executable).with_name("dvc"))
+        env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+        subprocess.run([dvc, "init", "-q"], cwd=root, check=True, env=env)
+        subprocess.run([dvc, "add", "-q", "data"], cwd=root, check=True, env=env)
+        git(root, "add", "-A")
+        git(root, "commit", "-qm", "tiny data")
+        for name in ("prepare", "baseline", "weights", "freeze", "head", "select", "evaluate",
+                     "export"):  # fmt: skip
+            tasks.get(name).run(params, root)
+
+    root, _ = built_once(tmp_path_factory, "export-project", build)
     return root, params
 
 

@@ -49,7 +49,7 @@ def write_noise(folder: Path, count: int = 3) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, object]:
-    return stepped_project(tmp_path_factory.mktemp("trust"), seed=0)
+    return stepped_project(tmp_path_factory, seed=0)
 
 
 def test_select_stores_a_temperature_fitted_on_validation(project):

@@ -23,7 +23,7 @@ from headstart.metrics import classification_metrics
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, object]:
     """A tiny project run through every step but weights/freeze (random frozen backbone)."""
-    return stepped_project(tmp_path_factory.mktemp("project"))
+    return stepped_project(tmp_path_factory)
 
 
 def test_baseline_artifacts(project):
