@@ -1,70 +1,195 @@
 """The pipeline as a Prefect 3 flow: stale steps only (DVC decides), outputs recorded in dvc.lock.
 
-headstart run            # or: python -m flows.pipeline
+headstart run                                # or: python -m flows.pipeline
+headstart run --workers 4                    # the steps on a local Dask cluster of 4 processes
+headstart run --dask-address tcp://host:8786 # ... or on an existing Dask cluster
+
+On Dask (Prefect's DaskTaskRunner), every step runs in a worker process, the baseline fit beside
+the weights -> freeze -> head branch, and a stale head's feature cache is computed as one task
+per shard (paths and row ranges in, a file out) plus an assembling task, before the head task
+finds the cache current. The flow keeps the workspace lock and lends it to its workers.
 """
 
 from __future__ import annotations
 
+import contextvars
+import os
+import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from headstart import dvcstate
+from headstart import dvcstate, features
 from headstart import params as params_module
 from headstart.errors import UserError
-from headstart.lock import workspace_lock
+from headstart.lock import handoff_token, workspace_lock
 from headstart.pipeline import clean_up
 from headstart.runsummary import run_summary
-from tasks import STEP_NAMES, STEPS
-from tasks.prefect_tasks import TASKS
+from tasks import STEP_NAMES, STEPS, get
+from tasks.prefect_tasks import TASKS, assemble_features, extract_features
+
+BRANCHES = (("baseline",), ("weights", "freeze", "head"))  # independent: run side by side on Dask
+SHARDS_PER_WORKER = 2  # a little slack for uneven shards
 
 
 @flow(name="headstart-pipeline", log_prints=True)
-def pipeline_flow(root: str = ".", force: bool = False, wait: bool = False) -> dict:
+def pipeline_flow(root: str = ".", force: bool = False, wait: bool = False, workers: int = 1,
+                  dask_address: str = "") -> dict:  # fmt: skip
     """Run every stale step in order (all of them with `force`), then record each step's outputs
     in dvc.lock so `dvc status` is clean and `dvc push` has everything. Holds the workspace lock
-    throughout (`wait`: queue behind a run that holds it, instead of failing at once)."""
+    throughout (`wait`: queue behind a run that holds it, instead of failing at once).
+    `workers` > 1: on a local Dask cluster of that many processes; `dask_address`: on the Dask
+    cluster there."""
+    check_scale(workers, dask_address)
     with workspace_lock(root, wait=wait):
         params = params_module.load(Path(root) / params_module.PARAMS_FILE)  # fail fast
         clean_up(params, root)  # no step is writing: this process holds the lock, between steps
-        return _run_steps(root, params, force)
+        run = _Run(root, params, force)
+        if workers == 1 and not dask_address:
+            for step in STEPS:
+                run.step(step.name, TASKS[step.name])
+        else:
+            _run_on_dask(run, workers, dask_address)
+        return run.finish()
 
 
-def _run_steps(root: str, params, force: bool) -> dict:
-    logger = get_run_logger()
-    ran, skipped, seconds, unrecorded = [], [], {}, []
-    for step in STEPS:
-        changes = dvcstate.changed(root, step.name)
-        if not force and not changes:
-            logger.info("%s: up to date, skipped", step.name)
-            skipped.append(step.name)
-            continue
-        logger.info("%s: running (%s)", step.name, "forced" if force and not changes else
+def check_scale(workers: int, dask_address: str) -> None:
+    """One-line errors for a bad --workers or --dask-address (one that nothing answers)."""
+    if workers < 1:
+        raise UserError(f"--workers: must be 1 or more (got {workers})")
+    if not dask_address:
+        return
+    if workers != 1:
+        raise UserError("--workers and --dask-address: give one (the cluster has its workers)")
+    url = urlsplit(dask_address)
+    try:
+        host, port = url.hostname, url.port
+    except ValueError:
+        host = port = None
+    if url.scheme not in ("tcp", "tls") or not host or not port:
+        raise UserError(f"--dask-address {dask_address}: expected tcp://HOST:PORT, the address "
+                        "`dask scheduler` prints")  # fmt: skip
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as err:
+        raise UserError(f"--dask-address {dask_address}: no Dask scheduler answers there "
+                        f"({err.strerror or err}); start one or fix the address") from None  # fmt: skip
+
+
+class _Run:
+    """One flow run's steps: each checked with DVC, run if stale, recorded in dvc.lock."""
+
+    def __init__(self, root: str, params, force: bool):
+        self.root, self.params, self.force = root, params, force
+        self.ran, self.skipped, self.seconds, self.unrecorded = [], [], {}, []
+        self.dvc = threading.Lock()  # one DVC call at a time (branches run side by side)
+
+    def step(self, name: str, call) -> None:
+        logger, step = get_run_logger(), get(name)
+        with self.dvc:
+            changes = dvcstate.changed(self.root, name)
+        if not self.force and not changes:
+            logger.info("%s: up to date, skipped", name)
+            self.skipped.append(name)
+            return
+        logger.info("%s: running (%s)", name, "forced" if self.force and not changes else
                     _describe(changes))  # fmt: skip
         started = time.perf_counter()
         try:
-            TASKS[step.name](root)
+            call(self.root)
         except UserError as err:
-            raise UserError(f"{step.name}: {err}") from None
-        if not step.written_with(params, root):
+            raise UserError(f"{name}: {err}") from None
+        if not step.written_with(self.params, self.root):
             raise UserError(
-                f"{step.name}: {getattr(params.paths, step.output)} was not written with the "
+                f"{name}: {getattr(self.params.paths, step.output)} was not written with the "
                 "current parameters (changed by another process during this run?); run again"
             )
-        problem = dvcstate.commit(root, step.name)
+        with self.dvc:
+            problem = dvcstate.commit(self.root, name)
         if problem:
-            logger.warning("%s: not recorded in dvc.lock: %s", step.name, problem)
-            unrecorded.append(f"{step.name} ({problem})")
-        seconds[step.name] = round(time.perf_counter() - started, 2)
-        ran.append(step.name)
-    summary = run_summary(Path(root), params, STEP_NAMES, ran, skipped, seconds)
-    if unrecorded:
-        summary += f"\n**Not recorded in dvc.lock**: {'; '.join(unrecorded)}\n"
-    create_markdown_artifact(markdown=summary, key="headstart-run-summary",
-                             description="headstart pipeline run")  # fmt: skip
-    return {"ran": ran, "skipped": skipped, "seconds": seconds, "summary": summary}
+            logger.warning("%s: not recorded in dvc.lock: %s", name, problem)
+            self.unrecorded.append(f"{name} ({problem})")
+        self.seconds[name] = round(time.perf_counter() - started, 2)
+        self.ran.append(name)
+
+    def finish(self) -> dict:
+        ran = sorted(self.ran, key=STEP_NAMES.index)
+        summary = run_summary(Path(self.root), self.params, STEP_NAMES, ran, self.skipped,
+                              self.seconds)  # fmt: skip
+        if self.unrecorded:
+            summary += f"\n**Not recorded in dvc.lock**: {'; '.join(self.unrecorded)}\n"
+        create_markdown_artifact(markdown=summary, key="headstart-run-summary",
+                                 description="headstart pipeline run")  # fmt: skip
+        return {"ran": ran, "skipped": self.skipped, "seconds": self.seconds, "summary": summary}
+
+
+def _run_on_dask(run: _Run, workers: int, dask_address: str) -> None:
+    """Every step as a task on a Dask cluster (local: `workers` processes, started with spawn,
+    distributed's default), the BRANCHES side by side, the others in order."""
+    from prefect_dask import DaskTaskRunner
+
+    run.root = str(Path(run.root).resolve())  # workers may run elsewhere
+    token = handoff_token(run.root)
+    runner = DaskTaskRunner(address=dask_address) if dask_address else DaskTaskRunner(
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                        "dashboard_address": None, "env": _plain_threads()})  # fmt: skip
+
+    def submit(task, **parameters):
+        return runner.submit(task, {"root": run.root, "token": token, **parameters})
+
+    def call(name: str):
+        def on_dask(root: str) -> None:
+            if name == "head":
+                _features_on_dask(run, submit, shards)
+            submit(TASKS[name]).result()
+
+        return on_dask
+
+    def in_order(names) -> None:
+        for name in names:
+            run.step(name, call(name))
+
+    parallel = [name for branch in BRANCHES for name in branch]
+    first = STEP_NAMES.index(parallel[0])
+    with runner:
+        shards = SHARDS_PER_WORKER * sum(runner.client.nthreads().values())
+        get_run_logger().info("running on Dask: %s, %d feature shards", runner.client, shards)
+        in_order(STEP_NAMES[:first])
+        with ThreadPoolExecutor(len(BRANCHES)) as pool:
+            branches = [pool.submit(contextvars.copy_context().run, in_order, branch)
+                        for branch in BRANCHES]  # fmt: skip
+            for branch in branches:
+                branch.result()
+        in_order([name for name in STEP_NAMES[first:] if name not in parallel])
+
+
+def _plain_threads() -> dict:
+    """Dask's nanny starts workers with OMP/MKL/OPENBLAS_NUM_THREADS=1, and numpy then sums in
+    another order than in a plain run (last-bit differences in the metrics): local workers get
+    this process's settings, or the libraries' default (one thread per core)."""
+    return {name: os.environ.get(name, str(os.cpu_count()))
+            for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}  # fmt: skip
+
+
+def _features_on_dask(run: _Run, submit, shards: int) -> None:
+    """The head's feature cache, one task per shard, then the assembling task (unless current)."""
+    params, root = run.params, run.root
+    prepared, features_dir = params.path("prepared", root), params.path("features", root)
+    key = features.cache_key(prepared, params.path("backbone", root), params.head.views,
+                             params.base.seed)  # fmt: skip
+    if features.is_current(features_dir, key):
+        return
+    futures = [submit(extract_features, split=shard.split, view=shard.view, start=shard.start,
+                      stop=shard.stop)
+               for shard in features.plan(prepared, params.head.views, shards)]  # fmt: skip
+    for future in futures:
+        future.result()  # a shard that failed twice fails the run: never a short cache
+    submit(assemble_features, shards=shards).result()
 
 
 def _describe(changes: list) -> str:

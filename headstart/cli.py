@@ -131,16 +131,21 @@ def step(
     wait: WaitOption = False,
 ) -> None:
     """Run one pipeline step (what each `dvc repro` stage calls)."""
+    import contextlib
+
     import tasks
     from headstart import params as params_module
+    from headstart.lock import TOKEN_ENV, borrowed
 
     _log_to_stderr()
+    token = os.environ.get(TOKEN_ENV)  # a flow's Dask worker: that flow lends its lock
     try:
         step = tasks.get(name)
         params = params_module.load(project / params_module.PARAMS_FILE)
         if name != "prepare":  # every other step runs TensorFlow
             _start_tensorflow()
-        out = step.run(params, project, wait=wait)
+        with borrowed(project, token) if token else contextlib.nullcontext():
+            out = step.run(params, project, wait=wait)
     except UserError as err:
         raise _fail(err) from None
     typer.echo(f"{name}: wrote {out}")
@@ -162,6 +167,15 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Run every step, stale or not.")] = False,
     project: ProjectOption = Path("."),
     wait: WaitOption = False,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Run the steps on a local Dask cluster of N processes.")
+    ] = 1,
+    dask_address: Annotated[
+        str,
+        typer.Option(
+            "--dask-address", help="Run the steps on the Dask cluster at tcp://HOST:PORT."
+        ),
+    ] = "",
 ) -> None:
     """Trigger a Prefect flow run of the whole pipeline (stale steps only)."""
     from headstart import params as params_module
@@ -170,6 +184,10 @@ def run(
     root = project.resolve()
     params_file = root / params_module.PARAMS_FILE
     try:
+        if workers != 1 or dask_address:
+            from flows.pipeline import check_scale
+
+            check_scale(workers, dask_address)  # before anything starts
         # the lock first: -S rewrites params.yaml, which a running flow is reading
         with workspace_lock(root, wait=wait):
             if set_:
@@ -181,7 +199,8 @@ def run(
             from flows.pipeline import pipeline_flow
 
             _hide_prefect_tracebacks_of_user_errors()
-            result = pipeline_flow(root=str(root), force=force)
+            result = pipeline_flow(root=str(root), force=force, workers=workers,
+                                   dask_address=dask_address)  # fmt: skip
     except UserError as err:
         raise _fail(err) from None
     typer.echo(result["summary"])

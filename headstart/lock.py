@@ -5,6 +5,11 @@ The lock is `fcntl.flock` on `<root>/.headstart/lock`: the kernel drops it when 
 so a killed run never blocks the next one. The file records the holder's pid and command, which
 is what a refused run reports; a record left by a dead pid is a stale lock, taken over and said
 so. Re-entrant within one process (the flow holds it while its steps take it again).
+
+The holder can lend the lock to its own workers in other processes (the flow's Dask workers):
+it passes them the random token the lock file records (`handoff_token`), and a worker holding
+`borrowed(root, token)` runs steps as part of the holder's run, while the holder holds the lock;
+any other process is refused as before.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -25,7 +31,9 @@ from headstart.errors import UserError
 log = logging.getLogger("headstart.lock")
 
 STATE_DIR = ".headstart"  # per-workspace state: the lock; ignored by git and DVC
-_held: dict[Path, list] = {}  # lock file -> [open handle, depth]
+TOKEN_ENV = "HEADSTART_LOCK_TOKEN"  # `headstart step` borrows the lock with this token, if set
+_held: dict[Path, list] = {}  # lock file -> [open handle, depth, token]
+_borrowed: dict[Path, int] = {}  # lock file -> tasks of this process running on a lent lock
 _guard = threading.Lock()
 
 
@@ -59,14 +67,16 @@ def workspace_lock(root: Path | str, wait: bool = False, poll: float = 1.0) -> I
     """Hold the workspace lock for the block. Yields True for the outermost holder in this
     process (the one that may clean up after dead runs). With `wait`, block until the holder is
     done (saying so once); without, fail at once with one line naming the holder."""
-    path = (Path(root) / STATE_DIR / "lock").resolve()
+    path = _path(root)
     with _guard:
-        if path in _held:
+        nested = path in _held
+        if nested:
             _held[path][1] += 1
-            outermost = False
-        else:
-            outermost = True
-    if not outermost:
+        lent = not nested and path in _borrowed
+    if lent:  # part of the run that lent this process the lock
+        yield False
+        return
+    if nested:
         try:
             yield False
         finally:
@@ -96,15 +106,16 @@ def workspace_lock(root: Path | str, wait: bool = False, poll: float = 1.0) -> I
         if previous.get("pid") and previous["pid"] != os.getpid() and not _alive(previous["pid"]):
             log.warning("taking over a stale lock: %s ended without releasing it",
                         _describe(previous))  # fmt: skip
+        token = secrets.token_hex(16)
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({
             "pid": os.getpid(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": token,
         }))  # fmt: skip
         handle.flush()
         with _guard:
-            _held[path] = [handle, 0]
+            _held[path] = [handle, 0, token]
         try:
             yield True
         finally:
@@ -116,3 +127,50 @@ def workspace_lock(root: Path | str, wait: bool = False, poll: float = 1.0) -> I
             fcntl.flock(handle, fcntl.LOCK_UN)
     finally:
         handle.close()
+
+
+def _path(root: Path | str) -> Path:
+    return (Path(root) / STATE_DIR / "lock").resolve()
+
+
+def handoff_token(root: Path | str) -> str:
+    """The token that lends the lock this process holds to its workers (see `borrowed`)."""
+    with _guard:
+        if _path(root) not in _held:
+            raise RuntimeError(f"{root}: this process does not hold the workspace lock")
+        return _held[_path(root)][2]
+
+
+@contextlib.contextmanager
+def borrowed(root: Path | str, token: str) -> Iterator[None]:
+    """Within the block, this process works under the lock its holder lent it with `token`:
+    `workspace_lock` is then re-entrant here. Refused (LockedError) when another run holds the
+    workspace, or when no run holds it any more (the lender ended: its work is void)."""
+    path = _path(root)
+    with _guard:
+        lent = path in _held and _held[path][2] == token  # the holder itself
+    if not lent:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(path)
+                if holder.get("token") != token:
+                    raise LockedError(
+                        f"{Path(root).resolve()}: another headstart run holds this workspace: "
+                        f"{_describe(holder)}"
+                    ) from None
+            else:
+                fcntl.flock(probe, fcntl.LOCK_UN)
+                raise LockedError(f"{Path(root).resolve()}: the run that handed out this task "
+                                  "no longer holds the workspace; run again")  # fmt: skip
+    with _guard:
+        _borrowed[path] = _borrowed.get(path, 0) + 1
+    try:
+        yield
+    finally:
+        with _guard:
+            _borrowed[path] -= 1
+            if not _borrowed[path]:
+                del _borrowed[path]

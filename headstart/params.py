@@ -42,6 +42,7 @@ class Base:
     seed: int = 42
     image_size: int = 96
     backbone: str = "efficientnet_lite0"
+    devices: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,9 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "base.seed": lambda v: None if 0 <= v < 2**32 else "must be in [0, 2**32)",
     "base.image_size": lambda v: None if v >= 32 else "must be >= 32 (pixels)",
     "base.backbone": lambda v: None if v in BACKBONES else f"must be one of {', '.join(BACKBONES)}",
+    "base.devices": lambda v: (
+        None if v in ("auto", "1") else "must be auto (every GPU when there are several) or 1"
+    ),
     "prepare.resize": lambda v: None if v in ("pad", "stretch") else "must be 'pad' or 'stretch'",
     "head.optimizer": lambda v: (
         None if v in ("adam", "sgd", "rmsprop") else "must be adam, sgd or rmsprop"

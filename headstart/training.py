@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 import weakref
@@ -11,19 +12,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from headstart.artifacts import Rows
+
 log = logging.getLogger("headstart.training")
 
 
-IN_MEMORY_LIMIT = 512 * 2**20  # arrays up to this size are batched from memory
+IN_MEMORY_LIMIT = 64 * 2**20  # arrays up to this size are batched from memory
 
 
 def dataset(x, y, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
     """Batches of (float32 inputs, int labels) from arrays (memory-mapped is fine).
 
-    Arrays up to IN_MEMORY_LIMIT are read once and batched inside TensorFlow (fast); larger ones
-    are streamed from disk one batch at a time, so memory does not grow with the data set.
-    Shuffling is seeded and differs per epoch. Autotune is off: with it on, a third of epochs
-    ran on one core on these machines.
+    Arrays up to IN_MEMORY_LIMIT are read once and batched inside TensorFlow (fast for small
+    ones); larger ones are streamed from disk one batch at a time with their mapped pages
+    dropped as they go (`Rows`), so memory does not grow with the data set. Shuffling is seeded
+    and differs per epoch. Autotune is off: with it on, a third of epochs ran on one core on
+    these machines.
     """
     n = len(x)
     label_dtype = tf.as_dtype(np.asarray(y[:1]).dtype)
@@ -31,9 +35,10 @@ def dataset(x, y, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.d
         data = tf.data.Dataset.from_tensor_slices((np.asarray(x), np.asarray(y)))
         if shuffle:
             data = data.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-        data = data.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b))
+        data = data.batch(batch_size)
     else:
         epoch = [0]
+        rows = Rows(x)
 
         def batches():
             order = np.arange(n)
@@ -42,15 +47,33 @@ def dataset(x, y, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.d
                 epoch[0] += 1
             for start in range(0, n, batch_size):
                 index = np.sort(order[start : start + batch_size])
-                yield np.asarray(x[index], dtype=np.float32), np.asarray(y[index])
+                yield rows[index], np.asarray(y[index])
 
-        signature = (tf.TensorSpec((None, *x.shape[1:]), tf.float32),
+        signature = (tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
                      tf.TensorSpec((None,), label_dtype))  # fmt: skip
         data = tf.data.Dataset.from_generator(batches, output_signature=signature)
         data = data.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
+    data = data.map(lambda a, b: (tf.cast(a, tf.float32), b))
     options = tf.data.Options()
     options.autotune.enabled = False
     return data.prefetch(2).with_options(options)
+
+
+@functools.cache  # one per process: two MirroredStrategy objects reuse collective keys and clash
+def strategy(devices: str = "auto") -> tf.distribute.Strategy:
+    """Where a model trains: `tf.distribute.MirroredStrategy` over every GPU when there are
+    several (or over the CPU's logical devices when it has been split into several, as the tests
+    do), else TensorFlow's default (one device). `devices` "1" (base.devices) forces one device.
+
+    Build, load and compile the model inside `strategy.scope()`; Keras's `fit` then splits each
+    batch (the global batch size) across the replicas and averages their gradients."""
+    found = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    if devices == "1" or len(found) < 2:
+        return tf.distribute.get_strategy()
+    chosen = tf.distribute.MirroredStrategy([device.name for device in found])
+    log.info("training on %d devices (MirroredStrategy): %s", chosen.num_replicas_in_sync,
+             ", ".join(device.name for device in found))  # fmt: skip
+    return chosen
 
 
 class TargetAccuracy(keras.callbacks.Callback):
@@ -224,8 +247,9 @@ def inference_fn(model: keras.Model):
 def predict_batches(model: keras.Model, x, batch_size: int = 64, transform=None):
     """Yield (start row, outputs) for `x` (memory-mapped is fine), one compiled batch at a time."""
     call = inference_fn(model)
+    rows = Rows(x, np.float32)
     for start in range(0, len(x), batch_size):
-        batch = np.asarray(x[start : start + batch_size], dtype=np.float32)
+        batch = rows[start : start + batch_size]
         if transform is not None:
             batch = transform(batch)
         yield start, np.asarray(call(batch))

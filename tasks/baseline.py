@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from headstart.artifacts import LIVE_DIR, MODEL_FILE, load_split
-from headstart.files import atomic_dir, read_json, require
+from headstart.files import atomic_dir, read_json, require, write_json
 from headstart.params import Params
 from headstart.summaries import write_summary
 
@@ -25,8 +25,10 @@ def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) 
     classes = read_json(require(prepared_dir / "labels.json", "prepare"))["classes"]
     x_train, y_train = load_split(prepared_dir, "train")
     x_val, y_val = load_split(prepared_dir, "val")
-    model = models.baseline_cnn(x_train.shape[1], len(classes))
-    training.compile_classifier(model, models.optimizer("adam", p.learning_rate))
+    strategy = training.strategy(params.base.devices)
+    with strategy.scope():
+        model = models.baseline_cnn(x_train.shape[1], len(classes))
+        training.compile_classifier(model, models.optimizer("adam", p.learning_rate))
     with atomic_dir(out_dir) as tmp, training.live_logger(tmp / LIVE_DIR) as live:
         training.fit(
             model,
@@ -36,6 +38,7 @@ def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) 
         )  # fmt: skip
         model.save(tmp / MODEL_FILE)
         write_summary(model, tmp / "summary.txt")
+        write_json(tmp / "training.json", {"replicas": strategy.num_replicas_in_sync})
         shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")
     return Path(out_dir)
 

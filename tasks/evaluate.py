@@ -47,7 +47,7 @@ def release_extras(release_dir: Path, images, probabilities: np.ndarray,
     """(flat metrics, reliability tables) of the release's calibration and OOD threshold on test."""
     import keras
 
-    from headstart.training import predict
+    from headstart.training import predict_batches
 
     require(release_dir / calibration.CALIBRATION_FILE, "select")
     temperature = calibration.read_temperature(release_dir)
@@ -56,7 +56,9 @@ def release_extras(release_dir: Path, images, probabilities: np.ndarray,
     after = calibration.reliability(calibrated, labels)
     detector, _ = ood.load(release_dir)
     backbone = keras.saving.load_model(require(release_dir / BACKBONE_FILE, "select"))
-    scores = detector.score(predict(backbone, images)) if len(labels) else np.zeros(0)
+    scores = np.zeros(len(labels))  # scored batch by batch: no split's features held at once
+    for start, features in predict_batches(backbone, images):
+        scores[start : start + len(features)] = detector.score(features)
     metrics = {
         "temperature": temperature,
         "ece": before["ece"],

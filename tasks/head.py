@@ -7,7 +7,6 @@ is keyed by backbone, data and views, so a change to head settings alone reuses 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -20,11 +19,20 @@ from headstart.artifacts import (
     LIVE_DIR,
     MODEL_FILE,
     PROBABILITIES_FILE,
-    SPLITS,
+    Rows,
     load_features,
     load_split,
 )
-from headstart.files import atomic_dir, read_json, require, sha256_file, write_json, write_timings
+from headstart.features import (
+    Shard,
+    assemble,
+    cache_features,
+    cache_key,
+    compute_shard,
+    load_backbone,
+    shards_dir,
+)
+from headstart.files import atomic_dir, read_json, require, write_json, write_timings
 from headstart.params import Params
 from headstart.summaries import write_summary
 
@@ -34,68 +42,25 @@ log = logging.getLogger("headstart.head")
 HEAD_STEPS_PER_EXECUTION = 32  # the head is tiny: per-batch Python overhead would dominate
 
 
-def _augmenter(seed: int):
-    import keras
-    from keras import layers
-
-    return keras.Sequential([
-        layers.RandomFlip("horizontal", seed=seed),
-        layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed + 1),
-        layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
-    ], name=f"augment_{seed}")  # fmt: skip
-
-
-def cache_key(prepared_dir: Path, backbone_dir: Path, views: int, seed: int) -> str:
-    digest = hashlib.sha256()
-    for path in (backbone_dir / BACKBONE_FILE, prepared_dir / "manifest.csv"):
-        digest.update(sha256_file(path).encode())
-    digest.update(f"views={views};seed={seed}".encode())
-    return digest.hexdigest()
+def extract_shard(params: Params, root: Path | str, split: str, view: int, start: int,
+                  stop: int) -> Path:  # fmt: skip
+    """One shard of the feature cache (rows [start, stop) of `split`, view `view`) into its own
+    file: what a Dask worker runs when the flow spreads the cache over workers."""
+    prepared, backbone = params.path("prepared", root), params.path("backbone", root)
+    key = cache_key(prepared, backbone, params.head.views, params.base.seed)
+    return compute_shard(
+        load_backbone(require(backbone, "freeze")), prepared,
+        Shard(split, view, start, stop),
+        shards_dir(params.path("features", root), key), params.base.seed,
+    )  # fmt: skip
 
 
-def cache_features(extractor, key: str, prepared_dir: Path, features_dir: Path, views: int,
-                   seed: int, batch_size: int = 64) -> Path:  # fmt: skip
-    """Backbone features of every prepared image (train: `views` views, the first unaugmented),
-    streamed batch by batch into `<features_dir>/<split>_features.npy`. Reused when current."""
-    record = features_dir / "features.json"
-    if record.exists() and read_json(record).get("key") == key:
-        log.info("head: feature cache is current (%s)", features_dir)
-        return features_dir
-    from headstart import training
-    from headstart.progress import progress
-
-    started = time.perf_counter()
-    width = int(extractor.output.shape[-1])
-    splits = {split: load_split(prepared_dir, split) for split in SPLITS}  # memory-mapped
-    total = sum((views if split == "train" else 1) * len(x) for split, (x, _) in splits.items())
-    with (
-        atomic_dir(features_dir) as tmp,
-        progress(total, "features", log, unit="images", artifact="feature-extraction") as shown,
-    ):
-        counts = {}
-        for split, (x, y) in splits.items():
-            n_views = views if split == "train" else 1
-            out = np.lib.format.open_memmap(tmp / f"{split}_features.npy", mode="w+",
-                                            dtype=np.float32, shape=(n_views * len(x), width))  # fmt: skip
-            for view in range(n_views):
-                augment = _augmenter(seed + 10 * view) if view else None
-                transform = (lambda b, a=augment: a(b, training=True)) if augment else None
-                for start, features in training.predict_batches(
-                    extractor, x, batch_size, transform
-                ):
-                    row = view * len(x) + start
-                    out[row : row + len(features)] = features
-                    shown.advance(len(features))
-            out.flush()
-            del out
-            np.save(tmp / f"{split}_labels.npy", np.tile(y, n_views))
-            counts[split] = n_views * len(x)
-        write_json(tmp / "features.json", {
-            "key": key, "views": views, "features": width, "rows": counts,
-        })  # fmt: skip
-    log.info("head: cached features of %d images in %.1fs", sum(counts.values()),
-             time.perf_counter() - started)  # fmt: skip
-    return features_dir
+def assemble_features(params: Params, root: Path | str, shards: int) -> Path:
+    """The cache from the files of `headstart.features.plan(..., shards)` (run it as the head
+    step, `pipeline.run_step`, so the cache is stamped as when head computes it alone)."""
+    prepared, backbone = params.path("prepared", root), params.path("backbone", root)
+    key = cache_key(prepared, backbone, params.head.views, params.base.seed)
+    return assemble(key, prepared, params.path("features", root), params.head.views, shards)
 
 
 def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir: Path | str,
@@ -193,8 +158,8 @@ def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path, li
     from headstart import heads, training
 
     p, seed = params.head, params.base.seed
-    features, labels = load_features(features_dir, "train")
-    features, labels = np.asarray(features), np.asarray(labels)
+    features, labels = load_features(features_dir, "train")  # memory-mapped: heads reads it
+    labels = np.asarray(labels)
     images = len(labels) // p.views
     sample_weight = None
     if p.class_weight == "balanced":
@@ -256,7 +221,8 @@ def learning_curve(features: np.ndarray, labels: np.ndarray, classes: int, param
             points["100%"] = {"images": images, "cv_accuracy": round(full.score, 6)}
             continue
         folds = min(p.folds, int(np.bincount(labels[rows], minlength=classes).max()))
-        part = heads.cross_validate(linear, features[rows], labels[rows], len(rows), folds=folds,
+        part = heads.cross_validate(linear, Rows(features)[rows], labels[rows], len(rows),
+                                    folds=folds,
                                     epochs=p.epochs, batch_size=p.batch_size,
                                     learning_rate=p.learning_rate, seed=seed, classes=classes,
                                     patience=p.patience)  # fmt: skip
@@ -275,6 +241,8 @@ def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path,
     """Unfreeze the top `finetune.blocks` blocks (BatchNormalization stays frozen), train on
     images at a low learning rate, and keep the result only if validation accuracy improves.
     Per-epoch values and the decision go to DVCLive (`live`) under `finetune/`."""
+    import keras
+
     from headstart import backbones, models, training
 
     f = params.finetune
@@ -282,21 +250,29 @@ def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path,
     x_val, y_val = load_split(prepared_dir, "val")
     before = _accuracy(transfer, x_val, y_val)
     saved = transfer.get_weights()
-    backbones.unfreeze_top(extractor, backbones.get(params.base.backbone), f.blocks)
-    training.compile_classifier(transfer, models.optimizer("adam", f.learning_rate))
     finetune_dir = tmp / "finetune"
     finetune_dir.mkdir()
+    strategy = training.strategy(params.base.devices)
+    model, backbone = transfer, extractor
+    if strategy.num_replicas_in_sync > 1:  # variables must be made in the scope: a copy, loaded
+        transfer.save(finetune_dir / "before.keras")
+        with strategy.scope():
+            model = keras.saving.load_model(finetune_dir / "before.keras")
+        (finetune_dir / "before.keras").unlink()
+        backbone = model.get_layer(extractor.name)
+    backbones.unfreeze_top(backbone, backbones.get(params.base.backbone), f.blocks)
+    with strategy.scope():
+        training.compile_classifier(model, models.optimizer("adam", f.learning_rate))
     training.fit(
-        transfer,
+        model,
         training.dataset(x_train, y_train, f.batch_size, shuffle=True, seed=params.base.seed),
         training.dataset(x_val, y_val, f.batch_size),
         finetune_dir, "finetune", f.epochs, params.head.patience, params.head.target_accuracy,
         live=live,
     )  # fmt: skip
-    after = _accuracy(transfer, x_val, y_val)
+    after = _accuracy(model, x_val, y_val)
     kept = after > before
-    if not kept:
-        transfer.set_weights(saved)
+    transfer.set_weights(model.get_weights() if kept else saved)
     backbones.freeze(extractor)
     log.info("finetune: val accuracy %.4f -> %.4f, %s", before, after,
              "kept" if kept else "discarded (head-only model kept)")  # fmt: skip
@@ -304,7 +280,8 @@ def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path,
                        "kept": kept}.items():  # fmt: skip
         live.log_metric(f"finetune/{key}", value, plot=False)
     return {"finetune": {"val_accuracy_before": before, "val_accuracy_after": after,
-                         "kept": kept, "blocks": f.blocks}}  # fmt: skip
+                         "kept": kept, "blocks": f.blocks,
+                         "replicas": strategy.num_replicas_in_sync}}  # fmt: skip
 
 
 def run(params: Params, root: Path) -> Path:

@@ -35,7 +35,7 @@ class PrepareError(UserError):
     """The data folder cannot make a usable data set; the message says why and what to do."""
 
 
-@dataclass
+@dataclass(slots=True)  # one per file: no per-instance dict
 class _Seen:
     path: str  # relative to the data folder, POSIX style
     label: str
@@ -234,7 +234,6 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
         if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")
     )  # fmt: skip
     size = params.base.image_size
-    pixels = size * size * 3
     with tempfile.TemporaryFile(dir=out_dir.parent if out_dir.parent.exists() else None) as raw:
         buffered = io.BufferedWriter(raw, buffer_size=1 << 22)  # type: ignore[arg-type]
         entries = count_entries(data_dir)
@@ -258,15 +257,12 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
                     f"{data_dir}: the {split} split is empty ({sum(used.values())} usable images);"
                     f" add images or raise prepare.{split}_fraction"
                 )
-        n_rows = sum(1 for i in seen if i.row >= 0)
-        decoded = np.memmap(raw, dtype=np.uint8, mode="r", shape=(max(n_rows, 1), pixels))
         report = _report(seen, classes, empty, conflicts, params, entries)
         with atomic_dir(out_dir) as tmp:
-            _write(tmp, seen, classes, decoded, size)
+            _write(tmp, seen, classes, raw.fileno(), size)
             write_json(tmp / "labels.json", {"classes": classes, "image_size": size})
             write_json(tmp / "report.json", report)
             write_text(tmp / "report.txt", summary(report))
-        del decoded
     log.info("prepare: %s", summary(report).splitlines()[0])
     return out_dir
 
@@ -285,22 +281,27 @@ def _check_classes(data_dir: Path, classes: list[str], used: Counter, minimum: i
             )
 
 
-def _write(out: Path, seen: list[_Seen], classes: list[str], decoded, size: int) -> None:
+def _write(out: Path, seen: list[_Seen], classes: list[str], decoded: int, size: int) -> None:
+    """Each split's images as one .npy, copied row by row from the decoded-image file
+    (descriptor `decoded`) with plain reads and writes: memory stays flat however many images
+    there are (a memory-mapped copy would map every page of both files into the process)."""
     index = {name: i for i, name in enumerate(classes)}
+    pixels = size * size * 3
     with open(out / "manifest.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "sha256", "label", "split", "index"])
         for split in SPLITS:
             items = [i for i in seen if i.split == split]
-            array = np.lib.format.open_memmap(
-                out / f"{split}_images.npy", mode="w+", dtype=np.uint8,
-                shape=(len(items), size, size, 3),
-            )  # fmt: skip
-            for n, item in enumerate(items):
-                array[n] = decoded[item.row].reshape(size, size, 3)
-                writer.writerow([item.path, item.sha256, item.label, split, n])
-            array.flush()
-            del array
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                      "fortran_order": False, "shape": (len(items), size, size, 3)}  # fmt: skip
+            with open(out / f"{split}_images.npy", "wb", buffering=1 << 22) as array:
+                np.lib.format.write_array_header_1_0(array, header)
+                for n, item in enumerate(items):
+                    row = os.pread(decoded, pixels, item.row * pixels)
+                    if len(row) != pixels:  # never expected: the file holds every decoded row
+                        raise RuntimeError(f"prepare: decoded image {item.row} is incomplete")
+                    array.write(row)
+                    writer.writerow([item.path, item.sha256, item.label, split, n])
             labels = np.array([index[i.label] for i in items], dtype=np.int32)
             np.save(out / f"{split}_labels.npy", labels)
 
