@@ -9,6 +9,11 @@ The chosen configuration is then trained on all training features for its best e
 handed over as a plain Keras model (standardisation folded in), so it saves, loads and exports
 like any other.
 
+Memory: the training features are held once, standardised in place and handed to TensorFlow as
+one tensor that every fold, the scoring and the final fit gather their rows from (N x 1280
+float32: 5 KB per training image; the CV steps need them all at hand). They are read from the
+memory-mapped cache in slices whose mapped pages are dropped as it goes.
+
 The validation split is left alone here: `select` uses it to compare whole models.
 """
 
@@ -19,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import tensorflow as tf
+
+from headstart.artifacts import Rows
 
 
 @dataclass(frozen=True)
@@ -177,11 +184,33 @@ class _BatchedHeads:
             variable.assign_sub(learning_rate * correction * m / (tf.sqrt(v) + eps))
 
 
-def _standardise(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mean = features.mean(axis=0)
-    variance = features.var(axis=0)
-    scaled = (features - mean) / np.maximum(np.sqrt(variance), 1e-7)  # as keras Normalization
-    return scaled.astype(np.float32), mean.astype(np.float32), variance.astype(np.float32)
+READ_ROWS = 2048  # feature rows copied at a time from the (memory-mapped) cache
+VARIANCE_COLUMNS = 64  # np.var's temporary, a block of columns at a time (the same values)
+
+
+def _aligned_empty(shape: tuple[int, int], alignment: int = 64) -> np.ndarray:
+    """An uninitialised float32 array whose data starts on an `alignment`-byte boundary, as
+    TensorFlow needs to use a NumPy array's memory as a tensor's (DLPack) without copying."""
+    size = shape[0] * shape[1] * 4
+    buffer = np.empty(size + alignment, np.uint8)
+    offset = -buffer.ctypes.data % alignment
+    return buffer[offset : offset + size].view(np.float32).reshape(shape)
+
+
+def _standardise(features: np.ndarray) -> tuple[tf.Tensor, np.ndarray, np.ndarray]:
+    """(standardised rows as one float32 tensor, mean, variance), as keras Normalization
+    computes them. One float32 copy of the features, scaled in place; the tensor shares its
+    memory (tf.constant would copy it, twice over for a moment)."""
+    reader = Rows(features, np.float32)
+    x = _aligned_empty((len(reader), np.shape(features)[1]))
+    for start in range(0, len(x), READ_ROWS):
+        x[start : start + READ_ROWS] = reader[start : start + READ_ROWS]
+    mean = x.mean(axis=0)
+    variance = np.concatenate([x[:, j : j + VARIANCE_COLUMNS].var(axis=0)
+                               for j in range(0, x.shape[1], VARIANCE_COLUMNS)])  # fmt: skip
+    x -= mean
+    x /= np.maximum(np.sqrt(variance), 1e-7)
+    return tf.experimental.dlpack.from_dlpack(x.__dlpack__()), mean, variance
 
 
 def _epoch_order(members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -210,14 +239,14 @@ def _heads_for(config: HeadConfig, features: int, classes: int, count: int,
     return _TRAINERS[key]
 
 
-def _train(config: HeadConfig, x: np.ndarray, y: np.ndarray, members: list[np.ndarray],
+def _train(config: HeadConfig, x: tf.Tensor, y: np.ndarray, members: list[np.ndarray],
            sample_weight: np.ndarray | None, epochs: int, batch_size: int, learning_rate: float,
            seed: int, classes: int, after_epoch=None) -> _BatchedHeads:  # fmt: skip
     """Train one head per entry of `members` (the rows it learns from); `after_epoch(epoch,
     heads)` may return True to stop early."""
     heads = _heads_for(config, x.shape[1], classes, len(members), seed)
     rate = tf.constant(learning_rate * config.learning_rate_scale, tf.float32)
-    x_all, y_all = tf.constant(x), tf.constant(y.astype(np.int32))
+    x_all, y_all = tf.convert_to_tensor(x), tf.constant(y.astype(np.int32))
     w_all = tf.constant(np.ones(len(y), np.float32) if sample_weight is None
                         else np.asarray(sample_weight, np.float32))  # fmt: skip
     rng = np.random.default_rng(seed)
@@ -236,23 +265,23 @@ def cross_validate(config: HeadConfig, features: np.ndarray, labels: np.ndarray,
     """k-fold CV of one configuration. Rows may hold several views per image (row r shows image
     r % images): all views of an image share its fold, and only first views are scored.
     Stops once the pooled held-out accuracy has not improved for `patience` epochs."""
-    x, _, _ = _standardise(np.asarray(features, dtype=np.float32))
+    x, _, _ = _standardise(features)
     labels = np.asarray(labels)
     fold = fold_assignment(labels[:images], folds, seed)
     row_fold = fold[np.arange(len(labels)) % images]
     members = [np.flatnonzero(row_fold != f) for f in range(folds)]
     held_out = np.bincount(fold, minlength=folds)
     rows = [np.flatnonzero(fold == f) for f in range(folds)]
-    scored = [(tf.constant(x[r]), labels[r]) for r in rows]
     accuracy, loss, image_hits = [], [], []
 
     def after_epoch(epoch: int, heads: _BatchedHeads) -> bool:
         hits, nlls = np.zeros(folds), np.zeros(folds)
         right = np.zeros(images, dtype=bool)
-        for f, (x_f, y_f) in enumerate(scored):  # each fold by the head that did not see it
-            probabilities = heads.probabilities(x_f, tf.constant(f)).numpy()
-            right[rows[f]] = probabilities.argmax(axis=1) == y_f
-            hits[f] = np.sum(right[rows[f]])
+        for f, r in enumerate(rows):  # each fold by the head that did not see it
+            y_f = labels[r]
+            probabilities = heads.probabilities(tf.gather(x, r), tf.constant(f)).numpy()
+            right[r] = probabilities.argmax(axis=1) == y_f
+            hits[f] = np.sum(right[r])
             nlls[f] = -np.sum(np.log(np.clip(probabilities[np.arange(len(y_f)), y_f], 1e-7, 1)))
         image_hits.append(right)
         accuracy.append(hits / np.maximum(held_out, 1))
@@ -281,11 +310,9 @@ def fit_final(config: HeadConfig, features: np.ndarray, labels: np.ndarray, epoc
               batch_size: int, learning_rate: float, seed: int, classes: int,
               sample_weight=None):  # fmt: skip
     """Train the chosen configuration on all rows; return (Keras head, per-epoch history)."""
-    raw = np.asarray(features, dtype=np.float32)
-    x, mean, variance = _standardise(raw)
+    x_all, mean, variance = _standardise(features)
     labels = np.asarray(labels)
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
-    x_all = tf.constant(x)
 
     def after_epoch(epoch: int, heads: _BatchedHeads) -> bool:
         probabilities = heads.probabilities(x_all, tf.constant(0)).numpy()
@@ -294,9 +321,9 @@ def fit_final(config: HeadConfig, features: np.ndarray, labels: np.ndarray, epoc
         history["accuracy"].append(float((probabilities.argmax(axis=1) == labels).mean()))
         return False
 
-    heads = _train(config, x, labels, [np.arange(len(labels))], sample_weight, epochs,
+    heads = _train(config, x_all, labels, [np.arange(len(labels))], sample_weight, epochs,
                    batch_size, learning_rate, seed, classes, after_epoch)  # fmt: skip
-    model = keras_head(config, raw.shape[1], classes, mean, variance)
+    model = keras_head(config, x_all.shape[1], classes, mean, variance)
     model.set_weights(heads.weights_of(0))
     return model, history
 

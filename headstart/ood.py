@@ -2,7 +2,9 @@
 
 Fitted on the training split's features (class centroids, and for Mahalanobis one covariance
 shared by every class, shrunk towards a multiple of the identity by the Ledoit-Wolf formula:
-1280 features from ~1000 images give a singular sample covariance). The threshold is the score
+1280 features from ~1000 images give a singular sample covariance). Fitting and scoring read
+`ROWS` rows at a time (the sums behind the centroids and the covariance are sums over rows): no
+split's features are held at once, whatever its size. The threshold is the score
 that keeps `keep` of the validation images (their score at or below it). An image whose score is
 above the threshold is answered "unknown".
 
@@ -21,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.artifacts import Rows
 from headstart.errors import UserError
 from headstart.files import read_json, write_json
 from headstart.params import OOD_METHODS as METHODS
 
 OOD_FILE = "ood.json"  # in a release folder: method, threshold, kept fraction on validation
 OOD_ARRAYS = "ood.npz"  # in a release folder: what the score needs (centroids, whitening)
+ROWS = 1024  # feature rows fitted or scored at a time: float64 batches of 10 MB at 1280 features
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,10 @@ class Detector:
     def score(self, features: np.ndarray) -> np.ndarray:
         """One score per row of `features` (backbone features): larger = less like the
         training data."""
-        x = _normalise(np.asarray(features, np.float64))
+        scores = [self._score(x) for _, x in _batches(features)]
+        return np.concatenate(scores) if scores else np.zeros(0)
+
+    def _score(self, x: np.ndarray) -> np.ndarray:
         if self.method == "cosine":
             return 1.0 - (x @ self.centroids.T).max(axis=1)
         z = x @ self.whitening
@@ -57,6 +64,14 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def _batches(features, rows: int = ROWS):
+    """(start, L2-normalised float64 rows) of `features`, `rows` at a time (read through
+    `Rows`: a memory-mapped feature cache's pages are dropped as it goes)."""
+    reader = Rows(features, np.float64)
+    for start in range(0, len(reader), rows):
+        yield start, _normalise(reader[start : start + rows])
+
+
 def _float32(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32).astype(np.float64)
 
@@ -64,11 +79,19 @@ def _float32(array: np.ndarray) -> np.ndarray:
 def ledoit_wolf(centered: np.ndarray) -> tuple[np.ndarray, float]:
     """(shrunk covariance, shrinkage) of rows already centred: (1 - s) S + s (tr S / d) I with
     the Ledoit-Wolf (2004) estimate of s (as scikit-learn's `ledoit_wolf`, without centring)."""
-    n, d = centered.shape
-    sample = centered.T @ centered / n
+    return _shrunk(centered.T @ centered, _square_norms_squared(centered), len(centered))
+
+
+def _square_norms_squared(centered: np.ndarray) -> float:
+    """sum((X*X)^T (X*X)), Ledoit-Wolf's beta sum, as the sum over rows of |x|^4."""
+    return float(np.sum(np.square(np.einsum("ij,ij->i", centered, centered))))
+
+
+def _shrunk(cross: np.ndarray, beta_sum: float, n: int) -> tuple[np.ndarray, float]:
+    """`ledoit_wolf` from sums over the n centred rows X: cross = X^T X and the beta sum."""
+    d = len(cross)
+    sample = cross / n
     mu = float(np.trace(sample)) / d
-    squared = centered * centered
-    beta_sum = float(np.sum(squared.T @ squared))
     delta_sum = float(np.sum(sample * sample))  # == sum((X^T X)^2) / n^2
     beta = (beta_sum / n - delta_sum) / (d * n)
     delta = (delta_sum - 2.0 * mu * float(np.trace(sample)) + d * mu * mu) / d
@@ -79,20 +102,32 @@ def ledoit_wolf(centered: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def fit(
-    features: np.ndarray, labels: np.ndarray, classes: int, method: str
+    features: np.ndarray, labels: np.ndarray, classes: int, method: str, rows: int = ROWS
 ) -> tuple[Detector, dict]:
-    """A detector (no threshold yet) from training features and labels, and a record of it."""
+    """A detector (no threshold yet) from training features and labels, and a record of it.
+    Two passes of `rows` rows at a time over `features` (an array or the memory-mapped cache):
+    class sums, then the centred rows' sums for Ledoit-Wolf."""
     if method not in METHODS:
         raise UserError(f"ood.method must be one of {', '.join(METHODS)} (got {method!r})")
-    x = _normalise(np.asarray(features, np.float64))
     labels = np.asarray(labels)
     present = [c for c in range(classes) if np.any(labels == c)]
-    means = np.stack([x[labels == c].mean(axis=0) for c in present])
-    record = {"method": method, "train_images": int(len(labels)), "features": int(x.shape[1])}
+    index = np.searchsorted(present, labels)  # row -> its class's row of `means`
+    width = np.shape(features)[1]
+    sums = np.zeros((len(present), width))
+    for start, x in _batches(features, rows):
+        batch = index[start : start + len(x)]
+        for k in np.unique(batch):
+            sums[k] += x[batch == k].sum(axis=0)
+    means = sums / np.bincount(index, minlength=len(present))[:, None]
+    record = {"method": method, "train_images": int(len(labels)), "features": int(width)}
     if method == "cosine":
         return Detector(method, _float32(_normalise(means))), record
-    centered = x - means[np.searchsorted(present, labels)]
-    covariance, shrinkage = ledoit_wolf(centered)
+    cross, beta_sum = np.zeros((width, width)), 0.0
+    for start, x in _batches(features, rows):
+        centered = x - means[index[start : start + len(x)]]
+        cross += centered.T @ centered
+        beta_sum += _square_norms_squared(centered)
+    covariance, shrinkage = _shrunk(cross, beta_sum, len(labels))
     values, vectors = np.linalg.eigh(covariance)
     whitening = vectors / np.sqrt(np.maximum(values, values.max() * 1e-12))
     record["shrinkage"] = shrinkage

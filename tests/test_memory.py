@@ -125,33 +125,41 @@ def peak_growth(run) -> int:
     return resident("VmHWM") - before
 
 
-@pytest.fixture
-def mapped_features(tmp_path: Path) -> np.ndarray:
+def mapped_features(folder: Path, width: int) -> np.ndarray:
     """48 MiB of float32 features on disk, memory-mapped (as load_features opens the cache)."""
     rng = np.random.default_rng(0)
-    features = rng.normal(size=(48 * 2048, 128)).astype(np.float32) + 1
-    np.save(tmp_path / "features.npy", features)
-    return np.load(tmp_path / "features.npy", mmap_mode="r")
+    features = rng.normal(size=(48 * MIB // 4 // width, width)).astype(np.float32) + 1
+    np.save(folder / "features.npy", features)
+    return np.load(folder / "features.npy", mmap_mode="r")
 
 
-def test_fitting_the_ood_detector_reads_the_features_a_batch_at_a_time(mapped_features,
-                                                                        monkeypatch):  # fmt: skip
+def test_fitting_the_ood_detector_reads_the_features_a_batch_at_a_time(tmp_path, monkeypatch):
     """The whole split as float64 (96 MiB here), centred and squared, was the select step's
     growth with the data."""
     from headstart import ood
 
     monkeypatch.setattr(artifacts, "DROP_PAGES_EVERY", 4 * MIB)
-    labels = np.arange(len(mapped_features)) % 5
-    grown = peak_growth(lambda: ood.fit(mapped_features, labels, 5, "mahalanobis"))
+    features = mapped_features(tmp_path, 128)
+    labels = np.arange(len(features)) % 5
+    grown = peak_growth(lambda: ood.fit(features, labels, 5, "mahalanobis"))
     assert grown < 24 * MIB
 
 
-def test_the_head_holds_one_standardised_copy_of_the_features(mapped_features, monkeypatch):
-    """The float32 copy and TensorFlow's tensor of it, or the variance's temporary: at most two
-    48 MiB arrays at a time (the mapped pages dropped as they are read)."""
+def test_the_head_holds_one_standardised_copy_of_the_features(tmp_path, monkeypatch):
+    """One 48 MiB float32 copy, which the tensor shares, and small temporaries (the mapped pages
+    dropped as they are read); the copy's values outlive the function's own reference."""
+    import gc
+
     from headstart import heads
 
     monkeypatch.setattr(artifacts, "DROP_PAGES_EVERY", 4 * MIB)
-    heads._standardise(mapped_features[:64])  # TensorFlow's own start-up is not the data's
-    grown = peak_growth(lambda: heads._standardise(mapped_features))
-    assert grown < 2 * 48 * MIB + 12 * MIB
+    features = mapped_features(tmp_path, 512)
+    heads._standardise(features[:64])  # TensorFlow's own start-up is not the data's
+    tensors = []
+    grown = peak_growth(lambda: tensors.append(heads._standardise(features)))
+    assert grown < 48 * MIB + 16 * MIB
+    x, mean, variance = tensors[0]
+    gc.collect()
+    np.ones(features.shape, np.float32)  # reuses freed memory, if any
+    expected = (np.asarray(features[-3:]) - mean) / np.sqrt(variance)
+    assert np.allclose(x[-3:].numpy(), expected, atol=1e-5)

@@ -70,6 +70,27 @@ def test_mahalanobis_score_is_the_distance_to_the_nearest_centroid():
 
 
 @pytest.mark.parametrize("method", ["mahalanobis", "cosine"])
+def test_fitting_and_scoring_batch_by_batch_equals_all_rows_at_once(method, tmp_path):
+    features, labels = blobs(per_class=50)
+    features[::3] *= 4  # rows of different lengths: normalising must happen per row
+    whole, record = ood.fit(features, labels, 3, method, rows=len(labels))
+    mapped = np.lib.format.open_memmap(tmp_path / "f.npy", "w+", np.float32, features.shape)
+    mapped[:] = features
+    stored = features.astype(np.float32).astype(np.float64)  # as the cache holds them
+    once, _ = ood.fit(stored, labels, 3, method, rows=len(labels))
+    batched, batched_record = ood.fit(mapped, labels, 3, method, rows=7)  # 150 = 21 x 7 + 3
+    assert np.allclose(batched.centroids, once.centroids, rtol=1e-5, atol=1e-6)
+    if method == "mahalanobis":
+        assert np.allclose(batched.whitening, once.whitening, rtol=1e-4, atol=1e-6)
+        assert batched_record["shrinkage"] == pytest.approx(record["shrinkage"], rel=1e-4)
+        assert batched_record["shrinkage"] > 0
+    x = np.random.default_rng(4).normal(size=(2500, 8)) + 3  # more rows than ood.ROWS
+    assert np.allclose(batched.score(x), once.score(x), rtol=1e-4)
+    assert np.allclose(np.concatenate([once.score(x[:1000]), once.score(x[1000:])]),
+                       once.score(x), rtol=1e-12)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["mahalanobis", "cosine"])
 def test_far_features_score_past_a_threshold_that_keeps_the_known_ones(method, tmp_path):
     features, labels = blobs(per_class=100)
     detector, record = ood.fit(features[::2], labels[::2], 3, method)
