@@ -194,21 +194,41 @@ def dask_cluster(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_head_on_a_separate_dask_cluster_gives_the_one_process_cache_and_metrics(
+def test_the_feature_shards_on_a_separate_dask_cluster_give_the_one_process_cache(
     trained_copy, dask_cluster, prefect_harness
 ):
-    from flows.pipeline import pipeline_flow
+    """The flow's shard tasks and assembling task, submitted from a flow to a cluster started as
+    separate processes, rebuild the cache the one-process run wrote (the whole flow on Dask:
+    the `--workers 2` test below)."""
+    from distributed import Client
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
 
-    before, metrics = cache_and_metrics(trained_copy)
+    from flows import pipeline
+    from headstart.lock import handoff_token, workspace_lock
+
+    before, _ = cache_and_metrics(trained_copy)
+    root = str(trained_copy.resolve())
     params = params_module.load(trained_copy / "params.yaml")
-    shutil.rmtree(params.path("features", trained_copy))  # head is stale, its cache gone
-    result = pipeline_flow(root=str(trained_copy), dask_address=dask_cluster)
-    assert "head" in result["ran"]
-    after, metrics_after = cache_and_metrics(trained_copy)
+    shutil.rmtree(params.path("features", root))
+
+    @flow
+    def shards_on_the_cluster() -> None:
+        with workspace_lock(root), DaskTaskRunner(address=dask_cluster) as runner:
+            token = handoff_token(root)
+
+            def submit(task, **parameters):
+                return runner.submit(task, {"root": root, "token": token, **parameters})
+
+            pipeline._features_on_dask(pipeline._Run(root, params, False), submit, shards=4)
+
+    shards_on_the_cluster()
+    after, _ = cache_and_metrics(trained_copy)
     assert_same(before, after)
-    assert metrics_after == metrics
     assert not list(trained_copy.glob("artifacts/*-shards"))  # assembled, then deleted
-    assert run_in(trained_copy, "dvc", "status", "-q", check=False).returncode == 0
+    with Client(dask_cluster) as client:  # the shards ran on the separate workers
+        ran = client.run(lambda dask_worker: len(dask_worker.state.log))
+    assert len(ran) == 2 and sum(ran.values()) > 0, ran
 
 
 @pytest.mark.slow
