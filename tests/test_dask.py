@@ -188,7 +188,7 @@ def dask_cluster(tmp_path):
             process.terminate()
         for process in processes:
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 process.kill()
 
