@@ -180,9 +180,7 @@ def _features_on_dask(run: _Run, submit, shards: int) -> None:
     """The head's feature cache, one task per shard, then the assembling task (unless current)."""
     params, root = run.params, run.root
     prepared, features_dir = params.path("prepared", root), params.path("features", root)
-    key = features.cache_key(prepared, params.path("backbone", root), params.head.views,
-                             params.base.seed)  # fmt: skip
-    if features.is_current(features_dir, key):
+    if features.is_current(features_dir, features.params_key(params, root)):
         return
     futures = [submit(extract_features, split=shard.split, view=shard.view, start=shard.start,
                       stop=shard.stop)

@@ -131,8 +131,6 @@ def step(
     wait: WaitOption = False,
 ) -> None:
     """Run one pipeline step (what each `dvc repro` stage calls)."""
-    import contextlib
-
     import tasks
     from headstart import params as params_module
     from headstart.lock import TOKEN_ENV, borrowed
@@ -144,7 +142,7 @@ def step(
         params = params_module.load(project / params_module.PARAMS_FILE)
         if name != "prepare":  # every other step runs TensorFlow
             _start_tensorflow()
-        with borrowed(project, token) if token else contextlib.nullcontext():
+        with borrowed(project, token):
             out = step.run(params, project, wait=wait)
     except UserError as err:
         raise _fail(err) from None

@@ -54,6 +54,12 @@ def cache_key(prepared_dir: Path, backbone_dir: Path, views: int, seed: int) -> 
     return digest.hexdigest()
 
 
+def params_key(params, root: Path | str) -> str:
+    """`cache_key` of the cache the head step of `params` (a headstart Params) reads in `root`."""
+    return cache_key(params.path("prepared", root), params.path("backbone", root),
+                     params.head.views, params.base.seed)  # fmt: skip
+
+
 def is_current(features_dir: Path, key: str) -> bool:
     record = features_dir / "features.json"
     return record.exists() and read_json(record).get("key") == key

@@ -142,10 +142,14 @@ def handoff_token(root: Path | str) -> str:
 
 
 @contextlib.contextmanager
-def borrowed(root: Path | str, token: str) -> Iterator[None]:
+def borrowed(root: Path | str, token: str | None) -> Iterator[None]:
     """Within the block, this process works under the lock its holder lent it with `token`:
     `workspace_lock` is then re-entrant here. Refused (LockedError) when another run holds the
-    workspace, or when no run holds it any more (the lender ended: its work is void)."""
+    workspace, or when no run holds it any more (the lender ended: its work is void). No token
+    (nothing lent): the block runs as it is, taking the lock itself where it needs it."""
+    if not token:
+        yield
+        return
     path = _path(root)
     with _guard:
         lent = path in _held and _held[path][2] == token  # the holder itself

@@ -30,6 +30,7 @@ from headstart.features import (
     cache_key,
     compute_shard,
     load_backbone,
+    params_key,
     shards_dir,
 )
 from headstart.files import atomic_dir, read_json, require, write_json, write_timings
@@ -47,20 +48,18 @@ def extract_shard(params: Params, root: Path | str, split: str, view: int, start
     """One shard of the feature cache (rows [start, stop) of `split`, view `view`) into its own
     file: what a Dask worker runs when the flow spreads the cache over workers."""
     prepared, backbone = params.path("prepared", root), params.path("backbone", root)
-    key = cache_key(prepared, backbone, params.head.views, params.base.seed)
     return compute_shard(
         load_backbone(require(backbone, "freeze")), prepared,
         Shard(split, view, start, stop),
-        shards_dir(params.path("features", root), key), params.base.seed,
+        shards_dir(params.path("features", root), params_key(params, root)), params.base.seed,
     )  # fmt: skip
 
 
 def assemble_features(params: Params, root: Path | str, shards: int) -> Path:
     """The cache from the files of `headstart.features.plan(..., shards)` (run it as the head
     step, `pipeline.run_step`, so the cache is stamped as when head computes it alone)."""
-    prepared, backbone = params.path("prepared", root), params.path("backbone", root)
-    key = cache_key(prepared, backbone, params.head.views, params.base.seed)
-    return assemble(key, prepared, params.path("features", root), params.head.views, shards)
+    return assemble(params_key(params, root), params.path("prepared", root),
+                    params.path("features", root), params.head.views, shards)  # fmt: skip
 
 
 def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir: Path | str,

@@ -14,7 +14,6 @@ retries once (a worker that died mid-shard left no file: the retry writes it).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -28,10 +27,6 @@ from headstart import pipeline
 from headstart.errors import UserError
 from headstart.lock import TOKEN_ENV, borrowed, workspace_lock
 from tasks import STEPS, Step, head
-
-
-def _lent(root: str, token: str):
-    return borrowed(root, token) if token else contextlib.nullcontext()
 
 
 def _params(root: str):
@@ -69,7 +64,7 @@ def _in_child(name: str, root: str, token: str) -> str:
       task_run_name="extract_features-{split}-view{view}-{start}")  # fmt: skip
 def extract_features(root: str, split: str, view: int, start: int, stop: int,
                      token: str = "") -> str:  # fmt: skip
-    with _lent(root, token), workspace_lock(root):
+    with borrowed(root, token), workspace_lock(root):
         return str(head.extract_shard(_params(root), root, split, view, start, stop))
 
 
@@ -78,7 +73,7 @@ def assemble_features(root: str, shards: int, token: str = "") -> str:
     def assemble(params, root: Path) -> Path:
         return head.assemble_features(params, root, shards)
 
-    with _lent(root, token):  # as the head step: its lock, its output stamp
+    with borrowed(root, token):  # as the head step: its lock, its output stamp
         return str(pipeline.run_step("head", assemble, _params(root), Path(root)))
 
 
