@@ -14,6 +14,7 @@ the sharded cache equals the one-process cache, however many shards.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -26,7 +27,7 @@ import numpy as np
 
 from headstart.artifacts import BACKBONE_FILE, DROP_PAGES_EVERY, SPLITS, drop_pages, load_split
 from headstart.errors import UserError
-from headstart.files import atomic_dir, read_json, sha256_file, write_json
+from headstart.files import atomic_dir, read_json, read_marker, sha256_file, write_json
 
 log = logging.getLogger("headstart.features")
 
@@ -47,9 +48,14 @@ class Shard:
 
 
 def cache_key(prepared_dir: Path, backbone_dir: Path, views: int, seed: int) -> str:
+    """What the cache was computed from: the backbone file, the prepared images (their manifest
+    names each source file's content and split; the parameters prepare ran with say how they
+    were decoded: `prepare.resize` changes the pixels, not the manifest), views and seed."""
     digest = hashlib.sha256()
     for path in (backbone_dir / BACKBONE_FILE, prepared_dir / "manifest.csv"):
         digest.update(sha256_file(path).encode())
+    prepared_with = (read_marker(prepared_dir) or {}).get("params", {})
+    digest.update(json.dumps(prepared_with, sort_keys=True).encode())
     digest.update(f"views={views};seed={seed}".encode())
     return digest.hexdigest()
 

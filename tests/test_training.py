@@ -99,6 +99,21 @@ def test_feature_cache_is_reused_when_only_head_settings_change(project, tmp_pat
     assert not np.allclose(features[: len(train_images)], features[len(train_images) :], atol=0)
 
 
+def test_the_feature_cache_is_stale_when_prepare_decodes_differently(project, tmp_path):
+    """prepare.resize changes the prepared pixels but not the manifest (the same source files):
+    the cache key must change with it, or the head trains on the old images' features."""
+    from headstart import features
+
+    root, params = project
+    copy = Path(shutil.copytree(root, tmp_path / "copy"))
+    prepared, backbone = params.path("prepared", copy), params.path("backbone", copy)
+    manifest = (prepared / "manifest.csv").read_bytes()
+    before = features.cache_key(prepared, backbone, 1, params.base.seed)
+    tasks.get("prepare").run(small_params(prepare={"resize": "stretch"}), copy)
+    assert (prepared / "manifest.csv").read_bytes() == manifest
+    assert features.cache_key(prepared, backbone, 1, params.base.seed) != before
+
+
 def test_metrics_files_have_flat_keys(project):
     root, params = project
     metrics_dir = params.path("metrics", root)
