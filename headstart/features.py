@@ -71,9 +71,15 @@ def is_current(features_dir: Path, key: str) -> bool:
     return record.exists() and read_json(record).get("key") == key
 
 
+def shards_root(features_dir: Path) -> Path:
+    """The folder of every shard file: beside the cache, outside what DVC tracks. It exists only
+    while a run spreads the cache over workers (a killed run's is removed by `clean_up`)."""
+    return features_dir.with_name(f"{features_dir.name}-shards")
+
+
 def shards_dir(features_dir: Path, key: str) -> Path:
-    """Where the shards of the cache with `key` go: beside the cache, outside what DVC tracks."""
-    return features_dir.with_name(f"{features_dir.name}-shards") / key[:16]
+    """Where the shards of the cache with `key` go."""
+    return shards_root(features_dir) / key[:16]
 
 
 def _rows(prepared_dir: Path, views: int) -> dict[str, tuple[int, int]]:
@@ -261,5 +267,5 @@ def assemble(key: str, prepared_dir: Path, features_dir: Path, views: int, shard
         del outs
         _labels(tmp, prepared_dir, rows)
         write_json(tmp / "features.json", _record(key, views, width, rows))
-    shutil.rmtree(folder.parent, ignore_errors=True)
+    shutil.rmtree(shards_root(features_dir), ignore_errors=True)
     return features_dir

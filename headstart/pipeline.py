@@ -5,10 +5,11 @@ with the parameters dvc.yaml lists for its stage. The step list itself is `tasks
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from headstart import files
+from headstart import features, files
 from headstart.lock import workspace_lock
 from headstart.params import Params, to_dict
 
@@ -59,7 +60,13 @@ def written_with(name: str, output: str, params: Params, root: Path | str) -> bo
 
 
 def clean_up(params: Params, root: Path | str) -> None:
-    """Remove what killed runs left (only atomic_dir's own temporary folders, next to outputs)."""
+    """Remove what killed runs left: atomic_dir's own temporary folders next to outputs, and
+    the feature shards of a run spread over workers (complete or not: a run makes its own)."""
     parents = [params.path(name, root).parent for name in to_dict(params)["paths"]]
-    for path in files.remove_stale_temporaries(parents):
+    left = files.remove_stale_temporaries(parents)
+    shards = features.shards_root(params.path("features", root))
+    if shards.is_dir():
+        shutil.rmtree(shards)
+        left.append(shards)
+    for path in left:
         log.info("removed %s, left by a run that did not finish", path)

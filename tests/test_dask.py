@@ -117,6 +117,24 @@ with workspace_lock(sys.argv[1]):
 """
 
 
+def test_the_next_run_removes_the_shards_a_killed_run_left(tmp_path):
+    """A run killed while its workers wrote shards leaves them, half-written ones too: the next
+    run's clean-up (holding the lock, before any step) removes them and nothing else."""
+    from headstart.pipeline import clean_up
+
+    params = small_params()
+    cache = params.path("features", tmp_path)
+    left = features.shards_dir(cache, "0" * 64)
+    left.mkdir(parents=True)
+    (left / "train-view0-0-64.npy").write_bytes(b"complete")
+    (left / ".train-view0-64-128.npy.x1y2").write_bytes(b"half")
+    cache.mkdir()
+    (cache / "train_features.npy").write_bytes(b"the cache")
+    clean_up(params, tmp_path)
+    assert not features.shards_root(cache).exists()
+    assert (cache / "train_features.npy").read_bytes() == b"the cache"
+
+
 def test_the_lock_is_lent_with_its_token_only_while_its_holder_holds_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)],
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
