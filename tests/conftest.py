@@ -299,7 +299,8 @@ def trained_copy(trained_project: Trained, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained_project.root, tmp_path / "project", symlinks=True))
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`headstart ARGS...` as a user runs it (a fresh process), output captured."""
+def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """`headstart ARGS...` as a user runs it (a fresh process), output captured; `env`: extra
+    environment variables."""
     return subprocess.run([sys.executable, "-m", "headstart.cli", *args], capture_output=True,
-                          text=True, cwd=cwd)  # fmt: skip
+                          text=True, cwd=cwd, env={**os.environ, **env})  # fmt: skip
