@@ -5,7 +5,7 @@ Measured on the same data, the same machine, in one run:
   recipe     Keras transfer-learning guide: frozen base inside one model, `model.fit` on a tf.data
              image pipeline for E epochs (the backbone runs every epoch)
   headstart  the head step (feature cache + head training + end-to-end model) for the same E
-  scaling    the head step as a command at N, 2N, 4N training images (--quick: N, 2N): time, memory
+  scaling    the head step as a command at N, 2N, 4N training images (--quick: N only): time, memory
   startup    `headstart --help`, and a no-op `headstart run` (everything up to date)
   pipeline   every step of the demo pipeline as a command (time, peak memory), test metrics,
              `headstart run` fresh / no-op, and `dvc repro` after changing head.epochs
@@ -256,7 +256,7 @@ def bench_scaling(ctx, args) -> dict:
     from headstart.files import read_json
 
     rows = {}
-    for factor in (1, 2) if args.quick else (1, 2, 4):
+    for factor in (1,) if args.quick else (1, 2, 4):
         n = ctx["n"] * factor
         params_file = _head_command_params(ctx, args, n)
         child = run_child([str(Path(sys.executable).with_name("headstart")), "step", "head",

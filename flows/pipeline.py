@@ -4,10 +4,13 @@ headstart run                                # or: python -m flows.pipeline
 headstart run --workers 4                    # the steps on a local Dask cluster of 4 processes
 headstart run --dask-address tcp://host:8786 # ... or on an existing Dask cluster
 
-On Dask (Prefect's DaskTaskRunner), every step runs in a worker process, the baseline fit beside
-the weights -> freeze -> head branch, and a stale head's feature cache is computed as one task
-per shard (paths and row ranges in, a file out) plus an assembling task, before the head task
-finds the cache current. The flow keeps the workspace lock and lends it to its workers.
+On Dask (Prefect's DaskTaskRunner), the baseline fit runs in a worker process beside the
+weights -> freeze -> head branch, and a stale head's feature cache is computed as one task per
+shard (paths and row ranges in, a file out) plus an assembling task, before the head task finds
+the cache current. The steps before and after those run in order: on an existing cluster as
+worker tasks too, on a local one (`--workers`) in the flow's own process as in a plain run (the
+same machine either way, without a TensorFlow start per step). The flow keeps the workspace lock
+and lends it to its workers.
 """
 
 from __future__ import annotations
@@ -129,8 +132,9 @@ class _Run:
 
 
 def _run_on_dask(run: _Run, workers: int, dask_address: str) -> None:
-    """Every step as a task on a Dask cluster (local: `workers` processes, started with spawn,
-    distributed's default), the BRANCHES side by side, the others in order."""
+    """The BRANCHES side by side as tasks on a Dask cluster (local: `workers` processes, started
+    with spawn, distributed's default), the other steps in order: on the cluster too when it is
+    an existing one, here when it is local."""
     from prefect_dask import DaskTaskRunner
 
     run.root = str(Path(run.root).resolve())  # workers may run elsewhere
@@ -142,7 +146,12 @@ def _run_on_dask(run: _Run, workers: int, dask_address: str) -> None:
     def submit(task, **parameters):
         return runner.submit(task, {"root": run.root, "token": token, **parameters})
 
+    parallel = [name for branch in BRANCHES for name in branch]
+
     def call(name: str):
+        if name not in parallel and not dask_address:
+            return TASKS[name]
+
         def on_dask(root: str) -> None:
             if name == "head":
                 _features_on_dask(run, submit, shards)
@@ -154,7 +163,6 @@ def _run_on_dask(run: _Run, workers: int, dask_address: str) -> None:
         for name in names:
             run.step(name, call(name))
 
-    parallel = [name for branch in BRANCHES for name in branch]
     first = STEP_NAMES.index(parallel[0])
     with runner:
         shards = SHARDS_PER_WORKER * sum(runner.client.nthreads().values())

@@ -24,6 +24,6 @@ def test_bench_quick_runs_every_section_but_pipeline(tmp_path):
     results = json.loads(out.read_text())
     assert results["floor"]["images_per_s"] > 0
     assert results["recipe"]["epochs"] == results["headstart"]["epochs"] == 2
-    assert sorted(map(int, results["scaling"])) == [12, 24]  # --quick: N and 2N
+    assert list(map(int, results["scaling"])) == [12]  # --quick: N only
     assert "headstart head step / floor" in results["ratios"]
     assert "| ratio" in result.stdout and "startup: headstart --help" in result.stdout
