@@ -188,10 +188,11 @@ def _features_on_dask(run: _Run, submit, shards: int) -> None:
     """The head's feature cache, one task per shard, then the assembling task (unless current)."""
     params, root = run.params, run.root
     prepared, features_dir = params.path("prepared", root), params.path("features", root)
-    if features.is_current(features_dir, features.params_key(params, root)):
+    key = features.params_key(params, root)
+    if features.is_current(features_dir, key):
         return
     futures = [submit(extract_features, split=shard.split, view=shard.view, start=shard.start,
-                      stop=shard.stop)
+                      stop=shard.stop, key=key)
                for shard in features.plan(prepared, params.head.views, shards)]  # fmt: skip
     for future in futures:
         future.result()  # a shard that failed twice fails the run: never a short cache

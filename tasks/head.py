@@ -44,14 +44,17 @@ HEAD_STEPS_PER_EXECUTION = 32  # the head is tiny: per-batch Python overhead wou
 
 
 def extract_shard(params: Params, root: Path | str, split: str, view: int, start: int,
-                  stop: int) -> Path:  # fmt: skip
+                  stop: int, key: str | None = None) -> Path:  # fmt: skip
     """One shard of the feature cache (rows [start, stop) of `split`, view `view`) into its own
-    file: what a Dask worker runs when the flow spreads the cache over workers."""
+    file: what a Dask worker runs when the flow spreads the cache over workers. `key`: the
+    cache's `params_key`, when the caller has it (it hashes the manifest and the backbone: once
+    per run, not once per shard)."""
     prepared, backbone = params.path("prepared", root), params.path("backbone", root)
     return compute_shard(
         load_backbone(require(backbone, "freeze")), prepared,
         Shard(split, view, start, stop),
-        shards_dir(params.path("features", root), params_key(params, root)), params.base.seed,
+        shards_dir(params.path("features", root), key or params_key(params, root)),
+        params.base.seed,
     )  # fmt: skip
 
 

@@ -62,10 +62,10 @@ def _in_child(name: str, root: str, token: str) -> str:
 
 @task(cache_policy=NO_CACHE, persist_result=False, retries=1,
       task_run_name="extract_features-{split}-view{view}-{start}")  # fmt: skip
-def extract_features(root: str, split: str, view: int, start: int, stop: int,
+def extract_features(root: str, split: str, view: int, start: int, stop: int, key: str = "",
                      token: str = "") -> str:  # fmt: skip
     with borrowed(root, token), workspace_lock(root):
-        return str(head.extract_shard(_params(root), root, split, view, start, stop))
+        return str(head.extract_shard(_params(root), root, split, view, start, stop, key))
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
