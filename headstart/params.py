@@ -446,6 +446,7 @@ def write_overrides(path: Path | str, overrides: list[str]) -> None:
     path = Path(path)
     load(path, overrides)  # validate the merged result before touching the file
     parser = YAML()
+    parser.preserve_quotes = True  # every other line stays as the user wrote it
     document = parser.load(path.read_text())
     for section, key, value in map(parse_override, overrides):
         document.setdefault(section, {})[key] = value

@@ -46,3 +46,17 @@ def test_overrides_are_written_with_comments_kept(tmp_path):
     with pytest.raises(P.ParamsError, match="head.epochs must be > 0"):
         P.write_overrides(path, ["head.epochs=0"])
     assert P.load(path).head.epochs == params.head.epochs
+
+
+def test_an_override_changes_its_own_line_only(tmp_path):
+    """`headstart run -S evaluate.top_k=2` must not rewrite other lines (it turned every `""`
+    into `''`, a change in git the user never made)."""
+    path = tmp_path / "params.yaml"
+    original = (ROOT / "params.yaml").read_text()
+    assert '""' in original
+    path.write_text(original)
+    P.write_overrides(path, ["evaluate.top_k=2"])
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(original.splitlines())
+    changed = [b for a, b in zip(original.splitlines(), lines, strict=True) if a != b]
+    assert [line.split("#")[0].strip() for line in changed] == ["top_k: 2"]
