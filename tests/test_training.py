@@ -5,13 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import git_clone, run_cli, small_params, stepped_project
+from conftest import real_lite0_project, run_cli, small_params, stepped_project
 
 import tasks
 from headstart import backbones
@@ -310,12 +308,7 @@ def test_predict_cli_reports_bad_files_and_classifies_the_rest(project, tmp_path
 
 
 def test_predict_uses_the_release_by_default(project, tmp_path):
-    import yaml
-
-    from headstart.params import to_dict
-
     root, params = project
-    (root / "params.yaml").write_text(yaml.safe_dump(to_dict(params)))
     image = sorted((root / "data" / "class_2").iterdir())[0]
     result = run_cli("predict", str(image), "--json", cwd=root)
     assert result.returncode == 0, result.stderr
@@ -329,19 +322,8 @@ def test_predict_uses_the_release_by_default(project, tmp_path):
 
 
 @pytest.mark.slow
-def test_transfer_on_real_lite0_weights_beats_chance_on_demo_images(tmp_path):
-    clone = git_clone(tmp_path / "clone")
-    dvc = Path(sys.executable).with_name("dvc")
-    subprocess.run([str(dvc), "pull", "-q", "data.dvc"], cwd=clone, check=True)
-    root = tmp_path / "project"
-    for folder in sorted((clone / "data").iterdir()):
-        (root / "data" / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:24]:
-            shutil.copy(image, root / "data" / folder.name / image.name)
-    params = small_params(base={"image_size": 64}, head={"epochs": 15, "units": 128},
-                          prepare={"val_fraction": 0.2, "test_fraction": 0.3})  # fmt: skip
-    for name in ("prepare", "weights", "freeze", "head"):
-        tasks.get(name).run(params, root)
+def test_transfer_on_real_lite0_weights_beats_chance_on_demo_images(tmp_path_factory):
+    root, params = real_lite0_project(tmp_path_factory)
     import keras
 
     model = keras.saving.load_model(params.path("transfer", root) / "model.keras")
