@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +29,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-
-# `import dvc` binds DVC's log handlers to the sys.stdout/sys.stderr of that moment. Imported
-# first inside a test that captures output (capfd), they would keep that test's stream, closed
-# after it, and a later in-process flow fails on DVC's "Updating lock file" line
-# (LoggingException: I/O operation on closed file). Import it here, under pytest's global capture.
-import dvc.logger  # noqa: E402, F401
 
 
 def image_bytes(seed: int, size=(40, 40), fmt="PNG", mode="RGB", **save) -> bytes:
@@ -164,15 +162,63 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+SHARED = "HEADSTART_TESTS_SHARED"  # a folder for this run's processes (xdist's workers inherit it)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller, or the only process
+        os.environ[SHARED] = tempfile.mkdtemp(prefix="headstart-tests-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """After the last test of every worker: stop the shared Prefect server, if one started."""
+    if hasattr(config, "workerinput") or SHARED not in os.environ:
+        return
+    shared = Path(os.environ.pop(SHARED))
+    record = shared / "prefect-server.json"
+    if record.is_file():
+        pid = json.loads(record.read_text())["pid"]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)  # ProcessLookupError once it is gone
+                time.sleep(0.2)
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def shared_prefect_server() -> str:
+    """The API URL of one real local Prefect server (`prefect server start` through
+    flows.scheduling.start_local_server: SQLite, scheduler running) that every process of this
+    test run uses; the first to ask starts it, the controller stops it at the end. One server
+    instead of one per xdist worker plus one for the schedule test: each start costs ~20 s of
+    CPU (mostly database migrations)."""
+    from flows.scheduling import start_local_server
+
+    shared = Path(os.environ[SHARED])
+    record = shared / "prefect-server.json"
+    with open(shared / "prefect-server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here until it answers
+        if not record.exists():
+            process, api_url = start_local_server(shared / "prefect-server")
+            record.write_text(json.dumps({"pid": process.pid, "api_url": api_url}))
+    return json.loads(record.read_text())["api_url"]
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> str:
-    """One temporary Prefect server for every test that runs a flow or task; yields its API URL
-    (a `headstart run` subprocess given it as PREFECT_API_URL skips starting its own server)."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    """The shared Prefect server (above) for every test that runs a flow or task, in this
+    process and in the `headstart run` subprocesses given its URL as PREFECT_API_URL (which then
+    start no temporary server of their own); yields its API URL."""
+    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
+    api_url = shared_prefect_server()
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        # also for contexts copied before this fixture (as prefect_test_harness does)
+        with _temporary_global_settings_context(get_settings_context()):
+            yield api_url
 
 
 def write_random_backbone(out: Path, image_size: int = 32, seed: int | None = None) -> None:

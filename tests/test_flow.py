@@ -172,12 +172,10 @@ def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path
     assert (tmp_path / "plots" / "index.html").is_file(), plots.stdout
 
 
-def test_schedule_serves_a_deployment_that_runs(trained_copy, tmp_path):
-    """A real local Prefect server; `headstart schedule --interval` must execute a run."""
-    from flows.scheduling import start_local_server
-
-    server, api_url = start_local_server(tmp_path / "server")
-    env = {**os.environ, "PREFECT_API_URL": api_url,
+def test_schedule_serves_a_deployment_that_runs(trained_copy, prefect_harness):
+    """`headstart schedule --interval` against a real Prefect server (the test run's, whose
+    scheduler creates the runs) must execute a run."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     served = subprocess.Popen(
         ["headstart", "schedule", "--interval", "5", "--name", "test-schedule"],
@@ -188,7 +186,7 @@ def test_schedule_serves_a_deployment_that_runs(trained_copy, tmp_path):
         text=True,
     )
     try:
-        state = wait_for_completed_run(api_url, "headstart-retrain", timeout=150)
+        state = wait_for_completed_run(prefect_harness, "test-schedule", timeout=150)
     finally:
         served.send_signal(signal.SIGTERM)
         try:
@@ -196,14 +194,14 @@ def test_schedule_serves_a_deployment_that_runs(trained_copy, tmp_path):
         except subprocess.TimeoutExpired:
             served.kill()
             output = served.communicate()[0]
-        server.terminate()
-        server.wait(timeout=30)
     assert state == "COMPLETED", output[-3000:]
     assert (trained_copy / "models/champion/model.keras").is_file()
     assert dvcstate.changed(trained_copy, "plots") == []
 
 
-def wait_for_completed_run(api_url: str, flow_name: str, timeout: float) -> str:
+def wait_for_completed_run(api_url: str, deployment: str, timeout: float) -> str:
+    """The state of the deployment's runs once one has ended (other tests' runs of the same flow
+    on the shared server do not count)."""
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -212,7 +210,7 @@ def wait_for_completed_run(api_url: str, flow_name: str, timeout: float) -> str:
         request = urllib.request.Request(
             f"{api_url}/flow_runs/filter", data=json.dumps({
                 "limit": 20,
-                "flows": {"name": {"any_": [flow_name]}},
+                "deployments": {"name": {"any_": [deployment]}},
                 "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},
             }).encode(),
             headers={"Content-Type": "application/json"}, method="POST",
