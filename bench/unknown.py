@@ -15,12 +15,15 @@ distribution: rejected fraction, AUROC), and leaving two classes out of the fit 
     headstart run                          # (or the steps) in the demo project first
     python bench/unknown.py [--project DIR]
     python bench/unknown.py --choose-method [--project DIR]   # needs dataset-fashion-mnist
+
+Needs scikit-learn: `pip install -e ".[bench]"`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import subprocess
@@ -189,6 +192,8 @@ def main(argv=None) -> None:
     parser.add_argument("--choose-method", action="store_true", help="compare the OOD methods")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("sklearn") is None:
+        sys.exit('error: bench/unknown.py needs scikit-learn: pip install -e ".[bench]"')
     project = args.project.resolve()
     if args.choose_method:
         results = choose_method(project)

@@ -1,5 +1,5 @@
 """The OOD score behind "unknown" answers (headstart/ood.py), on small arrays checked against
-direct formulas and scikit-learn."""
+direct formulas."""
 
 from __future__ import annotations
 
@@ -32,15 +32,21 @@ def test_the_threshold_keeps_at_least_the_asked_fraction(n):
             assert threshold == pytest.approx((ordered[kept_images - 1] + ordered[kept_images]) / 2)
 
 
-def test_ledoit_wolf_matches_scikit_learn():
-    from sklearn.covariance import ledoit_wolf
-
+def test_ledoit_wolf_matches_the_textbook_formula():
+    """Ledoit & Wolf (2004) written out sample by sample (scikit-learn's normalisation: the
+    squared Frobenius norms divided by the dimension); ours sums |x|^4 instead."""
     x = np.random.default_rng(0).normal(size=(40, 60)) * np.linspace(0.5, 2, 60)
     x -= x.mean(axis=0)
+    n, p = x.shape
+    sample = x.T @ x / n
+    mu = np.trace(sample) / p
+    delta = np.sum((sample - mu * np.eye(p)) ** 2) / p
+    beta = sum(np.sum((np.outer(row, row) - sample) ** 2) for row in x) / n**2 / p
+    expected = min(beta, delta) / delta
     ours, shrinkage = ood.ledoit_wolf(x)
-    theirs, their_shrinkage = ledoit_wolf(x, assume_centered=True)
-    assert shrinkage == pytest.approx(their_shrinkage)
-    assert np.allclose(ours, theirs)
+    assert 0.1 < expected < 0.9  # a real mix of the sample covariance and the scaled identity
+    assert shrinkage == pytest.approx(expected)
+    assert np.allclose(ours, (1 - expected) * sample + expected * mu * np.eye(p))
 
 
 def test_cosine_score_is_one_minus_the_best_cosine_similarity():

@@ -22,13 +22,12 @@ from headstart.files import read_json
 
 
 def write_photos(folder: Path) -> list[Path]:
-    """Natural photos bundled with scikit-image and scikit-learn, as PNG and JPEG files."""
+    """Natural photos bundled with scikit-image, as PNG and JPEG files."""
     import skimage.data
-    from sklearn.datasets import load_sample_images
 
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "camera")}
-    arrays["china"] = load_sample_images().images[0]
+    arrays = {name: getattr(skimage.data, name)()
+              for name in ("astronaut", "coffee", "camera", "chelsea")}  # fmt: skip
     paths = []
     for index, (name, array) in enumerate(arrays.items()):
         paths.append(folder / f"{name}.{'jpg' if index % 2 else 'png'}")
