@@ -133,6 +133,7 @@ def step(
     """Run one pipeline step (what each `dvc repro` stage calls)."""
     import tasks
     from headstart import params as params_module
+    from headstart import pipeline
     from headstart.lock import TOKEN_ENV, borrowed
 
     _log_to_stderr()
@@ -140,6 +141,8 @@ def step(
     try:
         step = tasks.get(name)
         params = params_module.load(project / params_module.PARAMS_FILE)
+        if not wait:  # (with --wait, a run holding the workspace may be making them)
+            pipeline.check_inputs(name, params, project)  # before TensorFlow: an instant error
         if name != "prepare":  # every other step runs TensorFlow
             _start_tensorflow()
         with borrowed(project, token):
@@ -267,7 +270,6 @@ def predict(
     Probabilities are calibrated when the model's folder holds calibration.json (a release)."""
     from headstart import predicting
 
-    _start_tensorflow()
     try:
         if inputs and inputs[0].suffix == ".keras":
             model, inputs = inputs[0], inputs[1:]
@@ -277,7 +279,8 @@ def predict(
 
             params = params_module.load(project / params_module.PARAMS_FILE)
             model = params.path("release", project) / MODEL_FILE
-        results = predicting.predict_paths(model, inputs, top_k, reject=reject)
+        results = predicting.predict_paths(model, inputs, top_k, reject=reject,
+                                           start_tensorflow=_start_tensorflow)  # fmt: skip
     except UserError as err:
         raise _fail(err) from None
     typer.echo(predicting.render(results, as_json))

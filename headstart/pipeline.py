@@ -5,6 +5,7 @@ with the parameters dvc.yaml lists for its stage. The step list itself is `tasks
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,26 @@ def stage_params(name: str, params: Params, root: Path | str) -> dict:
         else:
             picked[key] = values[section]
     return picked
+
+
+def check_inputs(name: str, params: Params, root: Path | str) -> None:
+    """Before a step starts (and TensorFlow loads): every output of another step that dvc.yaml
+    lists among stage `name`'s deps exists, or a UserError naming the step that makes it. Needs
+    the project's dvc.yaml (without one the step's own checks still say it, later)."""
+    import yaml
+
+    dvc_yaml = Path(root) / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    producers = {out: stage for stage, spec in stages.items() for out in spec.get("outs", [])
+                 if isinstance(out, str)}  # fmt: skip
+    for dep in stages.get(name, {}).get("deps", []):
+        key = re.fullmatch(r"\$\{paths\.(\w+)\}(/.*)?", str(dep))
+        producer = producers.get(f"${{paths.{key.group(1)}}}") if key else None
+        if producer and producer != name:
+            files.require(params.path(key.group(1), root) / (key.group(2) or "/").lstrip("/"),
+                          producer)  # fmt: skip
 
 
 def stamp(name: str, params: Params, root: Path | str) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,16 @@ def _expand(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def _load_model(path: Path, what: str):
-    import keras
-
+def _check_keras_file(path: Path, what: str) -> None:
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path}: not a valid .keras file (damaged or truncated); "
                         f"retrain {what} (headstart run) or restore it (dvc checkout)")  # fmt: skip
+
+
+def _load_model(path: Path, what: str):
+    _check_keras_file(path, what)
+    import keras
+
     try:
         return keras.saving.load_model(path, safe_mode=True)
     except Exception as err:  # a corrupt or foreign file: say so in one line
@@ -66,12 +71,15 @@ def _ood_scores(model_dir: Path, detector, pictures: np.ndarray) -> np.ndarray:
 
 
 def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1,
-                  reject: bool = False) -> list[dict]:  # fmt: skip
+                  reject: bool = False,
+                  start_tensorflow: Callable[[], None] | None = None) -> list[dict]:  # fmt: skip
     """One result per image file: {"file", "top": [(label, probability), ...], "calibrated"} or
     {"file", "error"} for a file that cannot be read (the rest still run). Probabilities are
     temperature scaled when calibration.json sits beside the model (`calibrated`: true).
     `reject`: also "ood_score" and "ood_threshold"; an image scored above the threshold gets
-    "unknown": true and no "top" (no class is claimed)."""
+    "unknown": true and no "top" (no class is claimed). `start_tensorflow`: called once every
+    check that needs no TensorFlow has passed, before TensorFlow loads (a bad argument is an
+    instant error, not one after a ~7 s TensorFlow start)."""
     model_path = Path(model_path)
     labels_path = model_path.parent / "labels.json"
     if not model_path.is_file():
@@ -89,6 +97,9 @@ def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1,
         from headstart import ood
 
         detector, _ = ood.load(model_path.parent)
+    _check_keras_file(model_path, "it")
+    if start_tensorflow is not None:
+        start_tensorflow()
     from headstart.training import predict_batches
 
     model = _load_model(model_path, "it")

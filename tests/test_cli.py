@@ -48,12 +48,19 @@ def test_prefect_yaml_deploys_the_retraining_flow():
 
 
 def test_steps_out_of_order_say_which_step_to_run(tmp_path):
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    for name in ("params.yaml", "dvc.yaml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
     result = run_cli("step", "head", "--project", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path}/artifacts/prepared/labels.json: missing; "
+        f"error: {tmp_path}/artifacts/prepared: missing; "
         "run `headstart step prepare` first (or `headstart run`)"
+    )
+    (tmp_path / "artifacts/prepared").mkdir(parents=True)  # dvc.yaml's next dep of head
+    result = run_cli("step", "head", "--project", str(tmp_path))
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}/artifacts/backbone: missing; "
+        "run `headstart step freeze` first (or `headstart run`)"
     )
 
 

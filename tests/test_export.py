@@ -170,12 +170,14 @@ def test_the_gate_names_each_format_below_the_agreement_and_its_figures():
 
 
 def test_export_without_a_release_is_a_one_line_error(tmp_path):
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    for name in ("params.yaml", "dvc.yaml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    (tmp_path / "artifacts/prepared").mkdir(parents=True)
     result = run_cli("export", "--project", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path}/artifacts/prepared/test_images.npy: missing; "
-        "run `headstart step prepare` first (or `headstart run`)"
+        f"error: {tmp_path}/artifacts/release: missing; "
+        "run `headstart step select` first (or `headstart run`)"
     )
     assert not (tmp_path / "artifacts" / "export").exists()
 
