@@ -26,15 +26,19 @@ def run_step(name: str, function: Callable[[Params, Path], Path], params: Params
             return function(params, root)
 
 
+def _stages(root: Path | str) -> dict:
+    """dvc.yaml's stages in the project at `root` (empty without a dvc.yaml)."""
+    import yaml
+
+    dvc_yaml = Path(root) / "dvc.yaml"
+    return yaml.safe_load(dvc_yaml.read_text())["stages"] if dvc_yaml.is_file() else {}
+
+
 def stage_params(name: str, params: Params, root: Path | str) -> dict:
     """The parameters a stage reads, as dvc.yaml lists them (`section` or `section.key`), with
     their values; every parameter when there is no dvc.yaml (a step called outside a project)."""
-    import yaml
-
     values = to_dict(params)
-    dvc_yaml = Path(root) / "dvc.yaml"
-    stage = (yaml.safe_load(dvc_yaml.read_text())["stages"].get(name, {})
-             if dvc_yaml.is_file() else {})  # fmt: skip
+    stage = _stages(root).get(name, {})
     keys = stage.get("params") if stage else None
     if keys is None:
         return values
@@ -52,19 +56,14 @@ def check_inputs(name: str, params: Params, root: Path | str) -> None:
     """Before a step starts (and TensorFlow loads): every output of another step that dvc.yaml
     lists among stage `name`'s deps exists, or a UserError naming the step that makes it. Needs
     the project's dvc.yaml (without one the step's own checks still say it, later)."""
-    import yaml
-
-    dvc_yaml = Path(root) / "dvc.yaml"
-    if not dvc_yaml.is_file():
-        return
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    stages = _stages(root)
     producers = {out: stage for stage, spec in stages.items() for out in spec.get("outs", [])
                  if isinstance(out, str)}  # fmt: skip
     for dep in stages.get(name, {}).get("deps", []):
         key = re.fullmatch(r"\$\{paths\.(\w+)\}(/.*)?", str(dep))
         producer = producers.get(f"${{paths.{key.group(1)}}}") if key else None
         if producer and producer != name:
-            files.require(params.path(key.group(1), root) / (key.group(2) or "/").lstrip("/"),
+            files.require(params.path(key.group(1), root) / (key.group(2) or "").lstrip("/"),
                           producer)  # fmt: skip
 
 

@@ -286,8 +286,7 @@ def real_lite0_project(tmp_path_factory) -> tuple[Path, params_module.Params]:
 
     def build(folder: Path) -> None:
         clone = git_clone(folder / "clone")
-        dvc_command = str(Path(sys.executable).with_name("dvc"))
-        subprocess.run([dvc_command, "pull", "-q", "data.dvc"], cwd=clone, check=True)
+        run_in(clone, "dvc", "pull", "-q", "data.dvc")
         root = folder / "project"
         for classes in sorted((clone / "data").iterdir()):
             (root / "data" / classes.name).mkdir(parents=True)
@@ -334,9 +333,7 @@ def tiny_project(target: Path) -> Path:
     root = git_clone(target)
     write_good_images(root / "data", classes=2, per_class=12)
     params_module.write_overrides(root / "params.yaml", SMALL_OVERRIDES)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    dvc_command = str(Path(sys.executable).with_name("dvc"))
-    subprocess.run([dvc_command, "add", "-q", "data"], cwd=root, check=True, env=env)
+    run_in(root, "dvc", "add", "-q", "data")
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     subprocess.run(["git", "commit", "-qm", "tiny data"], cwd=root, check=True)
     return root
