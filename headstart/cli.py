@@ -54,8 +54,11 @@ def main(
         bool, typer.Option("--verbose", "-v", help="Debug logs; full tracebacks from Prefect.")
     ] = False,
 ) -> None:
+    from headstart import quiet
+
     _quiet_environment()
     _VERBOSE["on"] = verbose
+    quiet.show_startup_lines(verbose)
     logger = logging.getLogger("headstart")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
@@ -106,14 +109,6 @@ def _log_to_stderr() -> None:
     logging.getLogger("headstart").addHandler(handler)
 
 
-def _start_tensorflow() -> None:
-    """Load TensorFlow now, without its C++ start-up lines unless --verbose."""
-    if not _VERBOSE["on"]:
-        from headstart.quiet import start_tensorflow_quietly
-
-        start_tensorflow_quietly()
-
-
 def _fail(err: BaseException) -> typer.Exit:
     typer.echo(f"error: {err}", err=True)
     return typer.Exit(1)
@@ -143,8 +138,6 @@ def step(
         params = params_module.load(project / params_module.PARAMS_FILE)
         if not wait:  # (with --wait, a run holding the workspace may be making them)
             pipeline.check_inputs(name, params, project)  # before TensorFlow: an instant error
-        if name != "prepare":  # every other step runs TensorFlow
-            _start_tensorflow()
         with borrowed(project, token):
             out = step.run(params, project, wait=wait)
     except UserError as err:
@@ -196,8 +189,7 @@ def run(
             params = params_module.load(params_file)
             if not force and _nothing_to_run(root, params):
                 return
-            _start_tensorflow()
-            from flows.pipeline import pipeline_flow
+            from flows.pipeline import pipeline_flow  # (TensorFlow: when a step needs it)
 
             _hide_prefect_tracebacks_of_user_errors()
             result = pipeline_flow(root=str(root), force=force, workers=workers,
@@ -279,8 +271,7 @@ def predict(
 
             params = params_module.load(project / params_module.PARAMS_FILE)
             model = params.path("release", project) / MODEL_FILE
-        results = predicting.predict_paths(model, inputs, top_k, reject=reject,
-                                           start_tensorflow=_start_tensorflow)  # fmt: skip
+        results = predicting.predict_paths(model, inputs, top_k, reject=reject)
     except UserError as err:
         raise _fail(err) from None
     typer.echo(predicting.render(results, as_json))

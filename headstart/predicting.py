@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from headstart import calibration, images
 from headstart.errors import UserError
 from headstart.files import read_json
 from headstart.progress import progress
+from headstart.quiet import start_tensorflow
 
 log = logging.getLogger("headstart.predict")
 
@@ -70,16 +70,15 @@ def _ood_scores(model_dir: Path, detector, pictures: np.ndarray) -> np.ndarray:
     return detector.score(predict(backbone, pictures))
 
 
-def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1,
-                  reject: bool = False,
-                  start_tensorflow: Callable[[], None] | None = None) -> list[dict]:  # fmt: skip
+def predict_paths(
+    model_path: Path | str, inputs: list[Path], top_k: int = 1, reject: bool = False
+) -> list[dict]:
     """One result per image file: {"file", "top": [(label, probability), ...], "calibrated"} or
     {"file", "error"} for a file that cannot be read (the rest still run). Probabilities are
     temperature scaled when calibration.json sits beside the model (`calibrated`: true).
     `reject`: also "ood_score" and "ood_threshold"; an image scored above the threshold gets
-    "unknown": true and no "top" (no class is claimed). `start_tensorflow`: called once every
-    check that needs no TensorFlow has passed, before TensorFlow loads (a bad argument is an
-    instant error, not one after a ~7 s TensorFlow start)."""
+    "unknown": true and no "top" (no class is claimed). TensorFlow loads once every check that
+    needs none has passed (a bad argument is an instant error, not one after a ~7 s start)."""
     model_path = Path(model_path)
     labels_path = model_path.parent / "labels.json"
     if not model_path.is_file():
@@ -98,8 +97,7 @@ def predict_paths(model_path: Path | str, inputs: list[Path], top_k: int = 1,
 
         detector, _ = ood.load(model_path.parent)
     _check_keras_file(model_path, "it")
-    if start_tensorflow is not None:
-        start_tensorflow()
+    start_tensorflow()
     from headstart.training import predict_batches
 
     model = _load_model(model_path, "it")

@@ -1,7 +1,11 @@
 """TensorFlow's C++ start-up lines ("All log messages before absl::InitializeLog() ...",
 "oneDNN custom operations are on ...") are written straight to file descriptor 2 while
 TensorFlow loads, whatever TF_CPP_MIN_LOG_LEVEL says. Commands hide them unless --verbose by
-capturing descriptor 2 while TensorFlow starts and passing every other line on."""
+capturing descriptor 2 while TensorFlow starts and passing every other line on.
+
+TensorFlow starts only when something needs it: `start_tensorflow()` is called by each step that
+runs it (tasks.Step.run) and by `headstart predict` once its checks pass, so a run whose stale
+steps need none (prepare, plots) never pays the ~7 s of CPU it costs to load."""
 
 from __future__ import annotations
 
@@ -16,6 +20,20 @@ STARTUP_NOISE = re.compile(
     r"|cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized"
     r"|To enable the following instructions: .* in other operations, rebuild TensorFlow"
 )
+
+
+_SHOW_STARTUP_LINES = {"on": False}  # `headstart --verbose`
+
+
+def show_startup_lines(on: bool) -> None:
+    _SHOW_STARTUP_LINES["on"] = on
+
+
+def start_tensorflow() -> None:
+    """Load TensorFlow now (if not yet), without its start-up lines unless they are asked for
+    (then it loads where it is first imported, and they show)."""
+    if not _SHOW_STARTUP_LINES["on"]:
+        start_tensorflow_quietly()
 
 
 def start_tensorflow_quietly() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from headstart import pipeline
 from headstart.errors import UserError
 from headstart.params import Params
+from headstart.quiet import start_tensorflow
 from tasks import baseline, evaluate, export, freeze, head, plots, prepare, select, weights
 
 
@@ -24,10 +25,14 @@ class Step:
     task_name: str  # Prefect task name, in our user's words
     output: str  # the `paths` key of the folder it writes (stamped with its parameters)
     function: Callable[[Params, Path], Path]
+    tensorflow: bool = True  # it runs TensorFlow (prepare and plots do not)
 
     def run(self, params: Params, root: Path | str = ".", wait: bool = False) -> Path:
         """The step on the paths from params, holding the workspace lock, its output stamped
-        with the parameters it ran with (no Prefect involved)."""
+        with the parameters it ran with (no Prefect involved). TensorFlow is started first
+        (quietly, headstart.quiet) by the steps that run it, and only by them."""
+        if self.tensorflow:
+            start_tensorflow()
         return pipeline.run_step(self.name, self.function, params, Path(root), wait=wait)
 
     def written_with(self, params: Params, root: Path | str) -> bool:
@@ -35,14 +40,14 @@ class Step:
 
 
 STEPS = (
-    Step("prepare", "generate_data", "prepared", prepare.run),
+    Step("prepare", "generate_data", "prepared", prepare.run, tensorflow=False),
     Step("baseline", "fit_baseline", "baseline", baseline.run),
     Step("weights", "download_weights", "weights", weights.run),
     Step("freeze", "freeze_backbone", "backbone", freeze.run),
     Step("head", "train_head", "transfer", head.run),
     Step("select", "select_model", "release", select.run),
     Step("evaluate", "evaluate", "metrics", evaluate.run),
-    Step("plots", "plot_results", "plots", plots.run),
+    Step("plots", "plot_results", "plots", plots.run, tensorflow=False),
     Step("export", "export_model", "export", export.run),
 )
 STEP_NAMES = tuple(step.name for step in STEPS)

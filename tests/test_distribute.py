@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import small_params, write_good_images, write_random_backbone
+from conftest import built_once, small_params, write_good_images, write_random_backbone
 
 import tasks
 from headstart.artifacts import load_split
@@ -47,20 +47,25 @@ def settings(devices: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """The same prepared project: the baseline and fine-tuning trained in a child process whose
-    CPU is split into two devices ("two"), and the baseline trained here, on one ("one")."""
-    one = tmp_path_factory.mktemp("one-device")
-    write_good_images(one / "data", classes=3, per_class=20)
-    params = settings("auto")
-    tasks.get("prepare").run(params, one)
-    write_random_backbone(params.path("backbone", one), seed=0)
-    two = one.parent / "two-devices"
-    shutil.copytree(one, two)
-    child = subprocess.run([sys.executable, "-c", CHILD, str(two), str(Path(__file__).parent)],
-                           capture_output=True, text=True)  # fmt: skip
-    assert child.returncode == 0, child.stderr[-3000:]
-    assert child.stdout.splitlines()[-1] == "forced: 1"  # base.devices: 1 -> one device
-    tasks.get("baseline").run(params, one)
-    return {"one": one, "two": two}
+    CPU is split into two devices ("two"), and the baseline trained here, on one ("one"). Built
+    once per test run (the two tests may run in two xdist workers; ~45 s of CPU per build)."""
+
+    def build(folder: Path) -> None:
+        one = folder / "one-device"
+        write_good_images(one / "data", classes=3, per_class=20)
+        params = settings("auto")
+        tasks.get("prepare").run(params, one)
+        write_random_backbone(params.path("backbone", one), seed=0)
+        two = folder / "two-devices"
+        shutil.copytree(one, two)
+        child = subprocess.run([sys.executable, "-c", CHILD, str(two), str(Path(__file__).parent)],
+                               capture_output=True, text=True)  # fmt: skip
+        assert child.returncode == 0, child.stderr[-3000:]
+        assert child.stdout.splitlines()[-1] == "forced: 1"  # base.devices: 1 -> one device
+        tasks.get("baseline").run(params, one)
+
+    folder, _ = built_once(tmp_path_factory, "distribute", build)
+    return {"one": folder / "one-device", "two": folder / "two-devices"}
 
 
 def val_accuracy(root: Path) -> float:

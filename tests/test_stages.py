@@ -115,3 +115,17 @@ def test_the_library_imports_tasks_and_flows_only_in_the_command_line():
             upward[path.name] = sorted(found)
     assert upward == {}
     assert imported_names(ROOT / "headstart" / "cli.py") >= {"tasks", "flows.pipeline"}
+
+
+def test_the_steps_that_start_tensorflow_are_those_whose_code_imports_it():
+    """Step.run starts TensorFlow (quietly) before a step flagged `tensorflow`: a step whose
+    modules may import TensorFlow or Keras must be flagged, and one whose modules cannot (prepare,
+    plots) must not pay its ~7 s start in a `headstart run` or a `dvc repro` stage."""
+    imports = {
+        step.name: any(name.split(".")[0] in ("tensorflow", "keras")
+                       for module in closure(f"tasks.{step.name}")
+                       for name in imported_names(module_file(module)))
+        for step in STEPS
+    }  # fmt: skip
+    assert {step.name: step.tensorflow for step in STEPS} == imports
+    assert [step.name for step in STEPS if not step.tensorflow] == ["prepare", "plots"]
