@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import run_in, small_params
+from conftest import ROOT, run_in, small_params
 
 from headstart import training
 from headstart.artifacts import read_history
@@ -98,6 +100,31 @@ def test_dvclive_touches_no_repository_and_sends_nothing(tmp_path, monkeypatch, 
     assert sorted(p.name for p in repo.iterdir()) == [".git", "out"]
     assert sorted(p.name for p in (repo / "out/dvclive").iterdir()) == ["metrics.json", "plots"]
     assert capfd.readouterr() == ("", "")
+
+
+CAPTURED_FIRST = """
+import logging
+
+
+def test_a_first_import_of_dvc_while_capfd_captures(capfd):
+    import dvclive.studio  # imports dvc, as training.live_logger does
+
+
+def test_b_dvc_logs_afterwards():
+    logging.getLogger("dvc.dvcfile").info("Updating lock file 'dvc.lock'")
+"""
+
+
+def test_dvc_still_logs_after_a_test_that_captured_its_first_import(tmp_path):
+    """The two tests above, in this order, with the project's conftest: without its early
+    `import dvc`, the second fails with DVC's LoggingException (a closed capture stream)."""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_order.py").write_text(CAPTURED_FIRST)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly",
+                             "-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts=",
+                             str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "2 passed" in result.stdout
 
 
 @pytest.mark.slow
