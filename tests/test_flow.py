@@ -176,7 +176,8 @@ def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path
 def test_schedule_serves_a_deployment_that_runs(trained_copy, prefect_harness):
     """`headstart schedule --interval` against a real Prefect server (the test run's, whose
     scheduler creates the runs) must execute a run."""
-    env = {**os.environ, "PREFECT_API_URL": prefect_harness,
+    # the served runner asks for due runs every second instead of Prefect's 10: no idling
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     served = subprocess.Popen(
         ["headstart", "schedule", "--interval", "5", "--name", "test-schedule"],

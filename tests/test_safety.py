@@ -302,10 +302,11 @@ def temporaries(root: Path) -> list[str]:
     ]
 
 
-def kill_inside(root: Path, killed_in: str, change: str, api_url: str) -> None:
-    """Start `headstart run -S change` and kill -9 its process group while the step whose
+def kill_inside(root: Path, killed_in: str, api_url: str, *changes: str) -> None:
+    """Start `headstart run -S change...` and kill -9 its process group while the step whose
     temporary folder starts with `killed_in` is writing."""
-    victim = headstart_process(root, "run", "-S", change, api_url=api_url)
+    overrides = [arg for change in changes for arg in ("-S", change)]
+    victim = headstart_process(root, "run", *overrides, api_url=api_url)
     try:
         wait_for(lambda: any(killed_in in name for name in temporaries(root))
                  or victim.poll() is not None)  # fmt: skip
@@ -324,8 +325,9 @@ def test_runs_killed_inside_steps_then_two_runs_at_once_end_clean_and_never_mix(
     killed with kill -9 inside a step, then a run that must clean up after them while a second
     run started beside it is refused."""
     root, api_url = trained_copy, trained_project.api_url
-    kill_inside(root, ".baseline.tmp-", "baseline.epochs=3", api_url)
-    kill_inside(root, ".transfer.tmp-", "head.epochs=3", api_url)  # after taking over the lock
+    kill_inside(root, ".baseline.tmp-", api_url, "baseline.epochs=3")
+    # after taking over the lock; baseline.epochs back to its recorded 2: only the head runs
+    kill_inside(root, ".transfer.tmp-", api_url, "baseline.epochs=2", "head.epochs=3")
 
     first = headstart_process(root, "run", "-S", "baseline.epochs=5", api_url=api_url)
     wait_for(lambda: (root / ".headstart" / "lock").is_file()

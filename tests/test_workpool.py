@@ -35,7 +35,12 @@ def test_a_worker_runs_the_deployed_retraining_in_the_project(trained_copy, trai
         worker = subprocess.Popen(
             ["prefect", "worker", "start", "--pool", POOL],
             cwd=tmp_path,
-            env={**command_env(api_url), "HEADSTART_ROOT": str(root)},
+            # polling every second instead of Prefect's 10: the run starts without idling
+            env={
+                **command_env(api_url),
+                "HEADSTART_ROOT": str(root),
+                "PREFECT_WORKER_QUERY_SECONDS": "1",
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its flow-run processes can be stopped with it
