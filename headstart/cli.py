@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from headstart import quiet
 from headstart.errors import UserError
 
 app = typer.Typer(
@@ -42,7 +43,6 @@ def _quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-_VERBOSE = {"on": False}
 WaitOption = Annotated[
     bool, typer.Option("--wait", help="If another run holds this workspace, wait for it.")
 ]
@@ -51,14 +51,16 @@ WaitOption = Annotated[
 @app.callback()
 def main(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Debug logs; full tracebacks from Prefect.")
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Debug logs; full tracebacks from Prefect; TensorFlow's start-up lines.",
+        ),
     ] = False,
 ) -> None:
-    from headstart import quiet
-
     _quiet_environment()
-    _VERBOSE["on"] = verbose
-    quiet.show_startup_lines(verbose)
+    quiet.set_verbose(verbose)
     logger = logging.getLogger("headstart")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
@@ -90,7 +92,7 @@ def _user_error_names() -> set[str]:
 
 
 def _hide_prefect_tracebacks_of_user_errors() -> None:
-    if _VERBOSE["on"]:
+    if quiet.verbose():
         return
     hide = _HideUserErrors()
     loggers = [logging.getLogger(), *(logging.getLogger(name) for name in

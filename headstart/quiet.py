@@ -22,17 +22,21 @@ STARTUP_NOISE = re.compile(
 )
 
 
-_SHOW_STARTUP_LINES = {"on": False}  # `headstart --verbose`
+_VERBOSE = {"on": False}  # `headstart --verbose`: the one switch (start-up lines, tracebacks)
 
 
-def show_startup_lines(on: bool) -> None:
-    _SHOW_STARTUP_LINES["on"] = on
+def set_verbose(on: bool) -> None:
+    _VERBOSE["on"] = on
+
+
+def verbose() -> bool:
+    return _VERBOSE["on"]
 
 
 def start_tensorflow() -> None:
-    """Load TensorFlow now (if not yet), without its start-up lines unless they are asked for
-    (then it loads where it is first imported, and they show)."""
-    if not _SHOW_STARTUP_LINES["on"]:
+    """Load TensorFlow now (if not yet), without its start-up lines unless verbose (then it
+    loads where it is first imported, and they show)."""
+    if not verbose():
         start_tensorflow_quietly()
 
 
