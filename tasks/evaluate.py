@@ -4,7 +4,8 @@ artifacts/metrics/ (DVC metrics). The only step that reads the test split's labe
 For the release also: the expected calibration error before and after its temperature
 (`ece`, `ece_calibrated`; the reliability tables behind them in release_calibration.json, for
 the plots step), and the fraction of test images its OOD threshold keeps (`ood_kept`), scored
-with the release's own copy of the backbone, as `headstart predict --reject` does."""
+on the head step's cached test features: the cache must have been computed by the release's own
+copy of the backbone (what `headstart predict --reject` runs), from these prepared images."""
 
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart import calibration, ood
+from headstart import calibration, features, ood
 from headstart.artifacts import (
     BACKBONE_FILE,
     MODEL_FILE,
     PROBABILITIES_FILE,
     PRODUCERS,
+    load_features,
     load_probabilities,
     load_split,
 )
+from headstart.errors import UserError
 from headstart.files import atomic_dir, read_json, require, write_json
 from headstart.metrics import classification_metrics, ensemble_probabilities
 from headstart.params import Params
@@ -42,23 +45,27 @@ def _write_predictions(path: Path, files: list[str], labels, probabilities, clas
             writer.writerow([file, classes[label], classes[best], f"{row[best]:.4f}"])
 
 
-def release_extras(release_dir: Path, images, probabilities: np.ndarray,
-                   labels: np.ndarray) -> tuple[dict, dict]:  # fmt: skip
+def release_extras(release_dir: Path, features_dir: Path, prepared_dir: Path,
+                   probabilities: np.ndarray, labels: np.ndarray,
+                   params: Params) -> tuple[dict, dict]:  # fmt: skip
     """(flat metrics, reliability tables) of the release's calibration and OOD threshold on test."""
-    import keras
-
-    from headstart.training import predict_batches
-
     require(release_dir / calibration.CALIBRATION_FILE, "select")
     temperature = calibration.read_temperature(release_dir)
     calibrated = calibration.apply_temperature(probabilities, temperature)
     before = calibration.reliability(probabilities, labels)
     after = calibration.reliability(calibrated, labels)
     detector, _ = ood.load(release_dir)
-    backbone = keras.saving.load_model(require(release_dir / BACKBONE_FILE, "select"))
-    scores = np.zeros(len(labels))  # scored batch by batch: no split's features held at once
-    for start, features in predict_batches(backbone, images):
-        scores[start : start + len(features)] = detector.score(features)
+    require(release_dir / BACKBONE_FILE, "select")
+    key = features.cache_key(prepared_dir, release_dir, params.head.views, params.base.seed)
+    if not features.is_current(features_dir, key):
+        raise UserError(f"{features_dir}: the feature cache was not computed by the release's "
+                        "backbone from these prepared images; run `headstart step head`, then "
+                        "`headstart step select`")  # fmt: skip
+    test_features, test_labels = load_features(features_dir, "test")
+    if not np.array_equal(test_labels, labels):
+        raise UserError(f"{features_dir}: its test rows are not the prepared test split; run "
+                        "`headstart step head`")  # fmt: skip
+    scores = detector.score(test_features)
     metrics = {
         "temperature": temperature,
         "ece": before["ece"],
@@ -70,8 +77,8 @@ def release_extras(release_dir: Path, images, probabilities: np.ndarray,
     return metrics, {"temperature": temperature, "before": before, "after": after}
 
 
-def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], out_dir: Path | str,
-             params: Params) -> Path:  # fmt: skip
+def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], features_dir: Path | str,
+             out_dir: Path | str, params: Params) -> Path:  # fmt: skip
     """`<out>/<name>.json` metrics, `<name>_confusion.json`, `<name>_predictions.csv` for the
     baseline, transfer, ensemble (its weight from selection.json) and release models."""
     import keras
@@ -101,7 +108,8 @@ def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], out_dir: Pat
     if gap > RELEASE_TOLERANCE:
         raise RuntimeError(f"evaluate: the released model differs from {selection['winner']} by "
                            f"{gap:.2e} in probability on the test split; rerun select")  # fmt: skip
-    extras, tables = release_extras(model_dirs["release"], x, probabilities["release"], labels)
+    extras, tables = release_extras(model_dirs["release"], Path(features_dir), prepared_dir,
+                                    probabilities["release"], labels, params)  # fmt: skip
     with atomic_dir(out_dir) as tmp:
         for name, p in probabilities.items():
             metrics, confusion = classification_metrics(p, labels, classes, params.evaluate.top_k)
@@ -127,4 +135,5 @@ def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], out_dir: Pat
 
 def run(params: Params, root: Path) -> Path:
     models = {name: params.path(name, root) for name in ("baseline", "transfer", "release")}
-    return evaluate(params.path("prepared", root), models, params.path("metrics", root), params)
+    return evaluate(params.path("prepared", root), models, params.path("features", root),
+                    params.path("metrics", root), params)  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_lite0_project, run_cli, stepped_project
+from conftest import real_lite0_project, run_cli, stepped_project, write_random_backbone
 from PIL import Image
 
 import tasks
@@ -126,9 +126,22 @@ def test_evaluate_reports_ece_before_and_after_on_test(project):
     tables = read_json(params.path("metrics", root) / "release_calibration.json")
     assert sum(tables["before"]["counts"]) == sum(tables["after"]["counts"]) == len(y)
     assert tables["after"]["ece"] == metrics["ece_calibrated"]
-    assert (
-        0 <= metrics["ood_kept"] <= 1 and metrics["ood_threshold"] == ood.load(release)[0].threshold
-    )
+    detector = ood.load(release)[0]
+    assert metrics["ood_threshold"] == detector.threshold
+    # scored on the cached test features: what the release's own backbone gives, as predict does
+    scores = detector.score(predict(keras.saving.load_model(release / "backbone.keras"), x))
+    assert metrics["ood_kept"] == pytest.approx(np.mean(scores <= detector.threshold))
+
+
+def test_evaluate_refuses_a_feature_cache_of_another_backbone(project, tmp_path):
+    from headstart.errors import UserError
+
+    root, params = project
+    copy = Path(shutil.copytree(root, tmp_path / "copy"))
+    write_random_backbone(params.path("release", copy), seed=1)  # not the cache's backbone
+    with pytest.raises(UserError, match="not computed by the release's backbone from these "
+                       "prepared images; run `headstart step head`"):  # fmt: skip
+        tasks.get("evaluate").run(params, copy)
 
 
 def test_the_reliability_diagram_is_drawn(project):
