@@ -5,6 +5,7 @@ results; the workspace lock is handed to the flow's own workers and to nobody el
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -212,53 +213,44 @@ def dask_cluster(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_feature_shards_on_a_separate_dask_cluster_give_the_one_process_cache(
-    trained_copy, dask_cluster, prefect_harness
+def test_a_run_on_a_separate_dask_cluster_gives_the_cache_and_metrics_of_a_plain_run(
+    trained_copy, trained_project, dask_cluster
 ):
-    """The flow's shard tasks and assembling task, submitted from a flow to a cluster started as
-    separate processes, rebuild the cache the one-process run wrote (the whole flow on Dask:
-    the `--workers 2` test below)."""
+    """`headstart run --dask-address` on a cluster started as separate processes, both branches
+    stale: the baseline fit beside the head's feature shards, every step on the cluster's
+    workers; the feature cache and the metrics are those of the one-process run."""
     from distributed import Client
-    from prefect import flow
-    from prefect_dask import DaskTaskRunner
 
-    from flows import pipeline
-    from headstart.lock import handoff_token, workspace_lock
-
-    before, _ = cache_and_metrics(trained_copy)
-    root = str(trained_copy.resolve())
-    params = params_module.load(trained_copy / "params.yaml")
-    shutil.rmtree(params.path("features", root))
-
-    @flow
-    def shards_on_the_cluster() -> None:
-        with workspace_lock(root), DaskTaskRunner(address=dask_cluster) as runner:
-            token = handoff_token(root)
-
-            def submit(task, **parameters):
-                return runner.submit(task, {"root": root, "token": token, **parameters})
-
-            pipeline._features_on_dask(pipeline._Run(root, params, False), submit, shards=4)
-
-    shards_on_the_cluster()
-    after, _ = cache_and_metrics(trained_copy)
+    root = trained_copy
+    before, metrics = cache_and_metrics(root)
+    params = params_module.load(root / "params.yaml")
+    for name in ("features", "baseline"):
+        shutil.rmtree(params.path(name, root))
+    result = run_in(root, "headstart", "run", "--dask-address", dask_cluster,
+                    api_url=trained_project.api_url)  # fmt: skip
+    assert "| baseline | ran |" in result.stdout and "| head | ran |" in result.stdout
+    assert "4 feature shards" in result.stderr  # two per worker thread
+    after, metrics_after = cache_and_metrics(root)
     assert_same(before, after)
-    assert not list(trained_copy.glob("artifacts/*-shards"))  # assembled, then deleted
-    with Client(dask_cluster) as client:  # the shards ran on the separate workers
+    assert metrics_after == metrics
+    assert not list(root.glob("artifacts/*-shards"))  # assembled, then deleted
+    with Client(dask_cluster) as client:  # the tasks ran on the separate workers
         ran = client.run(lambda dask_worker: len(dask_worker.state.log))
     assert len(ran) == 2 and sum(ran.values()) > 0, ran
+    assert run_in(root, "dvc", "status", "-q", check=False).returncode == 0
 
 
 @pytest.mark.slow
-def test_workers_2_gives_the_metrics_of_a_plain_run(trained_copy, trained_project):
-    before, metrics = cache_and_metrics(trained_copy)
-    params = params_module.load(trained_copy / "params.yaml")
-    for name in ("features", "baseline"):  # both branches stale: they run side by side
-        shutil.rmtree(params.path(name, trained_copy))
-    result = run_in(trained_copy, "headstart", "run", "--workers", "2",
-                    api_url=trained_project.api_url)  # fmt: skip
-    assert "| baseline | ran |" in result.stdout and "| head | ran |" in result.stdout
-    after, metrics_after = cache_and_metrics(trained_copy)
-    assert_same(before, after)
-    assert metrics_after == metrics
-    assert run_in(trained_copy, "dvc", "status", "-q", check=False).returncode == 0
+def test_workers_2_runs_a_branch_step_on_a_local_cluster_of_two_processes(trained_copy,
+                                                                         trained_project):  # fmt: skip
+    """`--workers 2`: a local Dask cluster of two worker processes, the branch steps on it (here
+    the weights step alone: it writes the same bytes again, so nothing after it is stale)."""
+    root = trained_copy
+    params = params_module.load(root / "params.yaml")
+    shutil.rmtree(params.path("weights", root))
+    result = run_in(root, "headstart", "run", "--workers", "2", api_url=trained_project.api_url)
+    assert "processes=2 threads=2" in result.stderr
+    assert "| weights | ran |" in result.stdout and "| freeze | up to date |" in result.stdout
+    # the step's own log line, from the `headstart step` process a Dask worker started
+    assert re.search(r"Task run 'download_weights-\w+' - weights: \w+ from ", result.stderr)
+    assert run_in(root, "dvc", "status", "-q", check=False).returncode == 0

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_lite0_project, run_cli, stepped_project, write_random_backbone
+from conftest import (
+    cli_here,
+    real_lite0_project,
+    run_cli,
+    stepped_project,
+    write_random_backbone,
+)
 from PIL import Image
 
 import tasks
@@ -182,7 +188,7 @@ def test_predict_reject_answers_unknown_for_photos_and_noise(project, tmp_path):
     model = params.path("release", root) / "model.keras"
     strangers = write_photos(tmp_path / "photos") + write_noise(tmp_path / "noise")
     own = sorted((root / "data" / "class_0").iterdir())[:4]
-    result = run_cli("predict", str(model), *map(str, strangers + own), "--reject", "--json")
+    result = cli_here("predict", str(model), *map(str, strangers + own), "--reject", "--json")
     assert result.returncode == 0, result.stderr
     rows = {Path(row["file"]).name: row for row in json.loads(result.stdout)}
     threshold = read_json(model.parent / ood.OOD_FILE)["threshold"]

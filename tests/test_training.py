@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_lite0_project, run_cli, small_params, stepped_project
+from conftest import cli_here, real_lite0_project, run_cli, small_params, stepped_project
 
 import tasks
 from headstart import backbones
@@ -310,14 +310,14 @@ def test_predict_cli_reports_bad_files_and_classifies_the_rest(project, tmp_path
 def test_predict_uses_the_release_by_default(project, tmp_path):
     root, params = project
     image = sorted((root / "data" / "class_2").iterdir())[0]
-    result = run_cli("predict", str(image), "--json", cwd=root)
+    result = cli_here("predict", str(image), "--json", cwd=root)
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)
     from headstart import predicting
 
     explicit = predicting.predict_paths(params.path("release", root) / "model.keras", [image])
     assert json.loads(predicting.render(explicit, as_json=True)) == [row]
-    elsewhere = run_cli("predict", "--project", str(root), str(image), "--json", cwd=tmp_path)
+    elsewhere = cli_here("predict", "--project", str(root), str(image), "--json", cwd=tmp_path)
     assert json.loads(elsewhere.stdout) == [row]  # the project's release, from another folder
 
 
