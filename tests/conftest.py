@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -400,12 +401,20 @@ def cli_here(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
     from headstart.cli import app
 
-    here = os.getcwd()
+    # the command's settings stay with it: its environment defaults (read by Prefect's logging
+    # set-up, e.g. PREFECT_LOGGING_EXTRA_LOGGERS, if Prefect is first imported later in this
+    # process), the `headstart` logger's level, the working folder
+    here, environment = os.getcwd(), dict(os.environ)
+    logger = logging.getLogger("headstart")
+    level = logger.level
     os.chdir(cwd or here)
     try:
         result = CliRunner().invoke(app, list(args))
     finally:
         os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environment)
+        logger.setLevel(level)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a bug, with its traceback (the CLI prints user errors)
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
