@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from headstart.artifacts import LABELS_FILE, MODEL_FILE
+from headstart.artifacts import LABELS_FILE, MODEL_FILE, REPORT_FILE
 from headstart.calibration import CALIBRATION_FILE
 from headstart.errors import UserError
 from headstart.files import read_json, require, sha256_file
@@ -124,7 +124,7 @@ def collect(root: Path | str, params: Params, exports: dict) -> dict:
                         "limitations (every model card carries its text)")  # fmt: skip
     classes = read_json(require(release / LABELS_FILE, "select"))["classes"]
     selection = read_json(require(release / "selection.json", "select"))
-    report = read_json(require(prepared / "report.json", "prepare"))
+    report = read_json(require(params.path("data_report", root) / REPORT_FILE, "prepare"))
     labels, predicted = _test_predictions(metrics, classes)
     confusion = read_json(require(metrics / "release_confusion.json", "evaluate"))
     release_json = metrics / "release.json"

@@ -134,6 +134,7 @@ class Export:
 class Paths:
     data: str = "data"
     prepared: str = "artifacts/prepared"
+    data_report: str = "artifacts/data-report"
     baseline: str = "artifacts/baseline"
     weights: str = "artifacts/weights"
     backbone: str = "artifacts/backbone"

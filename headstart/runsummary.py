@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from headstart.artifacts import REPORT_FILE
 from headstart.files import read_json
 from headstart.modelcard import CARD_FILE
 
@@ -15,7 +16,7 @@ def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skippe
     """Markdown: data counts and quarantine, every candidate on validation and test, each of
     `steps` (in order) ran / up to date with its seconds, plots."""
     lines = ["# headstart run", ""]
-    report_path = params.path("prepared", root) / "report.json"
+    report_path = params.path("data_report", root) / REPORT_FILE
     if report_path.exists():
         totals = read_json(report_path)["totals"]
         lines += [

@@ -1,4 +1,9 @@
-"""prepare: data/<class>/... -> artifacts/prepared/ (validated, decoded once, seeded split).
+"""prepare: data/<class>/... -> artifacts/prepared/ (validated, decoded once, seeded split)
+and artifacts/data-report/ (every file seen: used, quarantined or ignored, and why).
+
+The report is a folder of its own so that what the training steps read changes only when the
+images they learn from do: a broken, duplicate or ignored file added to the data re-runs
+prepare (and export, whose model card names the data), not every step after it.
 
 Output format: one uint8 `.npy` array per split (N x S x S x 3) plus int32 labels. Reasons: the
 images are decoded and resized exactly once here; `np.load(mmap_mode="r")` opens them instantly
@@ -22,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart import images
-from headstart.artifacts import SPLITS
+from headstart.artifacts import REPORT_FILE, SPLITS
 from headstart.errors import UserError
 from headstart.files import atomic_dir, write_json, write_text
 from headstart.params import Params
@@ -221,8 +226,10 @@ def _report(seen: list[_Seen], classes: list[str], empty: list[str], conflicts, 
     }
 
 
-def prepare(data_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
-    """Validate, decode, split and store the images under `data_dir` into `out_dir`."""
+def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
+            report_dir: Path | str | None = None) -> Path:  # fmt: skip
+    """Validate, decode, split and store the images under `data_dir` into `out_dir`; the report
+    into `report_dir` (default: `data-report` beside `out_dir`)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not data_dir.is_dir():
         raise PrepareError(
@@ -261,7 +268,8 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
         with atomic_dir(out_dir) as tmp:
             _write(tmp, seen, classes, raw.fileno(), size)
             write_json(tmp / "labels.json", {"classes": classes, "image_size": size})
-            write_json(tmp / "report.json", report)
+        with atomic_dir(Path(report_dir or out_dir.parent / "data-report")) as tmp:
+            write_json(tmp / REPORT_FILE, report)
             write_text(tmp / "report.txt", summary(report))
     log.info("prepare: %s", summary(report).splitlines()[0])
     return out_dir
@@ -334,4 +342,5 @@ def printable(text: str) -> str:
 
 def run(params: Params, root: Path) -> Path:
     """The step as dvc.yaml and the flow call it: paths from params."""
-    return prepare(params.path("data", root), params.path("prepared", root), params)
+    return prepare(params.path("data", root), params.path("prepared", root), params,
+                   params.path("data_report", root))  # fmt: skip

@@ -395,7 +395,7 @@ def test_the_model_card_names_what_the_run_used(project):
     assert f"- Accuracy: {metrics['accuracy']:.4f} (95 % CI " in card
     assert f"- Macro-F1: {metrics['macro_f1']:.4f} (95 % CI " in card
     assert "1000 bootstrap resamples" in card and f"numpy seed {params.base.seed}" in card
-    report = read_json(params.path("prepared", root) / "report.json")
+    report = read_json(params.path("data_report", root) / "report.json")
     for name, counts in report["per_class"].items():
         assert (f"| {name} | {counts['train']} | {counts['val']} | {counts['test']} | "
                 f"{counts['quarantined']} | {counts['ignored']} |") in card  # fmt: skip

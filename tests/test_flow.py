@@ -22,7 +22,7 @@ from tasks import STEP_NAMES
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = [
-    "artifacts/prepared/report.json", "artifacts/baseline/model.keras",
+    "artifacts/data-report/report.json", "artifacts/baseline/model.keras",
     "artifacts/weights/efficientnet_lite0.weights.h5", "artifacts/backbone/backbone.keras",
     "artifacts/transfer/model.keras", "artifacts/release/model.keras",
     "artifacts/release/selection.json", "artifacts/metrics/transfer.json",

@@ -31,7 +31,7 @@ def all_files(data: Path) -> int:
 def test_messy_folder_prepares_and_report_accounts_for_every_file(messy_data, tmp_path):
     data, expected = messy_data
     out = prepare(data, tmp_path / "prepared", small_params())
-    report = __import__("json").loads((out / "report.json").read_text())
+    report = __import__("json").loads((tmp_path / "data-report" / "report.json").read_text())
 
     assert report["reconciles"] is True
     assert report["totals"]["seen"] == all_files(data)
@@ -136,7 +136,7 @@ def test_demo_data_pulls_from_the_in_repo_remote_and_prepares(tmp_path):
     classes = sorted(p.name for p in (clone / "data").iterdir())
     assert len(classes) == 10
     assert all(len(list((clone / "data" / c).iterdir())) >= 100 for c in classes)
-    out = prepare(clone / "data", tmp_path / "prepared", small_params())
-    report = __import__("json").loads((out / "report.json").read_text())
+    prepare(clone / "data", tmp_path / "prepared", small_params())
+    report = __import__("json").loads((tmp_path / "data-report" / "report.json").read_text())
     assert report["totals"]["used"] == all_files(clone / "data")
     assert report["totals"]["quarantined"] == 0

@@ -72,7 +72,7 @@ def test_nested_output_paths_are_refused():
     with pytest.raises(
         params_module.ParamsError, match="paths.baseline and paths.prepared overlap"
     ):
-        small_params(paths={"prepared": "artifacts", "baseline": "artifacts/baseline"})
+        small_params(paths={"baseline": "artifacts/prepared/baseline"})
 
 
 def test_a_step_never_replaces_a_folder_it_did_not_create(tmp_path):
@@ -186,8 +186,9 @@ def test_symlinks_follow_one_policy_and_every_entry_is_reported(tmp_path):
     for link, target in links.items():
         os.symlink(target, data / link)
     (data / "class_0" / "fake\nquarantined line.png").write_bytes(b"not an image")
-    out = prepare(data, tmp_path / "prepared", small_params())
-    report = json.loads((out / "report.json").read_text())
+    out = prepare(data, tmp_path / "prepared", small_params(), tmp_path / "report")
+    assert out == tmp_path / "prepared" and not (out / "report.json").exists()
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
     fate = {item["file"]: item["reason"] for item in report["quarantined"] + report["ignored"]}
     assert fate["class_0/loop_a"].startswith("symlink loop")
     assert fate["class_0/dangling.png"].startswith("dangling symlink")
@@ -200,7 +201,7 @@ def test_symlinks_follow_one_policy_and_every_entry_is_reported(tmp_path):
     assert fate["class_1/inside.png"].startswith("conflicting labels")
     assert report["reconciles"] and report["entries_under_data"] == report["totals"]["seen"]
     assert report["classes"] == ["class_0", "class_1"]
-    text = (out / "report.txt").read_text()
+    text = (tmp_path / "report" / "report.txt").read_text()
     assert "fake\\nquarantined line.png" in text
     assert not any(line.startswith("quarantined line") for line in text.splitlines())
 
@@ -376,7 +377,11 @@ def test_status_and_run_complete_with_bad_links_in_the_data(trained_copy, traine
     assert "prepare    stale" in status.stdout
     result = run_in(root, "headstart", "run", api_url=api_url)
     assert "Not recorded in dvc.lock**: prepare (DVC cannot read" in result.stdout
-    report = (root / "artifacts/prepared/report.txt").read_text()
+    # every link is quarantined or ignored: the images the models learn from are unchanged, so
+    # only the report changed (artifacts/data-report) and no training step ran again
+    for name in ("baseline", "head", "select", "evaluate"):
+        assert f"| {name} | up to date |" in result.stdout, result.stdout
+    report = (root / "artifacts/data-report/report.txt").read_text()
     for name in ("loop_a", "loop_b", "dangling.png", "hostname.png", "outside.png", "folder"):
         assert name in report
     failed = run_in(root, "headstart", "run", "-S", "prepare.min_per_class=50", check=False,
