@@ -172,7 +172,8 @@ def test_the_gate_names_each_format_below_the_agreement_and_its_figures():
 def test_export_without_a_release_is_a_one_line_error(tmp_path):
     for name in ("params.yaml", "dvc.yaml"):
         (tmp_path / name).write_text((ROOT / name).read_text())
-    (tmp_path / "artifacts/prepared").mkdir(parents=True)
+    for made_by_prepare in ("prepared", "data-report"):
+        (tmp_path / "artifacts" / made_by_prepare).mkdir(parents=True)
     result = run_cli("export", "--project", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
