@@ -30,7 +30,7 @@ from headstart import images
 from headstart.artifacts import REPORT_FILE, SPLITS
 from headstart.errors import UserError
 from headstart.files import atomic_dir, write_json, write_text
-from headstart.params import Params
+from headstart.params import Params, Paths
 from headstart.progress import progress
 
 log = logging.getLogger("headstart.prepare")
@@ -268,7 +268,7 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
         with atomic_dir(out_dir) as tmp:
             _write(tmp, seen, classes, raw.fileno(), size)
             write_json(tmp / "labels.json", {"classes": classes, "image_size": size})
-        with atomic_dir(Path(report_dir or out_dir.parent / "data-report")) as tmp:
+        with atomic_dir(Path(report_dir or out_dir.parent / Path(Paths.data_report).name)) as tmp:
             write_json(tmp / REPORT_FILE, report)
             write_text(tmp / "report.txt", summary(report))
     log.info("prepare: %s", summary(report).splitlines()[0])

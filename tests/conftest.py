@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 # DVC binds its console log handlers to sys.stdout/sys.stderr when first imported (dvc/__init__
 # calls dvc.logger.setup()). Imported here, under pytest's session-wide capture: otherwise a test
@@ -404,16 +405,12 @@ def cli_here(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     # the command's settings stay with it: its environment defaults (read by Prefect's logging
     # set-up, e.g. PREFECT_LOGGING_EXTRA_LOGGERS, if Prefect is first imported later in this
     # process), the `headstart` logger's level, the working folder
-    here, environment = os.getcwd(), dict(os.environ)
     logger = logging.getLogger("headstart")
     level = logger.level
-    os.chdir(cwd or here)
     try:
-        result = CliRunner().invoke(app, list(args))
+        with mock.patch.dict(os.environ), contextlib.chdir(cwd or os.getcwd()):
+            result = CliRunner().invoke(app, list(args))
     finally:
-        os.chdir(here)
-        os.environ.clear()
-        os.environ.update(environment)
         logger.setLevel(level)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a bug, with its traceback (the CLI prints user errors)
