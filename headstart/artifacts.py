@@ -12,6 +12,7 @@ SPLITS = ("train", "val", "test")
 MODEL_FILE = "model.keras"  # every model folder: model.keras + labels.json beside it
 LABELS_FILE = "labels.json"
 REPORT_FILE = "report.json"  # prepare's report (paths.data_report), beside report.txt
+EXPORT_RECORD_FILE = "export.json"  # in paths.export: every format's files and figures
 # the transfer model's class probabilities on the val and test splits, written by head so that
 # select and evaluate do not run the backbone again (arrays named by split)
 PROBABILITIES_FILE = "probabilities.npz"

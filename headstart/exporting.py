@@ -14,6 +14,7 @@ but disagrees with the Keras model fails the gate (`ParityError`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import statistics
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.artifacts import EXPORT_RECORD_FILE
 from headstart.errors import UserError
 from headstart.files import sha256_file
 
@@ -277,6 +279,38 @@ def export_all(model, image_size: int, out_dir: Path, formats, images: np.ndarra
     return {name: export_one(name, converters[name], model, image_size, Path(out_dir), images,
                              reference, latency_runs)
             for name in formats}  # fmt: skip
+
+
+def reusable(out_dir: Path, formats, latency_runs: int, source: dict) -> dict | None:
+    """The previous export record (`out_dir`/export.json) when its exports can be kept as they
+    are, None otherwise: made from the same release file and test images (`source`: their
+    sha256), in the same formats with the same latency_runs, with the converter and runtime
+    versions installed now, and every exported file still as recorded. Any other parameter (the
+    model card lists all of them) then costs no conversion."""
+    try:
+        record = json.loads((Path(out_dir) / EXPORT_RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if (record.get("source") != source or record.get("latency_runs") != latency_runs
+            or list(record.get("formats", {})) != list(formats)):  # fmt: skip
+        return None
+    for name, result in record["formats"].items():
+        if result.get("versions") != _versions(CONVERTERS[name].packages):
+            return None
+        if result.get("available") and files_of(Path(out_dir) / result["path"]) != result["files"]:
+            return None
+    return record
+
+
+def copy_exports(record: dict, from_dir: Path, to_dir: Path) -> None:
+    """The exported files of `record` (see `reusable`) from one export folder to another."""
+    for result in record["formats"].values():
+        if result["available"]:
+            source = Path(from_dir) / result["path"]
+            if source.is_dir():
+                shutil.copytree(source, Path(to_dir) / result["path"])
+            else:
+                shutil.copy2(source, Path(to_dir) / result["path"])
 
 
 @contextlib.contextmanager

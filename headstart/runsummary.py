@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from headstart.artifacts import REPORT_FILE
+from headstart.artifacts import EXPORT_RECORD_FILE, REPORT_FILE
 from headstart.files import read_json
 from headstart.modelcard import CARD_FILE
 
@@ -89,7 +89,7 @@ def trust_lines(release: dict, ood_path: Path) -> list[str]:
 def exports_table(root: Path, params) -> list[str]:
     """The exports with their agreement with the Keras release on test, size and latency (or
     why a format is not available), from export.json."""
-    record_path = params.path("export", root) / "export.json"
+    record_path = params.path("export", root) / EXPORT_RECORD_FILE
     if not record_path.exists():
         return []
     record = read_json(record_path)

@@ -25,7 +25,8 @@ class Step:
     task_name: str  # Prefect task name, in our user's words
     output: str  # the `paths` key of the folder it writes (stamped with its parameters)
     function: Callable[[Params, Path], Path]
-    tensorflow: bool = True  # it runs TensorFlow (prepare and plots do not)
+    tensorflow: bool = True  # Step.run starts TensorFlow first (False: the step cannot need
+    # it, as prepare and plots, or starts it itself only when it does, as export)
 
     def run(self, params: Params, root: Path | str = ".", wait: bool = False) -> Path:
         """The step on the paths from params, holding the workspace lock, its output stamped
@@ -48,7 +49,7 @@ STEPS = (
     Step("select", "select_model", "release", select.run),
     Step("evaluate", "evaluate", "metrics", evaluate.run),
     Step("plots", "plot_results", "plots", plots.run, tensorflow=False),
-    Step("export", "export_model", "export", export.run),
+    Step("export", "export_model", "export", export.run, tensorflow=False),
 )
 STEP_NAMES = tuple(step.name for step in STEPS)
 

@@ -5,6 +5,7 @@ and compared with the Keras release (headstart/exporting.py): figures and checks
 export.json; an export agreeing on fewer than export.min_agreement of the test images fails the
 step. Beside them: labels.json, the release's calibration.json (when it has one) and
 MODEL_CARD.md (headstart/modelcard.py). Only the test images are read, never their labels.
+The exports of an unchanged release are kept (the card is rewritten): see `export_release`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from headstart import exporting, modelcard
-from headstart.artifacts import LABELS_FILE, MODEL_FILE
+from headstart.artifacts import EXPORT_RECORD_FILE, LABELS_FILE, MODEL_FILE
 from headstart.calibration import CALIBRATION_FILE
 from headstart.errors import UserError
 from headstart.files import atomic_dir, require, sha256_file, write_json, write_text
 from headstart.params import Params
+from headstart.quiet import start_tensorflow
 
 log = logging.getLogger("headstart.export")
 
@@ -28,40 +30,45 @@ log = logging.getLogger("headstart.export")
 def export_release(root: Path | str, params: Params,
                    converters: dict[str, exporting.Converter] | None = None) -> Path:  # fmt: skip
     """The exports, export.json, labels.json and the model card in paths.export (paths from
-    params under `root`); `converters`: format -> converter (default: exporting.CONVERTERS)."""
-    import keras
-
-    from headstart.training import inference_fn, predict
-
+    params under `root`); `converters`: format -> converter (default: exporting.CONVERTERS).
+    Exports made from the same release and test images with the same settings and converters
+    are kept as they are (exporting.reusable): a change the card shows but the exports do not
+    depend on (any other parameter, the data's report, the notes) rewrites the card only, and
+    starts no TensorFlow."""
     root = Path(root)
     release_dir, out_dir = params.path("release", root), params.path("export", root)
     size = params.base.image_size
-    images = np.load(require(params.path("prepared", root) / "test_images.npy", "prepare"),
-                     mmap_mode="r")  # fmt: skip
+    images_file = require(params.path("prepared", root) / "test_images.npy", "prepare")
+    images = np.load(images_file, mmap_mode="r")
     if images.shape[1:] != (size, size, 3) or not len(images):
         raise UserError(f"{params.paths.prepared}/test_images.npy: holds {images.shape[0]} images "
                         f"of {images.shape[1:]}, expected some of ({size}, {size}, 3) "
                         "(base.image_size); rerun `headstart step prepare`")  # fmt: skip
     model_file = require(release_dir / MODEL_FILE, "select")
-    model = keras.saving.load_model(model_file)
-    reference = predict(model, images)
-    call = inference_fn(model)
-    keras_latency = exporting.latency_ms(lambda batch: np.asarray(call(batch)), images[0],
-                                         params.export.latency_runs)  # fmt: skip
+    source = {"release_sha256": sha256_file(model_file),
+              "test_images_sha256": sha256_file(images_file)}  # fmt: skip
+    previous = None if converters is not None else exporting.reusable(
+        out_dir, params.export.formats, params.export.latency_runs, source)  # fmt: skip
     with atomic_dir(out_dir) as tmp:
-        results = exporting.export_all(model, size, tmp, params.export.formats, images, reference,
-                                       params.export.latency_runs, converters)  # fmt: skip
+        if previous:
+            exporting.copy_exports(previous, out_dir, tmp)
+            results, keras_latency = previous["formats"], previous["reference"]["latency_ms"]
+            log.info("export: the release, its test images, export.formats, latency_runs and "
+                     "the converters are as at the last export: its files are kept")  # fmt: skip
+        else:
+            results, keras_latency = _convert(model_file, images, tmp, params, converters)
         exporting.check_parity(results, params.export.min_agreement, len(images))
         record = {
             "image_size": size, "test_images": len(images),
             "min_agreement": params.export.min_agreement,
             "latency_runs": params.export.latency_runs,
+            "source": source,
             "reference": {"format": "keras", "path": f"{params.paths.release}/{MODEL_FILE}",
-                          "bytes": model_file.stat().st_size, "sha256": sha256_file(model_file),
+                          "bytes": model_file.stat().st_size, "sha256": source["release_sha256"],
                           "latency_ms": keras_latency},
             "formats": results,
         }  # fmt: skip
-        write_json(tmp / "export.json", record)
+        write_json(tmp / EXPORT_RECORD_FILE, record)
         shutil.copy(require(release_dir / LABELS_FILE, "select"), tmp / LABELS_FILE)
         if (release_dir / CALIBRATION_FILE).is_file():
             shutil.copy(release_dir / CALIBRATION_FILE, tmp / CALIBRATION_FILE)
@@ -74,6 +81,25 @@ def export_release(root: Path | str, params: Params,
     log.info("export: %d of %d formats written to %s%s", len(results) - len(missing), len(results),
              out_dir, f" ({', '.join(missing)} not available)" if missing else "")  # fmt: skip
     return out_dir
+
+
+def _convert(model_file: Path, images: np.ndarray, out_dir: Path, params: Params,
+             converters: dict[str, exporting.Converter] | None) -> tuple[dict, float]:  # fmt: skip
+    """Each format converted into `out_dir` and checked against the release on `images`:
+    (format -> record, the Keras model's own single-image latency in ms)."""
+    start_tensorflow()  # here, not before the step: kept exports need none
+    import keras
+
+    from headstart.training import inference_fn, predict
+
+    model = keras.saving.load_model(model_file)
+    reference = predict(model, images)
+    call = inference_fn(model)
+    keras_latency = exporting.latency_ms(lambda batch: np.asarray(call(batch)), images[0],
+                                         params.export.latency_runs)  # fmt: skip
+    results = exporting.export_all(model, params.base.image_size, out_dir, params.export.formats,
+                                   images, reference, params.export.latency_runs, converters)  # fmt: skip
+    return results, keras_latency
 
 
 def run(params: Params, root: Path) -> Path:

@@ -277,6 +277,10 @@ def test_every_format_is_exported_and_agrees_with_the_release(project):
                                                     "calibration.json").is_file()  # fmt: skip
     assert read_json(out / MARKER)["step"] == "export"
     assert tasks.get("export").written_with(params, root)  # export.formats: a list in JSON too
+    assert record["source"] == {
+        "release_sha256": sha256_file(params.path("release", root) / "model.keras"),
+        "test_images_sha256": sha256_file(params.path("prepared", root) / "test_images.npy"),
+    }
 
     # each export on its own, with its own runtime, matches the Keras release on new images
     release = keras.saving.load_model(params.path("release", root) / "model.keras")
@@ -295,6 +299,57 @@ def test_every_format_is_exported_and_agrees_with_the_release(project):
     interpreter.invoke()
     litert = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     assert np.allclose(litert, expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_an_unchanged_release_keeps_its_exports_and_the_card_shows_the_new_settings(project,
+                                                                                  tmp_path):  # fmt: skip
+    """A setting the exports do not depend on (plots.samples; the card lists every setting):
+    the step, in a fresh process, converts nothing and starts no TensorFlow; the files and
+    figures are the last export's, the card and the stamp are new."""
+    root, params = project
+    copy = Path(shutil.copytree(root, tmp_path / "copy", symlinks=True))
+    out = params.path("export", copy)
+    before = read_json(out / "export.json")
+    params_module.write_overrides(
+        copy / "params.yaml", [f"plots.samples={params.plots.samples + 1}"]
+    )
+    script = ("import sys, tasks; from headstart import params; "
+              "tasks.get('export').run(params.load(sys.argv[1] + '/params.yaml'), sys.argv[1]); "
+              "print(sorted({'tensorflow', 'keras'} & set(sys.modules)))")  # fmt: skip
+    # not in the project folder: `python -c` would import the project's own copy of the code
+    result = subprocess.run([sys.executable, "-c", script, str(copy)], cwd=tmp_path,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    after = read_json(out / "export.json")
+    assert after["formats"] == before["formats"]  # the same latencies: measured once
+    for result in after["formats"].values():
+        for file, info in result["files"].items():
+            assert sha256_file(out / file) == info["sha256"], file
+    assert f"  samples: {params.plots.samples + 1}" in (out / "MODEL_CARD.md").read_text()
+    assert tasks.get("export").written_with(params_module.load(copy / "params.yaml"), copy)
+
+
+@pytest.mark.slow
+def test_exports_are_made_again_when_anything_they_came_from_differs(project, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    root, params = project
+    out = params.path("export", root)
+    record = read_json(out / "export.json")
+    formats, runs, source = params.export.formats, params.export.latency_runs, record["source"]
+    assert exporting.reusable(out, formats, runs, source) == record
+    for other in ({**source, "release_sha256": "0" * 64}, {**source, "test_images_sha256": "0"}):
+        assert exporting.reusable(out, formats, runs, other) is None
+    assert exporting.reusable(out, formats, runs + 1, source) is None
+    assert exporting.reusable(out, formats[:2], runs, source) is None
+    copy = Path(shutil.copytree(out, tmp_path / "export"))
+    onnx = bytearray((copy / "model.onnx").read_bytes())
+    onnx[-1] ^= 1
+    (copy / "model.onnx").write_bytes(onnx)
+    assert exporting.reusable(copy, formats, runs, source) is None
+    monkeypatch.setattr(exporting, "_versions", lambda packages: dict.fromkeys(packages, "0"))
+    assert exporting.reusable(out, formats, runs, source) is None
 
 
 @pytest.mark.slow
