@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, built_once, run_cli
+from conftest import ROOT, built_once, cli_here, run_cli
 
 import tasks
 from headstart import exporting, modelcard
@@ -491,7 +491,7 @@ def test_headstart_export_runs_the_step(project, tmp_path):
     raw = params_module.to_dict(params)
     raw["export"]["formats"] = ["saved_model"]
     (copy / "params.yaml").write_text(yaml.safe_dump(raw))
-    result = run_cli("export", "--project", str(copy))
+    result = cli_here("export", "--project", str(copy))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"export: wrote {params.path('export', copy)}"
     record = json.loads((params.path("export", copy) / "export.json").read_text())

@@ -146,7 +146,9 @@ def expected_rows(images: Path) -> list[str]:
 
 def test_predict_on_a_folder_prints_only_results(tiny_model):
     model, images = tiny_model
-    result = run_cli("predict", str(model), str(images))  # captured: not a terminal
+    # captured: not a terminal; TensorFlow logging everything (whether its C++ start-up lines
+    # appear at the default level depends on the CPU), hidden unless --verbose (test_training)
+    result = run_cli("predict", str(model), str(images), TF_CPP_MIN_LOG_LEVEL="0")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines] == expected_rows(images)

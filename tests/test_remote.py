@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import class_pattern, git_clone, run_in
+from conftest import class_pattern, cli_here, git_clone, run_in
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,8 @@ def test_a_run_pushed_to_a_remote_is_pulled_into_a_fresh_clone_and_predicts_untr
     before = mtimes(clone)
 
     class_pattern(1, seed=4242).save(tmp_path / "photo.png")
-    predicted = run_in(clone, "headstart", "predict", str(tmp_path / "photo.png"), "--json")
+    predicted = cli_here("predict", str(tmp_path / "photo.png"), "--json", cwd=clone)
+    assert predicted.returncode == 0, predicted.stderr
     (answer,) = json.loads(predicted.stdout)
     assert answer["top"][0][0] in ("class_0", "class_1"), answer
     status = run_in(clone, "headstart", "status").stdout.splitlines()
