@@ -163,6 +163,8 @@ def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path
            if line.startswith("Running stage")]  # fmt: skip
     # what reads evaluate.top_k, and what comes after (export: its model card lists every param)
     assert ran == ["evaluate", "plots", "export"]
+    # the release is the same: export keeps its files (its output persists under dvc repro)
+    assert "export: the release, its test images" in experiment.stderr, experiment.stderr
     assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
     diff = run_in(root, "dvc", "metrics", "diff", "--json")
     changed = json.loads(diff.stdout)["artifacts/metrics/transfer.json"]
