@@ -291,14 +291,17 @@ def reusable(out_dir: Path, formats, latency_runs: int, source: dict) -> dict | 
         record = json.loads((Path(out_dir) / EXPORT_RECORD_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if (record.get("source") != source or record.get("latency_runs") != latency_runs
-            or list(record.get("formats", {})) != list(formats)):  # fmt: skip
+    try:
+        if (record["source"] != source or record["latency_runs"] != latency_runs
+                or list(record["formats"]) != list(formats)):  # fmt: skip
+            return None
+        for name, result in record["formats"].items():
+            if result["versions"] != _versions(CONVERTERS[name].packages):
+                return None
+            if result["available"] and files_of(Path(out_dir) / result["path"]) != result["files"]:
+                return None
+    except (KeyError, TypeError):  # an older record (no "source"), or not one of ours
         return None
-    for name, result in record["formats"].items():
-        if result.get("versions") != _versions(CONVERTERS[name].packages):
-            return None
-        if result.get("available") and files_of(Path(out_dir) / result["path"]) != result["files"]:
-            return None
     return record
 
 

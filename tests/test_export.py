@@ -348,6 +348,11 @@ def test_exports_are_made_again_when_anything_they_came_from_differs(project, tm
     onnx[-1] ^= 1
     (copy / "model.onnx").write_bytes(onnx)
     assert exporting.reusable(copy, formats, runs, source) is None
+    shutil.copy(out / "model.onnx", copy / "model.onnx")
+    assert exporting.reusable(copy, formats, runs, source) == record
+    for older in ({k: v for k, v in record.items() if k != "source"}, []):  # before f1c483c; junk
+        (copy / "export.json").write_text(json.dumps(older))
+        assert exporting.reusable(copy, formats, runs, source) is None
     monkeypatch.setattr(exporting, "_versions", lambda packages: dict.fromkeys(packages, "0"))
     assert exporting.reusable(out, formats, runs, source) is None
 
