@@ -139,7 +139,7 @@ def collect(root: Path | str, params: Params, exports: dict) -> dict:
     return {
         "model": {
             "file": f"{params.paths.release}/{MODEL_FILE}",
-            "sha256": sha256_file(require(release / MODEL_FILE, "select")),
+            "sha256": exports["reference"]["sha256"],  # hashed by the export step
             "winner": selection["winner"],
             "reason": selection["reason"],
             "classes": classes,
