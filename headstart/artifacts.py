@@ -11,6 +11,9 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 MODEL_FILE = "model.keras"  # every model folder: model.keras + labels.json beside it
 LABELS_FILE = "labels.json"
+# the split record: every used image's split, by content (git-tracked at the project root, read
+# and rewritten by prepare, so adding images never moves one and a fresh clone splits the same)
+SPLIT_RECORD = "splits.csv"
 REPORT_FILE = "report.json"  # prepare's report (paths.data_report), beside report.txt
 EXPORT_RECORD_FILE = "export.json"  # in paths.export: every format's files and figures
 # the transfer model's class probabilities on the val and test splits, written by head so that

@@ -183,8 +183,7 @@ def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path, li
     head, history = heads.fit_final(chosen.config, features, labels, chosen.best_epochs,
                                     p.batch_size, p.learning_rate, seed, classes,
                                     sample_weight)  # fmt: skip
-    pooled_loss = (chosen.loss * chosen.held_out).sum(axis=1) / chosen.held_out.sum()
-    history["val_loss"] = [float(v) for v in pooled_loss[: chosen.best_epochs]]
+    history["val_loss"] = [float(v) for v in chosen.pooled_loss[: chosen.best_epochs]]
     history["val_accuracy"] = [float(v) for v in chosen.curve[: chosen.best_epochs]]
     training.log_history(live, "head", history)
     for key, value in {"config": chosen.config.name, "cv_accuracy": float(chosen.score),

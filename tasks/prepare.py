@@ -18,6 +18,7 @@ import errno
 import hashlib
 import io
 import logging
+import math
 import os
 import tempfile
 from collections import Counter, defaultdict
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart import images
-from headstart.artifacts import REPORT_FILE, SPLITS
+from headstart.artifacts import REPORT_FILE, SPLIT_RECORD, SPLITS
 from headstart.errors import UserError
 from headstart.files import atomic_dir, write_json, write_text
 from headstart.params import Params, Paths
@@ -103,19 +104,85 @@ def _link_problem(path: Path, data_dir: Path) -> tuple[str, str] | None:
     return None
 
 
-def split_of(sha256: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """The split of one image, from its content hash alone.
-
-    Independent per image, so adding or removing files never moves another file, and identical
-    content always lands in the same split. Applied per class it is stratified in expectation.
-    """
+def split_key(sha256: str, seed: int) -> float:
+    """A seeded pseudo-random number in [0, 1) from an image's content hash alone: the order in
+    which new images of a class are dealt to the splits (identical content, identical key)."""
     key = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
-    u = int.from_bytes(key[:8], "big") / 2**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
+    return int.from_bytes(key[:8], "big") / 2**64
+
+
+def _target(images: int, fraction: float) -> int:
+    return int(math.floor(images * fraction + 0.5))
+
+
+def assign_splits(items: list[_Seen], remembered: dict[str, str], seed: int,
+                  val_fraction: float, test_fraction: float) -> int:  # fmt: skip
+    """Set `split` on every used item, class by class; returns how many were newly dealt.
+
+    An image the split record remembers (by content) stays where it was; the new images of a
+    class, in `split_key` order, first fill what the class's test and then its validation split
+    lack of their targets (round(fraction x the class's images)), the rest go to training. So
+    every class holds its share within one image, and adding images never moves another one."""
+    by_class: dict[str, list[_Seen]] = defaultdict(list)
+    for item in items:
+        by_class[item.label].append(item)
+    dealt = 0
+    for group in by_class.values():
+        new = []
+        for item in group:
+            item.split = remembered.get(item.sha256, "")
+            if not item.split:
+                new.append(item)
+        new.sort(key=lambda item: (split_key(item.sha256, seed), item.path))
+        counts = Counter(item.split for item in group)
+        lacking = {split: max(0, _target(len(group), fraction) - counts[split])
+                   for split, fraction in (("test", test_fraction), ("val", val_fraction))}  # fmt: skip
+        for item in new:
+            item.split = next((split for split, n in lacking.items() if n > 0), "train")
+            if item.split in lacking:
+                lacking[item.split] -= 1
+        dealt += len(new)
+    return dealt
+
+
+SPLIT_RECORD_COLUMNS = ["sha256", "split", "label", "file"]
+
+
+def _record_header(seed: int, val_fraction: float, test_fraction: float) -> str:
+    return (f"# headstart split record: seed={seed} val_fraction={val_fraction:g} "
+            f"test_fraction={test_fraction:g} (written by prepare; commit it with data.dvc)")  # fmt: skip
+
+
+def read_split_record(path: Path | None, seed: int, val_fraction: float,
+                      test_fraction: float) -> dict[str, str]:  # fmt: skip
+    """sha256 -> split from the split record at `path`; empty when there is none, or when it was
+    drawn with another seed or other fractions (the split is then drawn afresh)."""
+    if path is None or not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    if not lines or lines[0] != _record_header(seed, val_fraction, test_fraction):
+        log.info("prepare: %s was drawn with other split settings; drawing the split afresh",
+                 path.name)  # fmt: skip
+        return {}
+    rows = list(csv.reader(lines[1:]))
+    if not rows or rows[0] != SPLIT_RECORD_COLUMNS or any(
+        len(row) != 4 or row[1] not in SPLITS for row in rows[1:]
+    ):
+        raise PrepareError(f"{path}: not a split record headstart can read; restore it "
+                           "(git checkout) or delete it to draw the split afresh")  # fmt: skip
+    return {row[0]: row[1] for row in rows[1:]}
+
+
+def write_split_record(path: Path, items: list[_Seen], seed: int, val_fraction: float,
+                       test_fraction: float) -> None:  # fmt: skip
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SPLIT_RECORD_COLUMNS)
+    for item in sorted(items, key=lambda item: item.path):
+        writer.writerow([item.sha256, item.split, item.label, item.path])
+    text = _record_header(seed, val_fraction, test_fraction) + "\n" + buffer.getvalue()
+    if not path.is_file() or path.read_text() != text:
+        write_text(path, text)
 
 
 def _scan(data_dir: Path, params: Params, raw_file, entries: int) -> list[_Seen]:
@@ -221,16 +288,19 @@ def _report(seen: list[_Seen], classes: list[str], empty: list[str], conflicts, 
             "seed": params.base.seed,
             "val_fraction": params.prepare.val_fraction,
             "test_fraction": params.prepare.test_fraction,
-            "method": "sha256(seed:content sha256) threshold, per image",
+            "method": "stratified per class: round(fraction x images) each; images in the split "
+                      "record keep their split, new ones are dealt in sha256(seed:content) order",
         },
     }
 
 
 def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
-            report_dir: Path | str | None = None) -> Path:  # fmt: skip
+            report_dir: Path | str | None = None, record: Path | str | None = None) -> Path:  # fmt: skip
     """Validate, decode, split and store the images under `data_dir` into `out_dir`; the report
-    into `report_dir` (default: `data-report` beside `out_dir`)."""
+    into `report_dir` (default: `data-report` beside `out_dir`). `record`: the split record
+    (read, then rewritten): the split of every image it names is kept; None: no memory."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    record = Path(record) if record is not None else None
     if not data_dir.is_dir():
         raise PrepareError(
             f"{data_dir}: data folder not found; put images in {data_dir}/<class>/ "
@@ -252,12 +322,10 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
         empty = [f for f in folders if files[f] == 0]
         classes = [f for f in folders if files[f] > 0]
         _check_classes(data_dir, classes, used, params.prepare.min_per_class)
-        p = params.prepare
-        for item in seen:
-            if item.status == "used":
-                item.split = split_of(
-                    item.sha256, params.base.seed, p.val_fraction, p.test_fraction
-                )
+        p, seed = params.prepare, params.base.seed
+        used_items = [item for item in seen if item.status == "used"]
+        remembered = read_split_record(record, seed, p.val_fraction, p.test_fraction)
+        dealt = assign_splits(used_items, remembered, seed, p.val_fraction, p.test_fraction)
         for split in SPLITS:
             if not any(i.split == split for i in seen):
                 raise PrepareError(
@@ -271,6 +339,10 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
         with atomic_dir(Path(report_dir or out_dir.parent / Path(Paths.data_report).name)) as tmp:
             write_json(tmp / REPORT_FILE, report)
             write_text(tmp / "report.txt", summary(report))
+        if record is not None:
+            write_split_record(record, used_items, seed, p.val_fraction, p.test_fraction)
+            log.info("prepare: split: %d image(s) kept where %s had them, %d new dealt",
+                     len(used_items) - dealt, record.name, dealt)  # fmt: skip
     log.info("prepare: %s", summary(report).splitlines()[0])
     return out_dir
 
@@ -343,4 +415,4 @@ def printable(text: str) -> str:
 def run(params: Params, root: Path) -> Path:
     """The step as dvc.yaml and the flow call it: paths from params."""
     return prepare(params.path("data", root), params.path("prepared", root), params,
-                   params.path("data_report", root))  # fmt: skip
+                   params.path("data_report", root), Path(root) / SPLIT_RECORD)  # fmt: skip

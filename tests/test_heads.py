@@ -108,3 +108,28 @@ def test_the_head_with_the_highest_pooled_cv_accuracy_is_chosen_even_if_more_com
     assert "simple 0.8000" in reason
     tied = cv_result("tied", 2, [0.70, 0.81, 0.81, 0.81])
     assert heads.choose([tied, complex_])[0] is complex_  # an exact tie goes to the simpler
+
+
+def test_a_feature_constant_in_training_does_not_swamp_new_images():
+    """Backbone features that are zero on every training image (ReLU units a few dozen images
+    never fire) but not on a new one: the head must still answer from the features that vary."""
+    x, y = blobs(per_class=20, classes=2, features=8, seed=3)
+    silent = np.zeros((len(y), 40), np.float32)
+    config = next(c for c in heads.candidates(32, 0.2) if c.name == "linear")
+    head, _ = heads.fit_final(config, np.hstack([x, silent]), y, epochs=30, batch_size=16,
+                              learning_rate=1e-2, seed=1, classes=2)  # fmt: skip
+    fresh_x, fresh_y = blobs(per_class=50, classes=2, features=8, seed=3)
+    awake = np.full((len(fresh_y), 40), 0.05, np.float32)  # small, as such features are
+    predicted = head.predict(np.hstack([fresh_x, awake]), verbose=0).argmax(axis=1)
+    assert np.mean(predicted == fresh_y) >= 0.95
+
+
+def test_tied_cv_epochs_are_broken_by_the_pooled_loss_not_taken_earliest():
+    x, y = blobs(per_class=20, spread=0.05)  # perfectly separable: accuracy 1.0 from epoch 1
+    config = next(c for c in heads.candidates(32, 0.2) if c.name == "linear")
+    result = heads.cross_validate(config, x, y, len(y), folds=3, epochs=12, batch_size=16,
+                                  learning_rate=1e-2, seed=1, classes=3, patience=12)  # fmt: skip
+    perfect = np.flatnonzero(result.curve == 1.0)  # several epochs tie at 1.000
+    assert len(perfect) >= 4
+    assert np.all(np.diff(result.pooled_loss[perfect]) < 0)  # ... while the loss still falls
+    assert result.best_epochs > perfect[0] + 2  # so the tie goes to a later, surer epoch

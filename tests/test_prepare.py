@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -11,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, git_clone, run_cli, small_params, write_good_images
+from conftest import ROOT, class_pattern, git_clone, run_cli, small_params, write_good_images
 
 from headstart import images
 from headstart.artifacts import load_split
 from headstart.params import write_overrides
-from tasks.prepare import PrepareError, prepare, split_of
+from tasks.prepare import PrepareError, prepare
 
 
 def manifest(out: Path) -> list[dict]:
@@ -80,26 +81,71 @@ def test_decode_normalises_odd_images():
     assert images.decode(buffer.getvalue(), 32).min() == 255  # alpha flattened onto white
 
 
-def test_split_is_seeded_stratified_and_stable(good_data, tmp_path):
-    params = small_params()
-    first = {r["file"]: r["split"] for r in manifest(prepare(good_data, tmp_path / "a", params))}
-    again = {r["file"]: r["split"] for r in manifest(prepare(good_data, tmp_path / "b", params))}
-    assert first == again
-    write_good_images(good_data, per_class=1, start=500)  # add one image per class
-    grown = {r["file"]: r["split"] for r in manifest(prepare(good_data, tmp_path / "c", params))}
-    assert len(grown) == len(first) + 2
-    assert {f: grown[f] for f in first} == first
-    other = small_params(base={"seed": 8, "image_size": 32})
-    assert [split_of(f"{n:064x}", 7, 0.2, 0.2) for n in range(200)] != [
-        split_of(f"{n:064x}", other.base.seed, 0.2, 0.2) for n in range(200)
-    ]
+def splits_of(out: Path) -> dict[str, str]:
+    return {r["file"]: r["split"] for r in manifest(out)}
 
 
-def test_split_fractions_hold_per_class():
-    for label in range(3):
-        splits = Counter(split_of(f"{label}-{n}", 42, 0.15, 0.15) for n in range(2000))
-        assert abs(splits["val"] / 2000 - 0.15) < 0.03
-        assert abs(splits["test"] / 2000 - 0.15) < 0.03
+def test_split_is_seeded_and_stable_when_images_are_added(good_data, tmp_path):
+    params, record = small_params(), tmp_path / "splits.csv"
+    first = splits_of(prepare(good_data, tmp_path / "a", params, record=record))
+    assert splits_of(prepare(good_data, tmp_path / "b", params)) == first  # no record: same draw
+    write_good_images(good_data, per_class=20, start=500)
+    grown = splits_of(prepare(good_data, tmp_path / "c", params, record=record))
+    assert len(grown) == len(first) + 40
+    assert {f: grown[f] for f in first} == first  # no image moved
+    reseeded = small_params(base={"seed": 8, "image_size": 32})
+    assert splits_of(prepare(good_data, tmp_path / "d", reseeded, record=record)) != grown
+
+
+def class_sizes(data: Path, sizes: dict[str, int], start: int = 0) -> None:
+    for label, (name, count) in enumerate(sizes.items()):
+        folder = data / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(start, start + count):
+            class_pattern(label, seed=1000 * label + n).save(folder / f"img_{n:03d}.png")
+
+
+def test_every_class_gets_its_share_within_one_image(tmp_path):
+    """A class of 55 and one of 12 at 15 % / 15 %: each split within one image of its target,
+    also after 20 images are added (which move no earlier image)."""
+    params = small_params(prepare={"val_fraction": 0.15, "test_fraction": 0.15})
+    data, record = tmp_path / "data", tmp_path / "splits.csv"
+    class_sizes(data, {"big": 55, "small": 12})
+    before = splits_of(prepare(data, tmp_path / "a", params, record=record))
+    class_sizes(data, {"big": 14, "small": 6}, start=100)
+    rows = manifest(prepare(data, tmp_path / "b", params, record=record))
+    assert {r["file"]: r["split"] for r in rows if r["file"] in before} == before
+    for name, images in {"big": 69, "small": 18}.items():
+        counts = Counter(r["split"] for r in rows if r["label"] == name)
+        assert sum(counts.values()) == images
+        for split in ("val", "test"):
+            assert abs(counts[split] - 0.15 * images) <= 1, (name, split, counts)
+
+
+def test_a_copy_with_the_split_record_reproduces_the_split(tmp_path):
+    """What a fresh clone has: the same data and the git-tracked split record (whose history
+    of additions a fresh draw could not reproduce)."""
+    params = small_params(prepare={"val_fraction": 0.15, "test_fraction": 0.15})
+    data, record = tmp_path / "data", tmp_path / "splits.csv"
+    class_sizes(data, {"big": 30, "small": 12})
+    prepare(data, tmp_path / "a", params, record=record)
+    class_sizes(data, {"big": 9, "small": 5}, start=100)
+    grown = splits_of(prepare(data, tmp_path / "b", params, record=record))
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    shutil.copytree(data, clone / "data")
+    shutil.copy(record, clone / "splits.csv")
+    again = splits_of(prepare(clone / "data", clone / "prepared", params, record=clone / "splits.csv"))
+    assert again == grown
+    assert (clone / "splits.csv").read_bytes() == record.read_bytes()
+
+
+def test_a_damaged_split_record_is_one_clear_error(good_data, tmp_path):
+    record = tmp_path / "splits.csv"
+    prepare(good_data, tmp_path / "a", small_params(), record=record)
+    record.write_text(record.read_text().replace(",train,", ",nowhere,", 1))
+    with pytest.raises(PrepareError, match="splits.csv: not a split record .* delete it"):
+        prepare(good_data, tmp_path / "b", small_params(), record=record)
 
 
 def test_one_class_is_a_clear_error(tmp_path):
