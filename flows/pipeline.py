@@ -42,15 +42,20 @@ SHARDS_PER_WORKER = 2  # a little slack for uneven shards
 
 @flow(name="headstart-pipeline", log_prints=True)
 def pipeline_flow(root: str = ".", force: bool = False, wait: bool = False, workers: int = 1,
-                  dask_address: str = "") -> dict:  # fmt: skip
+                  dask_address: str = "", data: str = "auto") -> dict:  # fmt: skip
     """Run every stale step in order (all of them with `force`), then record each step's outputs
     in dvc.lock so `dvc status` is clean and `dvc push` has everything. Holds the workspace lock
     throughout (`wait`: queue behind a run that holds it, instead of failing at once).
     `workers` > 1: on a local Dask cluster of that many processes; `dask_address`: on the Dask
-    cluster there."""
+    cluster there. `data`: how the data folder and its DVC record are brought in line first
+    (headstart.dvcstate.sync_data; `keep`: the caller did it)."""
     check_scale(workers, dask_address)
     with workspace_lock(root, wait=wait):
         params = params_module.load(Path(root) / params_module.PARAMS_FILE)  # fail fast
+        if data != "keep":
+            synced = dvcstate.sync_data(root, params.paths.data, data)
+            if synced:
+                get_run_logger().info(synced)
         clean_up(params, root)  # no step is writing: this process holds the lock, between steps
         run = _Run(root, params, force)
         if workers == 1 and not dask_address:

@@ -16,44 +16,76 @@ import urllib.request
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 
 from flows.pipeline import pipeline_flow
-from headstart import dvcstate
+from headstart import dvcstate, quiet
 from headstart import params as params_module
+from headstart.artifacts import MODEL_FILE
 from headstart.errors import UserError
-from headstart.lock import workspace_lock
+from headstart.files import read_json, sha256_file, write_json
+from headstart.lock import STATE_DIR, workspace_lock
 from headstart.promotion import promote_from_params
 
 log = logging.getLogger("headstart.schedule")
 
 
 @flow(name="headstart-retrain", log_prints=True)
-def retrain_flow(root: str = ".") -> dict:
-    """Refresh the data, retrain only what changed, and promote the new model only if the
-    promotion rule (params.yaml `promotion`, headstart/promotion.py) lets it replace the current
-    one on the test split."""
-    with workspace_lock(root, wait=True):  # a manual run in progress: retrain after it
-        return _retrain(root)
+def retrain_flow(root: str = ".", data: str = "auto"):
+    """Bring in new data (`data`: headstart.dvcstate.sync_data: images added to the data folder
+    are recorded as a new data.dvc version), retrain what is stale, and promote the release only
+    if the promotion rule (params.yaml `promotion`, headstart/promotion.py) lets it replace the
+    current model. Logs the run's summary and keeps it as a markdown artifact. A cause the user
+    can fix is one log line and a Failed run (no traceback); the next run tries again."""
+    quiet.hide_user_error_tracebacks()
+    try:
+        with workspace_lock(root, wait=True):  # a manual run in progress: retrain after it
+            return _retrain(root, data)
+    except UserError as err:
+        return Failed(message=f"retraining failed: {err}")
 
 
-def _retrain(root: str) -> dict:
+LAST_DECISION = "promotion.json"  # in the lock's folder: the last release/champion compared
+
+
+def _retrain(root: str, data: str) -> dict:
     logger = get_run_logger()
     params = params_module.load(Path(root) / params_module.PARAMS_FILE)
-    if dvcstate.has_remote(root):
-        logger.info("refreshing data: dvc pull data.dvc")
-        dvcstate.pull_data(root)
+    synced = dvcstate.sync_data(root, params.paths.data, data)
+    if synced:
+        logger.info(synced)
     stale = dvcstate.stale_stages(root)
-    champion = params.path("champion", root) / "model.keras"
-    if not stale and champion.exists():
-        logger.info("data, parameters and code unchanged: no retraining")
+    release = params.path("release", root) / MODEL_FILE
+    champion = params.path("champion", root) / MODEL_FILE
+    pair = _pair(release, champion)
+    last = Path(root) / STATE_DIR / LAST_DECISION
+    if (
+        not stale
+        and champion.exists()
+        and (pair[0] == pair[1] or (last.is_file() and read_json(last).get("pair") == list(pair)))
+    ):
+        logger.info("data, parameters and code unchanged, and the release already compared "
+                    "with the current model: no retraining")  # fmt: skip
         return {"retrained": False, "promotion": None}
-    result = pipeline_flow(root=root, wait=True) if stale else None
+    result = pipeline_flow.fn(root=root, wait=True, data="keep") if stale else None
     decision = promote_from_params(params, root)
     if decision["promoted"]:
         dvcstate.track(root, params.paths.champion)
-    logger.info("promotion: %s (%s)", "replaced the current model" if decision["promoted"]
-                else "kept the current model", decision["reason"])  # fmt: skip
-    return {"retrained": result is not None, "promotion": decision}
+    write_json(last, {"pair": list(_pair(release, champion)), "promoted": decision["promoted"]})
+    verdict = "replaced the current model" if decision["promoted"] else "kept the current model"
+    text = (result["summary"] if result else "No step was stale; the release (built by an "
+            "earlier run) was compared with the current model.\n")  # fmt: skip
+    text += f"\n**Promotion**: {verdict} ({decision['reason']})\n"
+    logger.info("retraining summary:\n%s", text)
+    create_markdown_artifact(markdown=text, key="headstart-retrain-summary",
+                             description="headstart scheduled retraining")  # fmt: skip
+    return {"retrained": result is not None, "promotion": decision, "summary": text}
+
+
+def _pair(release: Path, champion: Path) -> tuple[str, str]:
+    """sha256 of the release's and the champion's model files ("" where there is none)."""
+    return tuple(sha256_file(path) if path.is_file() else "" for path in (release, champion))
 
 
 def _free_port(preferred: int = 4200) -> int:
@@ -106,11 +138,13 @@ def start_local_server(state_dir: Path, port: int | None = None) -> tuple[subpro
 
 
 def serve(root: Path, name: str = "scheduled-retraining", cron: str | None = "0 3 * * *",
-          interval: float | None = None) -> None:  # fmt: skip
+          interval: float | None = None, data: str = "auto") -> None:  # fmt: skip
     """Serve the retraining deployment until interrupted (Ctrl-C or SIGTERM)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     params_module.load(root / "params.yaml")  # fail fast on bad parameters
+    if data not in dvcstate.DATA_MODES:
+        raise UserError(f"--data {data}: must be one of {', '.join(dvcstate.DATA_MODES)}")
     api_url = os.environ.get("PREFECT_API_URL", "")
     server = None
     if api_url:
@@ -123,7 +157,8 @@ def serve(root: Path, name: str = "scheduled-retraining", cron: str | None = "0 
     schedule = {"interval": interval} if interval else {"cron": cron}
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            retrain_flow.serve(name=name, parameters={"root": str(root)}, limit=1, **schedule)
+            retrain_flow.serve(name=name, parameters={"root": str(root), "data": data}, limit=1,
+                               **schedule)  # fmt: skip
     finally:
         if server is not None:
             server.terminate()

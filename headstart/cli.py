@@ -46,6 +46,15 @@ def _quiet_environment() -> None:
 WaitOption = Annotated[
     bool, typer.Option("--wait", help="If another run holds this workspace, wait for it.")
 ]
+DataOption = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="auto: record added/changed/removed images as a new data.dvc version, pull a "
+        "missing data folder | record: record the folder as it is | pull: check out the "
+        "version data.dvc records.",
+    ),
+]
 
 
 @app.callback()
@@ -63,44 +72,6 @@ def main(
     quiet.set_verbose(verbose)
     logger = logging.getLogger("headstart")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-class _HideUserErrors(logging.Filter):
-    """Drop Prefect's log records about a run that failed on a UserError (its tracebacks and its
-    "Finished in state Failed" lines): the CLI prints that error as one line. Real bugs pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("prefect"):
-            return True
-        error = record.exc_info[1] if record.exc_info else None
-        while error is not None:
-            if isinstance(error, UserError):
-                return False
-            error = error.__cause__ or error.__context__
-        message = record.getMessage()
-        return not any(f"{name}(" in message or f"{name}: " in message
-                       for name in _user_error_names())  # fmt: skip
-
-
-def _user_error_names() -> set[str]:
-    names, pending = set(), [UserError]
-    while pending:
-        cls = pending.pop()
-        names.add(cls.__name__)
-        pending += cls.__subclasses__()
-    return names
-
-
-def _hide_prefect_tracebacks_of_user_errors() -> None:
-    if quiet.verbose():
-        return
-    hide = _HideUserErrors()
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in
-               list(logging.Logger.manager.loggerDict))]  # fmt: skip
-    for logger in loggers:
-        for handler in logger.handlers:
-            if hide not in handler.filters:
-                handler.addFilter(hide)
 
 
 def _log_to_stderr() -> None:
@@ -172,13 +143,19 @@ def run(
             "--dask-address", help="Run the steps on the Dask cluster at tcp://HOST:PORT."
         ),
     ] = "",
+    data: DataOption = "auto",
 ) -> None:
-    """Trigger a Prefect flow run of the whole pipeline (stale steps only)."""
+    """Trigger a Prefect flow run of the whole pipeline (stale steps only).
+
+    A run that fails leaves params.yaml as it was before its -S values."""
+    from headstart import dvcstate
     from headstart import params as params_module
+    from headstart.files import write_text
     from headstart.lock import workspace_lock
 
     root = project.resolve()
     params_file = root / params_module.PARAMS_FILE
+    before = None
     try:
         if workers != 1 or dask_address:
             from flows.pipeline import check_scale
@@ -186,16 +163,28 @@ def run(
             check_scale(workers, dask_address)  # before anything starts
         # the lock first: -S rewrites params.yaml, which a running flow is reading
         with workspace_lock(root, wait=wait):
-            if set_:
-                params_module.write_overrides(params_file, set_)
-            params = params_module.load(params_file)
-            if not force and _nothing_to_run(root, params):
-                return
-            from flows.pipeline import pipeline_flow  # (TensorFlow: when a step needs it)
+            try:
+                if set_:
+                    before = params_file.read_text()
+                    params_module.write_overrides(params_file, set_)
+                params = params_module.load(params_file)
+                synced = dvcstate.sync_data(root, params.paths.data, data)
+                if synced:
+                    typer.echo(synced, err=True)
+                if not force and _nothing_to_run(root, params):
+                    return
+                from flows.pipeline import pipeline_flow  # (TensorFlow: when a step needs it)
 
-            _hide_prefect_tracebacks_of_user_errors()
-            result = pipeline_flow(root=str(root), force=force, workers=workers,
-                                   dask_address=dask_address)  # fmt: skip
+                quiet.hide_user_error_tracebacks()
+                result = pipeline_flow(root=str(root), force=force, workers=workers,
+                                       dask_address=dask_address, data="keep")  # fmt: skip
+            except BaseException as err:
+                if before is not None and params_file.read_text() != before:
+                    write_text(params_file, before)
+                    if isinstance(err, UserError):
+                        raise UserError(f"{err} (params.yaml is back as it was before -S)") \
+                            from None  # fmt: skip
+                raise
     except UserError as err:
         raise _fail(err) from None
     typer.echo(result["summary"])
@@ -291,12 +280,13 @@ def schedule(
     ] = None,
     name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled-retraining",
     project: ProjectOption = Path("."),
+    data: DataOption = "auto",
 ) -> None:
     """Serve a Prefect deployment that retrains on a schedule (needs a real Prefect server)."""
     from flows import scheduling
 
     try:
-        scheduling.serve(project.resolve(), name=name, cron=cron, interval=interval)
+        scheduling.serve(project.resolve(), name=name, cron=cron, interval=interval, data=data)
     except UserError as err:
         raise _fail(err) from None
 

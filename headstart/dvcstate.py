@@ -94,6 +94,77 @@ def pull_data(root: Path | str = ".", target: str = "data.dvc") -> None:
 
 
 def track(root: Path | str, path: str) -> None:
-    """`dvc add` a folder (the promoted model), so it is versioned like every other artifact."""
+    """`dvc add` a folder (the data, the promoted model), so it is versioned like every other
+    artifact; without DVC's "git add" hint (the caller says what to commit)."""
     with repo(root) as handle:
+        handle.scm_context.quiet = True
         handle.add(path)
+
+
+CHANGE_KINDS = {"added": "added", "modified": "changed", "deleted": "removed"}
+DATA_MODES = ("auto", "record", "pull")  # headstart run/schedule --data
+
+
+def data_changes(root: Path | str, data: str) -> dict[str, list[str]]:
+    """Files under the data folder that differ from the version its .dvc file records, by kind
+    (added, modified, deleted), as `dvc data status` lists them."""
+    with repo(root) as handle:
+        status = handle.data_status(granular=True, untracked_files="no")
+    prefix = data.rstrip("/") + "/"
+    uncommitted = status.get("uncommitted", {})
+    return {kind: sorted(path for path in uncommitted.get(kind, [])
+                         if path.startswith(prefix) and not path.endswith("/"))
+            for kind in CHANGE_KINDS}  # fmt: skip
+
+
+def describe_changes(changes: dict[str, list[str]], shown: int = 3) -> str:
+    counts = ", ".join(f"{len(files)} {CHANGE_KINDS[kind]}" for kind, files in changes.items()
+                       if files)  # fmt: skip
+    names = [path for files in changes.values() for path in files]
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{counts} ({', '.join(names[:shown])}{more})"
+
+
+def sync_data(root: Path | str, data: str, mode: str = "auto") -> str | None:
+    """Make the data version DVC records match the data the run will train on; returns one line
+    saying what was done (None: nothing to do).
+
+    `auto`: the data folder as it is is the source: files added, changed or removed since its
+    .dvc file are recorded as a new version (`dvc add`, never a pull over them); a missing or
+    empty data folder is pulled from the DVC remote when one is configured (a fresh clone).
+    `record`: record the folder as it is. `pull`: check out the recorded version from the
+    remote, refused while the folder holds files that version does not have."""
+    if mode not in DATA_MODES:
+        raise UserError(f"--data {mode}: must be one of {', '.join(DATA_MODES)}")
+    root = Path(root)
+    folder, record = root / data, root / f"{data}.dvc"
+    empty = not folder.is_dir() or not any(folder.iterdir())
+    if mode == "pull" or (mode == "auto" and empty and record.is_file()):
+        if not record.is_file():
+            raise UserError(f"--data pull: {record.name} not found; nothing records a version "
+                            f"of {data}/ to pull (`--data record` records it)")  # fmt: skip
+        if not has_remote(root):
+            if mode == "pull":
+                raise UserError("--data pull: no DVC remote is configured (dvc remote add -d "
+                                "NAME URL), or use --data record")  # fmt: skip
+            return None
+        unsaved = [] if empty else [path for kind in ("added", "modified")
+                                    for path in data_changes(root, data)[kind]]  # fmt: skip
+        if unsaved:
+            raise UserError(f"--data pull: {data}/ holds {len(unsaved)} file(s) that "
+                            f"{record.name} does not record (e.g. {unsaved[0]}); --data record "
+                            "records them as a new version, or move them away")  # fmt: skip
+        pull_data(root, record.name)
+        return f"data: checked out the version {record.name} records (dvc pull)"
+    if empty:
+        return None  # prepare says what is missing
+    if not record.is_file():
+        track(root, data)
+        return (f"data: recorded {data}/ in {record.name} (new); commit it: git add "
+                f"{record.name} .gitignore")  # fmt: skip
+    changes = data_changes(root, data)
+    if not any(changes.values()):
+        return None
+    track(root, data)
+    return (f"data: recorded a new version in {record.name}: {describe_changes(changes)}; "
+            f"commit it: git add {record.name}")  # fmt: skip

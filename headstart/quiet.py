@@ -9,10 +9,13 @@ steps need none (prepare, plots) never pays the ~7 s of CPU it costs to load."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 import tempfile
+
+from headstart.errors import UserError
 
 STARTUP_NOISE = re.compile(
     r"absl::InitializeLog\(\) is called are written to STDERR"
@@ -61,3 +64,43 @@ def start_tensorflow_quietly() -> None:
             for line in capture.read().decode(errors="replace").splitlines(keepends=True):
                 if not STARTUP_NOISE.search(line):
                     sys.stderr.write(line)
+
+
+class _HideUserErrors(logging.Filter):
+    """Drop Prefect's log records about a run that failed on a UserError (its tracebacks and its
+    "Finished in state Failed" lines): the CLI prints that error as one line. Real bugs pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        while error is not None:
+            if isinstance(error, UserError):
+                return False
+            error = error.__cause__ or error.__context__
+        message = record.getMessage()
+        return not any(f"{name}(" in message or f"{name}: " in message
+                       for name in _user_error_names())  # fmt: skip
+
+
+def _user_error_names() -> set[str]:
+    names, pending = set(), [UserError]
+    while pending:
+        cls = pending.pop()
+        names.add(cls.__name__)
+        pending += cls.__subclasses__()
+    return names
+
+
+def hide_user_error_tracebacks() -> None:
+    """On every handler now configured: drop Prefect's records about a UserError (the caller
+    prints or logs it as one line); none with --verbose."""
+    if verbose():
+        return
+    hide = _HideUserErrors()
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in
+               list(logging.Logger.manager.loggerDict))]  # fmt: skip
+    for logger in loggers:
+        for handler in logger.handlers:
+            if hide not in handler.filters:
+                handler.addFilter(hide)

@@ -140,6 +140,39 @@ def test_cli_status_here_and_from_another_folder_and_a_refused_override(trained_
     assert "head.epochs must be > 0" in bad.stderr
 
 
+def test_a_run_after_adding_images_records_them_and_a_refused_value_is_taken_back(trained_copy):
+    """`headstart run` needs no `dvc add` after images are added; a -S value that a step refuses
+    leaves params.yaml as it was; `--data pull` refuses to check out over unrecorded files."""
+    from conftest import cli_here, write_good_images
+
+    params_text = (trained_copy / "params.yaml").read_text()
+    write_good_images(trained_copy / "data", classes=2, per_class=2, start=300)
+    pulled = cli_here("run", "--data", "pull", cwd=trained_copy)
+    assert pulled.returncode == 1
+    assert pulled.stderr.strip().splitlines() == [
+        "error: --data pull: data/ holds 4 file(s) that data.dvc does not record (e.g. "
+        "data/class_0/img_300.jpg); --data record records them as a new version, or move them "
+        "away"
+    ]
+    refused = cli_here("run", "-S", "prepare.min_per_class=50", cwd=trained_copy)
+    assert refused.returncode == 1
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "fewer than prepare.min_per_class=50; add images or lower the setting (params.yaml is "
+            "back as it was before -S)"
+        )
+    )
+    assert (trained_copy / "params.yaml").read_text() == params_text
+    ran = cli_here("run", cwd=trained_copy)
+    assert ran.returncode == 0, ran.stderr
+    assert "| transfer |" in ran.stdout
+    report = json.loads((trained_copy / "artifacts/data-report/report.json").read_text())
+    assert report["totals"]["used"] == 28  # the 24 first images and the 4 added
+    assert run_in(trained_copy, "dvc", "status", "--json").stdout.strip() == "{}"  # data.dvc too
+
+
 def test_dvc_repro_orders_the_stages_as_the_steps_run():
     """dvc repro's graph (from dvc.yaml's deps and outs) only ever points forward in the step
     order, and has the edges the steps need, so a from-scratch repro runs them as the flow does."""
@@ -201,6 +234,74 @@ def test_schedule_serves_a_deployment_that_runs(trained_copy, prefect_harness):
     assert state == "COMPLETED", output[-3000:]
     assert (trained_copy / "models/champion/model.keras").is_file()
     assert dvcstate.changed(trained_copy, "plots") == []
+
+
+def flow_run_logs(api_url: str, flow_run_id, timeout: float = 30) -> list[str]:
+    """The messages the Prefect server holds for one flow run (its tasks' included), once the
+    flow's last one ("Finished in state ...", sent in the background like every record) is in."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        request = urllib.request.Request(
+            f"{api_url}/logs/filter",
+            data=json.dumps({"logs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+                             "limit": 200}).encode(),
+            headers={"Content-Type": "application/json"}, method="POST",
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as response:
+            records = json.loads(response.read())
+        finished = any(record["message"].startswith("Finished in state")
+                       and not record["task_run_id"] for record in records)  # fmt: skip
+        if finished or time.monotonic() > deadline:
+            return [record["message"] for record in records]
+        time.sleep(0.5)
+
+
+def test_scheduled_retraining_records_added_images_retrains_and_reports(trained_copy,
+                                                                       prefect_harness):  # fmt: skip
+    """The retrain flow as the schedule calls it, tick by tick: images copied into data/ without
+    `dvc add` are recorded as a new data.dvc and trained on; a tick that fails says why in one
+    line and the next one, after the cause is gone, succeeds; an idle tick does nothing."""
+    from conftest import class_pattern, write_good_images
+
+    from flows.scheduling import retrain_flow
+
+    root = str(trained_copy)
+    first = retrain_flow(root=root)  # nothing stale: the release becomes the first champion
+    assert first["retrained"] is False and first["promotion"]["promoted"] is True
+    recorded = (trained_copy / "data.dvc").read_text()
+
+    def newcomers(count: int, start: int) -> None:
+        folder = trained_copy / "data" / "newcomer"
+        folder.mkdir(exist_ok=True)
+        for n in range(start, start + count):
+            class_pattern(2, seed=2000 + n).save(folder / f"new_{n:03d}.png")
+
+    write_good_images(trained_copy / "data", classes=2, per_class=3, start=100)
+    newcomers(2, start=0)  # fewer than prepare.min_per_class: prepare refuses
+    failed = retrain_flow(root=root, return_state=True)
+    assert failed.is_failed() and "min_per_class=3" in failed.message
+    messages = flow_run_logs(prefect_harness, failed.state_details.flow_run_id)
+    assert not [m for m in messages if "Traceback" in m or "UserError" in m], messages
+    assert [m for m in messages if "min_per_class=3" in m] != []
+    assert any("data.dvc: 8 added" in m for m in messages), messages  # recorded as they are
+
+    newcomers(2, start=10)
+    state = retrain_flow(root=root, return_state=True)
+    result = state.result()
+    assert result["retrained"] is True
+    assert (trained_copy / "data.dvc").read_text() != recorded  # the new version, recorded
+    assert run_in(trained_copy, "dvc", "status", "--json").stdout.strip() == "{}"
+    classes = json.loads((trained_copy / "artifacts/prepared/labels.json").read_text())
+    assert classes["classes"] == ["class_0", "class_1", "newcomer"]
+    messages = flow_run_logs(prefect_harness, state.state_details.flow_run_id)
+    assert any("data.dvc: 2 added (data/newcomer/new_010.png" in m for m in messages), messages
+    summary = next(m for m in messages if m.startswith("retraining summary"))
+    assert "| transfer |" in summary and "**Promotion**: replaced" in summary  # new classes
+
+    idle = retrain_flow(root=root)
+    assert idle == {"retrained": False, "promotion": None}
 
 
 def wait_for_completed_run(api_url: str, deployment: str, timeout: float) -> str:

@@ -115,11 +115,11 @@ def test_every_class_gets_its_share_within_one_image(tmp_path):
     class_sizes(data, {"big": 14, "small": 6}, start=100)
     rows = manifest(prepare(data, tmp_path / "b", params, record=record))
     assert {r["file"]: r["split"] for r in rows if r["file"] in before} == before
-    for name, images in {"big": 69, "small": 18}.items():
+    for name, total in {"big": 69, "small": 18}.items():
         counts = Counter(r["split"] for r in rows if r["label"] == name)
-        assert sum(counts.values()) == images
+        assert sum(counts.values()) == total
         for split in ("val", "test"):
-            assert abs(counts[split] - 0.15 * images) <= 1, (name, split, counts)
+            assert abs(counts[split] - 0.15 * total) <= 1, (name, split, counts)
 
 
 def test_a_copy_with_the_split_record_reproduces_the_split(tmp_path):
@@ -135,7 +135,9 @@ def test_a_copy_with_the_split_record_reproduces_the_split(tmp_path):
     clone.mkdir()
     shutil.copytree(data, clone / "data")
     shutil.copy(record, clone / "splits.csv")
-    again = splits_of(prepare(clone / "data", clone / "prepared", params, record=clone / "splits.csv"))
+    again = splits_of(
+        prepare(clone / "data", clone / "prepared", params, record=clone / "splits.csv")
+    )
     assert again == grown
     assert (clone / "splits.csv").read_bytes() == record.read_bytes()
 
