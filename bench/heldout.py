@@ -125,7 +125,7 @@ def run_pipeline(project: Path, seed: int, overrides: list[str]) -> dict:
     pythonpath = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
     child = run_child([str(BIN / "headstart"), "run", *sets], cwd=project,
                       env={"PYTHONPATH": pythonpath})  # fmt: skip
-    report = json.loads((project / "artifacts" / "prepared" / "report.json").read_text())
+    report = json.loads((project / "artifacts" / "data-report" / "report.json").read_text())
     train_images = sum(counts["train"] for counts in report["per_class"].values())
     artifacts = project / "artifacts"
     released = json.loads((artifacts / "release" / "selection.json").read_text())["winner"]

@@ -59,6 +59,17 @@ def _owned(target: Path) -> bool:
     return False
 
 
+def check_replaceable(target: Path | str) -> Path:
+    """`target`, or a UserError when something there was not written by headstart."""
+    target = Path(target)
+    if target.is_symlink() or (target.exists() and not _owned(target)):
+        raise UserError(
+            f"{target}: exists and was not written by headstart; refusing to replace it "
+            "(move it away, or point the paths.* setting at another folder)"
+        )
+    return target
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path | str) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target` whole.
@@ -67,12 +78,7 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     (and an earlier complete output, if any, stays as it was). `target` is replaced only when
     headstart made it: anything else there is refused, never deleted.
     """
-    target = Path(target)
-    if target.is_symlink() or (target.exists() and not _owned(target)):
-        raise UserError(
-            f"{target}: exists and was not written by headstart; refusing to replace it "
-            "(move it away, or point the paths.* setting at another folder)"
-        )
+    target = check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     tmp.chmod(0o755)

@@ -18,10 +18,14 @@ log = logging.getLogger("headstart.pipeline")
 
 
 def run_step(name: str, function: Callable[[Params, Path], Path], params: Params, root: Path,
-             wait: bool = False) -> Path:  # fmt: skip
+             wait: bool = False, output: str | None = None) -> Path:  # fmt: skip
+    """`output`: the `paths` key of the folder the step replaces, refused up front (before any
+    work) when something there was not written by headstart."""
     with workspace_lock(root, wait=wait) as outermost:
         if outermost:
             clean_up(params, root)
+        if output is not None:
+            files.check_replaceable(params.path(output, root))
         with files.stamping(stamp(name, params, root)):
             return function(params, root)
 

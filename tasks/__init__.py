@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from headstart import pipeline
+from headstart import files, pipeline
 from headstart.errors import UserError
 from headstart.params import Params
 from headstart.quiet import start_tensorflow
@@ -32,9 +32,11 @@ class Step:
         """The step on the paths from params, holding the workspace lock, its output stamped
         with the parameters it ran with (no Prefect involved). TensorFlow is started first
         (quietly, headstart.quiet) by the steps that run it, and only by them."""
-        if self.tensorflow:
+        files.check_replaceable(params.path(self.output, root))  # an instant refusal, before
+        if self.tensorflow:  # TensorFlow starts (run_step checks again, holding the lock)
             start_tensorflow()
-        return pipeline.run_step(self.name, self.function, params, Path(root), wait=wait)
+        return pipeline.run_step(self.name, self.function, params, Path(root), wait=wait,
+                                 output=self.output)  # fmt: skip
 
     def written_with(self, params: Params, root: Path | str) -> bool:
         return pipeline.written_with(self.name, self.output, params, root)

@@ -165,8 +165,10 @@ def read_split_record(path: Path | None, seed: int, val_fraction: float,
                  path.name)  # fmt: skip
         return {}
     rows = list(csv.reader(lines[1:]))
-    if not rows or rows[0] != SPLIT_RECORD_COLUMNS or any(
-        len(row) != 4 or row[1] not in SPLITS for row in rows[1:]
+    if (
+        not rows
+        or rows[0] != SPLIT_RECORD_COLUMNS
+        or any(len(row) != 4 or row[1] not in SPLITS for row in rows[1:])
     ):
         raise PrepareError(f"{path}: not a split record headstart can read; restore it "
                            "(git checkout) or delete it to draw the split afresh")  # fmt: skip
@@ -289,7 +291,7 @@ def _report(seen: list[_Seen], classes: list[str], empty: list[str], conflicts, 
             "val_fraction": params.prepare.val_fraction,
             "test_fraction": params.prepare.test_fraction,
             "method": "stratified per class: round(fraction x images) each; images in the split "
-                      "record keep their split, new ones are dealt in sha256(seed:content) order",
+            "record keep their split, new ones are dealt in sha256(seed:content) order",
         },
     }
 

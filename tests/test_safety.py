@@ -390,3 +390,45 @@ def test_status_and_run_complete_with_bad_links_in_the_data(trained_copy, traine
     assert "Traceback" not in failed.stderr
     errors = [line for line in failed.stderr.splitlines() if "rror" in line]
     assert len(errors) == 1 and errors[0].startswith("error: prepare: "), failed.stderr
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_dvc_repro_after_a_hand_edit_deletes_nothing(trained_copy):
+    """DVC removes a stage's outputs before its command runs; every output persists, so a hand
+    edit that the step refuses costs nothing: not a folder of the user's, not a tracked file,
+    not .git, not the previous outputs (dvc repro fails, naming the cause)."""
+    root = trained_copy
+    (root / "mystuff").mkdir()
+    (root / "mystuff" / "notes.txt").write_text("precious\n")
+    outputs = {name: tree(root / "artifacts" / name) for name in ("prepared", "baseline",
+               "metrics", "plots")}  # fmt: skip
+    originals = {name: (root / name).read_bytes() for name in ("README.md", "Makefile")}
+    git_objects = sorted((root / ".git" / "objects").rglob("*"))
+    params_text = (root / "params.yaml").read_text()
+    edits = [
+        ("  baseline: artifacts/baseline", "  baseline: mystuff", "baseline"),
+        ("  baseline: artifacts/baseline", "  baseline: README.md", "baseline"),
+        ("  plots: artifacts/plots", "  plots: Makefile", "plots"),
+        ("  data: data\n", "  data: .git/objects\n", "prepare"),
+        ("  epochs: 2\n", "  epochs: -1\n", "baseline"),  # baseline's (head's has a comment)
+        ("  epochs: 2\n", "  epochs: abc\n", "baseline"),
+        ("  epochs: 2\n", "  epochs: .nan\n", "baseline"),
+        ("evaluate:\n  top_k: 3\n", "", "evaluate"),
+    ]
+    for old, new, stage in edits:
+        assert old in params_text, old
+        (root / "params.yaml").write_text(params_text.replace(old, new, 1))
+        result = run_in(root, "dvc", "repro", stage, check=False)
+        assert result.returncode != 0, (new, result.stdout, result.stderr)
+        assert (root / "mystuff" / "notes.txt").read_text() == "precious\n", new
+        assert {name: (root / name).read_bytes() for name in originals} == originals, new
+        assert sorted((root / ".git" / "objects").rglob("*")) == git_objects, new
+        for name, files_before in outputs.items():
+            assert tree(root / "artifacts" / name) == files_before, (new, name)
+    (root / "params.yaml").write_text(params_text)
+    assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
