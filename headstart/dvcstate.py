@@ -18,6 +18,7 @@ log = logging.getLogger("headstart.dvc")
 def repo(root: Path | str = ".") -> Iterator:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     from dvc.exceptions import NotDvcRepoError
+    from dvc.lock import LockError
     from dvc.repo import Repo
 
     previous = os.getcwd()
@@ -28,6 +29,9 @@ def repo(root: Path | str = ".") -> Iterator:
     except NotDvcRepoError:
         raise UserError(f"{Path(root).resolve()}: not a DVC project (no .dvc/); run from the "
                         "project root or `dvc init`") from None  # fmt: skip
+    except LockError:
+        raise UserError(f"{Path(root).resolve()}: another DVC command holds this project's "
+                        "lock (.dvc/tmp/lock); wait for it to finish and run again") from None  # fmt: skip
     finally:
         os.chdir(previous)
 

@@ -90,18 +90,22 @@ def workspace_lock(root: Path | str, wait: bool = False, poll: float = 1.0) -> I
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
-                holder = _holder(path)
-                if not wait:
-                    raise LockedError(
-                        f"{Path(root).resolve()}: another headstart run holds this workspace: "
-                        f"{_describe(holder)}; wait for it to finish (or use --wait)"
-                    ) from None
-                if not told:
-                    log.warning("waiting for the run holding this workspace: %s", _describe(holder))
-                    told = True
-                time.sleep(poll)
+                holder = f"another headstart run holds this workspace: {_describe(_holder(path))}"
+            else:
+                repro = dvc_runs(root)  # between its stages, dvc repro holds no lock of ours
+                if not repro:
+                    break
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                holder = f"`{repro[0][1]}` (pid {repro[0][0]}) is running in this workspace"
+            if not wait:
+                raise LockedError(
+                    f"{Path(root).resolve()}: {holder}; wait for it to finish (or use --wait)"
+                )
+            if not told:
+                log.warning("waiting: %s", holder)
+                told = True
+            time.sleep(poll)
         previous = _holder(path)
         if previous.get("pid") and previous["pid"] != os.getpid() and not _alive(previous["pid"]):
             log.warning("taking over a stale lock: %s ended without releasing it",
@@ -127,6 +131,42 @@ def workspace_lock(root: Path | str, wait: bool = False, poll: float = 1.0) -> I
             fcntl.flock(handle, fcntl.LOCK_UN)
     finally:
         handle.close()
+
+
+def _ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+def dvc_runs(root: Path | str) -> list[tuple[int, str]]:
+    """(pid, command) of each `dvc repro` / `dvc exp run` working in the project at `root` that
+    is not this process's own ancestor (its stages run `headstart step`). DVC takes its lock
+    per stage and releases it while a stage's command runs, so another run could otherwise slip
+    in between two of its stages; this makes it one writer for the whole of its work. Linux
+    (/proc); elsewhere none are seen."""
+    top = os.path.realpath(root)
+    mine, runs = _ancestors(os.getpid()), []
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        try:
+            args = Path(entry.path, "cmdline").read_bytes().decode(errors="replace").split("\0")
+            cwd = os.readlink(Path(entry.path, "cwd"))
+        except OSError:
+            continue
+        words = [Path(arg).name for arg in args if arg]
+        at = words.index("dvc") if "dvc" in words else -1
+        rest = words[at + 1 :] if at >= 0 else []
+        writes = "repro" in rest or ("exp" in rest and "run" in rest)
+        if writes and (cwd == top or cwd.startswith(top + os.sep)):
+            runs.append((int(entry.name), " ".join(words[at:])))
+    return runs
 
 
 def _path(root: Path | str) -> Path:

@@ -155,6 +155,44 @@ def test_a_waiting_writer_gets_the_lock_when_the_holder_ends(tmp_path):
     assert waited >= 0.9
 
 
+def fake_dvc_repro(root: Path, seconds: float) -> subprocess.Popen:
+    """A process that looks like `dvc repro` running in `root` (its command line and folder)."""
+    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})", "dvc",
+                             "repro"], cwd=root)  # fmt: skip
+
+
+def test_a_run_between_dvc_repro_stages_is_refused_before_touching_params(tmp_path):
+    """DVC releases its lock while a stage's command runs and holds none of ours between
+    stages: a run must see the repro itself, refuse in one line and leave params.yaml alone."""
+    root = project_copy(tmp_path)
+    params_text = (root / "params.yaml").read_text()
+    repro = fake_dvc_repro(root, 30)
+    try:
+        time.sleep(0.5)
+        result = run_cli("run", "-S", "baseline.epochs=10", "--project", str(root))
+        subfolder = root / "headstart"
+        assert lock.dvc_runs(subfolder) == []  # a run in another folder is not this one's
+        assert [pid for pid, _ in lock.dvc_runs(root)] == [repro.pid]
+    finally:
+        repro.kill()
+        repro.wait()
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {root}: `dvc repro` (pid {repro.pid}) is running in this workspace; wait for it "
+        "to finish (or use --wait)"
+    ]
+    assert (root / "params.yaml").read_text() == params_text
+
+
+def test_a_waiting_run_starts_after_dvc_repro_ends(tmp_path):
+    repro = fake_dvc_repro(tmp_path, 1.5)
+    started = time.monotonic()
+    with lock.workspace_lock(tmp_path, wait=True, poll=0.1):
+        waited = time.monotonic() - started
+        assert repro.poll() is not None
+    assert waited >= 1.0
+
+
 def test_cli_step_refuses_while_a_run_holds_the_workspace(tmp_path):
     root = project_copy(tmp_path)
     holder = start_holder(root)
