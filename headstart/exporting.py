@@ -7,7 +7,8 @@ onnxruntime), run on every test image and compared with the Keras model: top-1 a
 largest absolute probability difference, size, single-image CPU latency, sha256 of every file.
 
 A converter (or runtime) that raises makes its format "not available" with the reason: reported,
-never skipped silently, and nothing of it is left in the export folder. A format that converts
+never skipped silently, nothing of it is left in the export folder, and the next run tries it
+again. A failure of the machine (disk full, I/O error, permissions) fails the step instead. A format that converts
 but disagrees with the Keras model fails the gate (`ParityError`).
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.artifacts import EXPORT_RECORD_FILE
-from headstart.errors import UserError
+from headstart.errors import UserError, describe, environment_failure
 from headstart.files import sha256_file
 
 log = logging.getLogger("headstart.exporting")
@@ -175,13 +176,6 @@ CONVERTERS: dict[str, Converter] = {
 FORMATS = tuple(CONVERTERS)
 
 
-def reason(error: BaseException) -> str:
-    """'<exception type>: <first line of its message>' (at most 300 characters)."""
-    lines = str(error).strip().splitlines()
-    text = type(error).__name__ + (f": {lines[0]}" if lines else "")
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def run_batches(run: Runner, images: np.ndarray, batch: int = BATCH) -> np.ndarray:
     """`run` over `images` (uint8 or float, memory-mapped is fine) as float32 batches."""
     parts = [run(np.asarray(images[start : start + batch], dtype=np.float32))
@@ -260,8 +254,11 @@ def export_one(name: str, converter: Converter, model, image_size: int, out_dir:
             shutil.rmtree(target, ignore_errors=True)
         else:
             target.unlink(missing_ok=True)
-        log.warning("export: %s not available: %s", name, reason(err))
-        return {"available": False, "reason": reason(err), **record}
+        if environment_failure(err):  # a full disk is not a missing converter: fail the step
+            raise UserError(f"export: writing {target}: {describe(err)}; free space or fix the "
+                            "folder's permissions, then run again") from None  # fmt: skip
+        log.warning("export: %s not available: %s", name, describe(err))
+        return {"available": False, "reason": describe(err), **record}
     files = files_of(target)
     difference = figures.get("problem") or f"max |dp| {figures['max_abs_diff']:.1e}"
     log.info("export: %s agrees on %.2f %% of %d test images (%s), %.1f ms per image, %.1f s",
@@ -296,6 +293,8 @@ def reusable(out_dir: Path, formats, latency_runs: int, source: dict) -> dict | 
                 or list(record["formats"]) != list(formats)):  # fmt: skip
             return None
         for name, result in record["formats"].items():
+            if not result["available"]:  # tried again: its cause may be gone
+                return None
             if result["versions"] != _versions(CONVERTERS[name].packages):
                 return None
             if result["available"] and files_of(Path(out_dir) / result["path"]) != result["files"]:

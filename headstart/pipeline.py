@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from headstart import features, files
+from headstart.errors import UserError, describe, environment_failure
 from headstart.lock import workspace_lock
 from headstart.params import Params, to_dict
 
@@ -27,7 +28,15 @@ def run_step(name: str, function: Callable[[Params, Path], Path], params: Params
         if output is not None:
             files.check_replaceable(params.path(output, root))
         with files.stamping(stamp(name, params, root)):
-            return function(params, root)
+            try:
+                return function(params, root)
+            except UserError:
+                raise
+            except Exception as err:
+                if environment_failure(err):  # a full disk: one line, not a traceback
+                    raise UserError(f"{name}: {describe(err)}; free space or fix the folder's "
+                                    "permissions, then run again") from None  # fmt: skip
+                raise
 
 
 def _stages(root: Path | str) -> dict:

@@ -412,6 +412,52 @@ def test_a_tampered_export_fails_the_gate_naming_its_format(project, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_full_disk_fails_the_step_and_the_next_run_writes_the_export(project, tmp_path):
+    """ENOSPC from a converter (TensorFlow reports it as its own error type, the system's message
+    in the text) is a failed step naming the file, not a format "not available" that later runs
+    would keep; the previous export stays, and a run with space writes the export."""
+    import tensorflow as tf
+
+    root, params = project
+    copy = Path(shutil.copytree(root, tmp_path / "copy", symlinks=True))
+    out = params.path("export", copy)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    saved_model = exporting.CONVERTERS["saved_model"]
+
+    def disk_full(model, image_size, target):
+        target.mkdir()
+        (target / "half-written.pb").write_bytes(b"\0" * 100)
+        raise tf.errors.ResourceExhaustedError(None, None, f"{target}/variables; No space left "
+                                               "on device")  # fmt: skip
+
+    full = {
+        **exporting.CONVERTERS,
+        "saved_model": dataclasses.replace(saved_model, convert=disk_full),
+    }
+    only = dataclasses.replace(params, export=dataclasses.replace(params.export,
+                                                                  formats=("saved_model",)))  # fmt: skip
+    (out / "export.json").unlink()  # nothing to keep: the step must convert
+    with pytest.raises(UserError, match=r"^export: writing .*saved_model: ResourceExhaustedError: "
+                       r".*No space left on device; free space"):  # fmt: skip
+        export_step.export_release(copy, only, converters=full)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
+        name: data for name, data in before.items() if name != "export.json"}  # fmt: skip
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+    export_step.export_release(copy, only)
+    assert read_json(out / "export.json")["formats"]["saved_model"]["available"] is True
+    assert (out / "saved_model" / "saved_model.pb").is_file()
+
+
+def test_an_unavailable_format_is_never_kept_for_the_next_run(tmp_path):
+    versions = exporting._versions(exporting.CONVERTERS["onnx"].packages)
+    record = {"source": {"release": "x"}, "latency_runs": 2,
+              "formats": {"onnx": {"available": False, "reason": "ImportError: no",
+                                   "versions": versions}}}  # fmt: skip
+    (tmp_path / "export.json").write_text(json.dumps(record))
+    assert exporting.reusable(tmp_path, ["onnx"], 2, {"release": "x"}) is None
+
+
+@pytest.mark.slow
 def test_an_unavailable_converter_is_reported_and_the_others_are_written(project, tmp_path,
                                                                           monkeypatch):  # fmt: skip
     root, params = project

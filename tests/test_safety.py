@@ -470,3 +470,28 @@ def test_dvc_repro_after_a_hand_edit_deletes_nothing(trained_copy):
             assert tree(root / "artifacts" / name) == files_before, (new, name)
     (root / "params.yaml").write_text(params_text)
     assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
+
+
+def test_a_full_disk_in_a_step_is_one_line_and_keeps_the_previous_output(tmp_path, monkeypatch):
+    import errno
+
+    import tasks
+    from tasks import prepare as prepare_step
+
+    write_good_images(tmp_path / "data")
+    step, params = tasks.get("prepare"), small_params()
+    step.run(params, tmp_path)
+    before = (tmp_path / "artifacts/prepared/manifest.csv").read_bytes()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "train_images.npy")
+
+    monkeypatch.setattr(prepare_step, "_write", no_space)
+    with pytest.raises(UserError) as refused:
+        step.run(params, tmp_path)
+    assert str(refused.value) == (
+        "prepare: OSError: train_images.npy: No space left on device; free space or fix the "
+        "folder's permissions, then run again"
+    )
+    assert (tmp_path / "artifacts/prepared/manifest.csv").read_bytes() == before
+    assert not [p for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".")]
