@@ -17,8 +17,8 @@ clone's code. Scored on the held-out images with the clone's headstart.predictin
 transfer, release and mean2 (the mean of baseline's and transfer's probabilities); `centroid`:
 nearest class centroid (Euclidean, features standardised by the training mean and sd) of the
 frozen backbone's features. Release rules pick baseline / transfer / ensemble from validation
-probabilities: old (tasks/select.py's choose: lowest log-loss, a simpler candidate within one
-paired SE wins), lowest-loss, best-acc (ties: lower loss), ensemble-unless (a member only when its
+probabilities: select (the clone's tasks/select.py choose: what the run released), old (the
+rule before issue 23: lowest log-loss, a simpler candidate within one paired SE wins), lowest-loss, best-acc (ties: lower loss), ensemble-unless (a member only when its
 loss is lower by more than one paired SE), oracle (best held-out; reference only). The JSON keeps
 validation and held-out probabilities so other rules can be evaluated later.
 
@@ -57,7 +57,7 @@ SETS = (*FMNIST, "faces", "digits")
 FMNIST_HELDOUT = 300  # per class
 CANDIDATES = ("baseline", "transfer", "ensemble")
 COMPLEXITY = {"baseline": 0, "transfer": 1, "ensemble": 2}
-RULES = ("old", "lowest-loss", "best-acc", "ensemble-unless", "oracle")
+RULES = ("select", "old", "lowest-loss", "best-acc", "ensemble-unless", "oracle")
 COLUMNS = ("baseline", "transfer", "centroid", "mean2", "release", *RULES)
 
 
@@ -198,22 +198,31 @@ def centroid_hits(project: Path, files: list[str], y: np.ndarray) -> tuple[np.nd
     return distances.argmin(axis=1) == y, gap
 
 
+def simpler_within_noise(losses: dict[str, np.ndarray]) -> str:
+    """The release rule before issue 23: the lowest mean validation log-loss, unless a simpler
+    candidate (baseline < transfer < ensemble) is within one paired standard error of it."""
+    from headstart.metrics import paired_standard_error
+
+    mean = {n: float(np.mean(v)) for n, v in losses.items()}
+    best = min(mean, key=lambda n: (mean[n], COMPLEXITY[n]))
+    tied = [n for n in mean if COMPLEXITY[n] < COMPLEXITY[best]
+            and mean[n] - mean[best] <= paired_standard_error(losses[best], losses[n])]  # fmt: skip
+    return min(tied, key=lambda n: (COMPLEXITY[n], mean[n])) if tied else best
+
+
 def pick_rules(val: dict, y_val: np.ndarray, held: dict) -> tuple[dict, dict]:
     """Each rule's pick among CANDIDATES, and validation loss and accuracy per candidate."""
-    from headstart.metrics import paired_standard_error, per_image_loss, tie_break
+    from headstart.metrics import paired_standard_error, per_image_loss
 
     losses = {n: per_image_loss(p, y_val) for n, p in val.items()}
     loss = {n: float(np.mean(v)) for n, v in losses.items()}
     acc = {n: float(np.mean(p.argmax(axis=1) == y_val)) for n, p in val.items()}
-    try:  # what select does at the clone's commit
-        from tasks.select import choose
+    from tasks.select import choose  # what select does at the clone's commit
 
-        old = choose(val, y_val)[0]
-    except ImportError:
-        old = tie_break(losses, COMPLEXITY, "log-loss", higher_is_better=False)[0]
     better = [m for m in ("baseline", "transfer") if loss["ensemble"] - loss[m]
               > paired_standard_error(losses["ensemble"], losses[m])]  # fmt: skip
-    picks = {"old": old, "lowest-loss": min(loss, key=loss.get),
+    picks = {"select": choose(val, y_val)[0], "old": simpler_within_noise(losses),
+             "lowest-loss": min(loss, key=loss.get),
              "best-acc": min(CANDIDATES, key=lambda n: (-acc[n], loss[n])),
              "ensemble-unless": min(better, key=loss.get) if better else "ensemble",
              "oracle": max(CANDIDATES, key=lambda n: (held[n], -COMPLEXITY[n]))}  # fmt: skip

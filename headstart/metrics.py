@@ -71,23 +71,3 @@ def paired_standard_error(hits_a: np.ndarray, hits_b: np.ndarray) -> float:
     return (
         float(difference.std(ddof=1) / math.sqrt(len(difference))) if len(difference) > 1 else 0.0
     )
-
-
-def tie_break(per_item: dict[str, np.ndarray], complexity: dict[str, int],
-              metric: str = "accuracy", higher_is_better: bool = True) -> tuple[str, str]:  # fmt: skip
-    """(winner, reason) from each candidate's per-item scores on the same items (hits for
-    accuracy, per-image losses for log-loss): the best mean wins, unless a simpler candidate is
-    within one paired standard error of it (then the simplest such one wins: a tie within noise)."""
-    sign = 1.0 if higher_is_better else -1.0
-    scores = {name: sign * float(np.mean(values)) for name, values in per_item.items()}
-    best = max(scores, key=lambda name: (scores[name], -complexity[name]))
-    tied = [name for name in scores if complexity[name] < complexity[best]
-            and scores[best] - scores[name]
-            <= paired_standard_error(per_item[best], per_item[name])]  # fmt: skip
-    word = "highest" if higher_is_better else "lowest"
-    if not tied:
-        return best, f"{best}: {word} {metric} ({sign * scores[best]:.4f})"
-    winner = min(tied, key=lambda name: (complexity[name], -scores[name]))
-    margin = scores[best] - scores[winner]
-    return winner, (f"{winner}: {metric} within one paired standard error of {best}'s (behind by "
-                    f"{margin:.4f}); the simpler model wins a tie within noise")  # fmt: skip

@@ -1,11 +1,12 @@
-"""Choosing the transfer head: folds, the CV stopping rule, the choice, the tie rule, the exported head."""
+"""Choosing the transfer head (folds, the CV stopping rule, the choice, the exported head) and the
+release rule."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from headstart import heads, metrics
+from headstart import heads
 
 
 def blobs(per_class: int = 30, classes: int = 3, features: int = 8, spread: float = 0.5,
@@ -74,22 +75,31 @@ def test_the_final_keras_head_computes_what_was_trained(tmp_path):
         assert len(history["loss"]) == 5
 
 
-def test_ties_within_one_paired_standard_error_go_to_the_simpler_model():
+def one_hot_ish(labels: np.ndarray, right: np.ndarray, confidence: float) -> np.ndarray:
+    """Two-class probabilities: `confidence` on the true class where `right`, else on the other."""
+    p = np.full((len(labels), 2), 1 - confidence)
+    answer = np.where(right, labels, 1 - labels)
+    p[np.arange(len(labels)), answer] = confidence
+    return p
+
+
+def test_the_release_is_the_ensemble_unless_a_member_is_clearly_better():
+    from tasks.select import choose
+
+    labels = np.arange(12) % 2
     rng = np.random.default_rng(0)
-    base = rng.random(400) < 0.8
-    better = base.copy()  # right on 12 images the other misses, wrong on 8 it gets: +1 point
-    better[np.flatnonzero(~base)[:12]] = True
-    better[np.flatnonzero(base)[:8]] = False
-    much_better = base.copy()
-    much_better[np.flatnonzero(~base)[:40]] = True  # +10 points
-    complexity = {"simple": 0, "complex": 1}
-    winner, reason = metrics.tie_break({"simple": base, "complex": better}, complexity)
-    assert winner == "simple" and "within one paired standard error" in reason
-    winner, reason = metrics.tie_break({"simple": base, "complex": much_better}, complexity)
-    assert winner == "complex" and "highest accuracy" in reason
-    losses = {"simple": 1.0 - base * 0.5, "complex": 1.0 - much_better * 0.5}
-    winner, reason = metrics.tie_break(losses, complexity, "log-loss", higher_is_better=False)
-    assert winner == "complex" and "lowest log-loss" in reason
+    good = one_hot_ish(labels, rng.random(12) < 0.9, 0.8)
+    close = one_hot_ish(labels, rng.random(12) < 0.85, 0.8)
+    tied = {"baseline": good, "transfer": close, "ensemble": (good + close) / 2}
+    winner, reason, metrics = choose(tied, labels)
+    assert winner == "ensemble" and "(the default)" in reason and "12 images" in reason
+    assert metrics["baseline"]["paired_standard_error"] > 0
+
+    perfect = one_hot_ish(labels, np.ones(12, bool), 0.99)
+    wrong = one_hot_ish(labels, np.zeros(12, bool), 0.99)  # a broken member drags the mean
+    clear = {"baseline": perfect, "transfer": wrong, "ensemble": (perfect + wrong) / 2}
+    winner, reason, _ = choose(clear, labels)
+    assert winner == "baseline" and "by more than one paired standard error" in reason
 
 
 def cv_result(name: str, complexity: int, pooled: list[float]) -> heads.CvResult:
