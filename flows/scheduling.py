@@ -6,11 +6,16 @@ PREFECT_API_URL, or starts a real local one (SQLite, 127.0.0.1, analytics off) a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -112,8 +117,28 @@ def wait_healthy(api_url: str, timeout: float = 90.0, process=None) -> None:
     raise UserError(f"Prefect server at {api_url} is not answering; check PREFECT_API_URL")
 
 
-def start_local_server(state_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `prefect server start` on 127.0.0.1 with a SQLite database in `state_dir`."""
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _tie_to(parent: int):
+    """A preexec_fn: the child gets SIGTERM from the kernel when `parent` dies, however it dies
+    (kill -9, the OOM killer), so no server outlives the command that started it. Linux only."""
+
+    def tie() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the tie was made
+            os._exit(1)
+
+    return tie if sys.platform.startswith("linux") else None
+
+
+def start_local_server(state_dir: Path, port: int | None = None,
+                       tied: bool = True) -> tuple[subprocess.Popen, str]:  # fmt: skip
+    """Start `prefect server start` on 127.0.0.1 with a SQLite database in `state_dir`, in a
+    session of its own (a Ctrl-C at the terminal reaches the command that owns it, which stops
+    it, not the server first); `tied`: it dies with this process."""
     state_dir.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
     env = {
@@ -127,19 +152,39 @@ def start_local_server(state_dir: Path, port: int | None = None) -> tuple[subpro
     command = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),
                "--analytics-off", "--no-ui"]  # fmt: skip
     with open(state_dir / "server.log", "ab") as server_log:
-        process = subprocess.Popen(command, env=env, stdout=server_log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=env, stdout=server_log, stderr=subprocess.STDOUT,
+                                   start_new_session=True,
+                                   preexec_fn=_tie_to(os.getpid()) if tied else None)  # fmt: skip
     api_url = f"http://127.0.0.1:{port}/api"
     try:
         wait_healthy(api_url, process=process)
     except BaseException:
-        process.terminate()
+        stop_server(process)
         raise
     return process, api_url
 
 
+def stop_server(process: subprocess.Popen, timeout: float = 8.0) -> None:
+    """Stop a server started by `start_local_server` and everything it started."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def serve(root: Path, name: str = "scheduled-retraining", cron: str | None = "0 3 * * *",
           interval: float | None = None, data: str = "auto") -> None:  # fmt: skip
-    """Serve the retraining deployment until interrupted (Ctrl-C or SIGTERM)."""
+    """Serve the retraining deployment until SIGINT (Ctrl-C) or SIGTERM, which stop it within
+    seconds: a run in progress is cancelled (Prefect's runner), the local server stopped.
+
+    Prefect's runner (what `flow.serve` starts) runs in a thread of its own, so this one keeps
+    the signals: in the main thread it would take SIGTERM for itself, and under asyncio a
+    Ctrl-C only cancels a task the runner waits out."""
+    from prefect.runner import Runner
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     params_module.load(root / "params.yaml")  # fail fast on bad parameters
@@ -155,11 +200,36 @@ def serve(root: Path, name: str = "scheduled-retraining", cron: str | None = "0 
               "it stops with this command. Set PREFECT_API_URL to use your own server.",
               flush=True)  # fmt: skip
     schedule = {"interval": interval} if interval else {"cron": cron}
+    received: list[int] = []
+    wake = threading.Event()
+
+    def on_signal(number, frame) -> None:
+        received.append(number)
+        wake.set()
+
+    previous = {number: signal.signal(number, on_signal)
+                for number in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            retrain_flow.serve(name=name, parameters={"root": str(root), "data": data}, limit=1,
-                               **schedule)  # fmt: skip
+            runner = Runner(name=name, limit=1)
+            runner.add_flow(retrain_flow, name=name, parameters={"root": str(root), "data": data},
+                            **schedule)  # fmt: skip
+            context = contextvars.copy_context()  # the settings, in the runner's thread too
+            thread = threading.Thread(target=context.run, name="prefect-runner", daemon=True,
+                                      args=(asyncio.run, runner.start()))  # fmt: skip
+            thread.start()
+            when = f"every {interval:g} s" if interval else f"on cron '{cron}'"
+            print(f"serving {retrain_flow.name}/{name} {when}; Ctrl-C or SIGTERM stops it",
+                  flush=True)  # fmt: skip
+            while thread.is_alive() and not wake.wait(0.5):
+                pass
+            if thread.is_alive() and runner.started:
+                runner.handle_sigterm()  # cancels a run in progress, stops polling
+                thread.join(timeout=5)  # (not started yet: the thread ends with this process)
     finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+            stop_server(server, timeout=3)
+    cause = f" ({signal.Signals(received[0]).name})" if received else ""
+    print(f"headstart schedule: stopped{cause}", file=sys.stderr, flush=True)

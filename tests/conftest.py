@@ -209,7 +209,8 @@ def shared_prefect_server() -> str:
     with open(shared / "prefect-server.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here until it answers
         if not record.exists():
-            process, api_url = start_local_server(shared / "prefect-server")
+            # not tied to this worker: the controller stops it when every worker is done
+            process, api_url = start_local_server(shared / "prefect-server", tied=False)
             record.write_text(json.dumps({"pid": process.pid, "api_url": api_url}))
     return json.loads(record.read_text())["api_url"]
 

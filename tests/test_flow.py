@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_in
+from conftest import ROOT, command_env, run_in
 
 from headstart import dvcstate
 from headstart import params as params_module
@@ -329,3 +329,56 @@ def wait_for_completed_run(api_url: str, deployment: str, timeout: float) -> str
             return ",".join(states)
         time.sleep(2)
     return f"timeout ({states})"
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def start_schedule(root: Path) -> tuple[subprocess.Popen, list[int]]:
+    """`headstart schedule` with its own local Prefect server, once it serves; its children."""
+    env = {**command_env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    served = subprocess.Popen(["headstart", "schedule", "--interval", "3600"], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in served.stdout:
+        if line.startswith("serving "):
+            return served, children(served.pid)
+    raise AssertionError(f"schedule did not start: {served.stderr.read()}")
+
+
+def test_schedule_stops_on_sigterm_and_leaves_no_server_even_after_kill_9(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    served, started = start_schedule(tmp_path)
+    assert started  # its local Prefect server
+    began = time.monotonic()
+    served.send_signal(signal.SIGTERM)
+    _, errors = served.communicate(timeout=10)
+    assert time.monotonic() - began < 10
+    assert errors.strip().splitlines()[-1] == "headstart schedule: stopped (SIGTERM)"
+    assert "Traceback" not in errors
+    assert not [pid for pid in started if alive(pid)]
+
+    served, started = start_schedule(tmp_path)
+    served.kill()  # what the OOM killer does: the parent alone, no chance to clean up
+    served.wait()
+    deadline = time.monotonic() + 15
+    while [pid for pid in started if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in started if alive(pid)]
