@@ -30,7 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 from headstart import dvcstate, features
 from headstart import params as params_module
 from headstart.errors import UserError
-from headstart.lock import handoff_token, workspace_lock
+from headstart.lock import handoff_token, record_prefect_server, workspace_lock
 from headstart.pipeline import clean_up
 from headstart.runsummary import run_summary
 from tasks import STEP_NAMES, STEPS, get
@@ -57,6 +57,7 @@ def pipeline_flow(root: str = ".", force: bool = False, wait: bool = False, work
             if synced:
                 get_run_logger().info(synced)
         clean_up(params, root)  # no step is writing: this process holds the lock, between steps
+        record_prefect_server(root)
         run = _Run(root, params, force)
         if workers == 1 and not dask_address:
             for step in STEPS:

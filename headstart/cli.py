@@ -164,7 +164,7 @@ def run(
         # the lock first: -S rewrites params.yaml, which a running flow is reading
         with workspace_lock(root, wait=wait):
             try:
-                if set_:
+                if set_ and params_file.is_file():
                     before = params_file.read_text()
                     params_module.write_overrides(params_file, set_)
                 params = params_module.load(params_file)

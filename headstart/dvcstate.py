@@ -162,13 +162,17 @@ def sync_data(root: Path | str, data: str, mode: str = "auto") -> str | None:
         return f"data: checked out the version {record.name} records (dvc pull)"
     if empty:
         return None  # prepare says what is missing
-    if not record.is_file():
+    try:
+        if not record.is_file():
+            track(root, data)
+            return (f"data: recorded {data}/ in {record.name} (new); commit it: git add "
+                    f"{record.name} .gitignore")  # fmt: skip
+        changes = data_changes(root, data)
+        if not any(changes.values()):
+            return None
         track(root, data)
-        return (f"data: recorded {data}/ in {record.name} (new); commit it: git add "
-                f"{record.name} .gitignore")  # fmt: skip
-    changes = data_changes(root, data)
-    if not any(changes.values()):
-        return None
-    track(root, data)
+    except OSError as err:  # a link DVC cannot follow: prepare reports it, the run goes on
+        return (f"data: not recorded in {record.name}: DVC cannot read {_why(err)}; remove or "
+                "fix that link in the data folder")  # fmt: skip
     return (f"data: recorded a new version in {record.name}: {describe_changes(changes)}; "
             f"commit it: git add {record.name}")  # fmt: skip

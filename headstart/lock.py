@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -167,6 +168,61 @@ def dvc_runs(root: Path | str) -> list[tuple[int, str]]:
         if writes and (cwd == top or cwd.startswith(top + os.sep)):
             runs.append((int(entry.name), " ".join(words[at:])))
     return runs
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); [] if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
+def _command(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+SERVER_RECORD = "prefect-server.json"  # in STATE_DIR: the temporary Prefect server of a run
+PREFECT_SERVER_APP = "prefect.server.api.server:create_app"  # in its command line
+
+
+def record_prefect_server(root: Path | str) -> None:
+    """Record the temporary Prefect server this process started (Prefect starts one when no
+    server is configured, and stops it when the process exits normally), so the next run can
+    stop it if this process is killed first (kill -9, the OOM killer)."""
+    me = str(os.getpid())
+    servers = [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()
+               and _stat(int(entry.name))[1:2] == [me]
+               and PREFECT_SERVER_APP in _command(int(entry.name))] if os.path.isdir("/proc") else []  # fmt: skip
+    if servers:
+        record = Path(root) / STATE_DIR / SERVER_RECORD
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"pid": servers[0], "parent": os.getpid()}))
+
+
+def stop_orphaned_server(root: Path | str) -> int | None:
+    """Stop the temporary Prefect server a killed run left (see `record_prefect_server`);
+    returns its pid, or None when there is none."""
+    record = Path(root) / STATE_DIR / SERVER_RECORD
+    try:
+        pid, parent = (json.loads(record.read_text())[key] for key in ("pid", "parent"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if _stat(parent)[:1] not in ([], ["Z"]):
+        return None  # its run is still going
+    record.unlink(missing_ok=True)
+    state = _stat(pid)
+    if not state or state[0] == "Z" or int(state[1]) == parent:
+        return None
+    if PREFECT_SERVER_APP not in _command(pid):
+        return None  # the pid now belongs to something else
+    os.kill(pid, signal.SIGTERM)
+    return pid
 
 
 def _path(root: Path | str) -> Path:

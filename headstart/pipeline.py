@@ -12,7 +12,7 @@ from pathlib import Path
 
 from headstart import features, files
 from headstart.errors import UserError, describe, environment_failure
-from headstart.lock import workspace_lock
+from headstart.lock import stop_orphaned_server, workspace_lock
 from headstart.params import Params, to_dict
 
 log = logging.getLogger("headstart.pipeline")
@@ -70,8 +70,8 @@ def check_inputs(name: str, params: Params, root: Path | str) -> None:
     lists among stage `name`'s deps exists, or a UserError naming the step that makes it. Needs
     the project's dvc.yaml (without one the step's own checks still say it, later)."""
     stages = _stages(root)
-    producers = {out: stage for stage, spec in stages.items() for out in spec.get("outs", [])
-                 if isinstance(out, str)}  # fmt: skip
+    producers = {path: stage for stage, spec in stages.items()
+                 for out in spec.get("outs", []) for path in ([out] if isinstance(out, str) else out)}  # fmt: skip
     for dep in stages.get(name, {}).get("deps", []):
         key = re.fullmatch(r"\$\{paths\.(\w+)\}(/.*)?", str(dep))
         producer = producers.get(f"${{paths.{key.group(1)}}}") if key else None
@@ -97,6 +97,9 @@ def clean_up(params: Params, root: Path | str) -> None:
     the feature shards of a run spread over workers (complete or not: a run makes its own)."""
     parents = [params.path(name, root).parent for name in to_dict(params)["paths"]]
     left = files.remove_stale_temporaries(parents)
+    server = stop_orphaned_server(root)
+    if server is not None:
+        log.info("stopped the temporary Prefect server (pid %d) of a run that was killed", server)
     shards = features.shards_root(params.path("features", root))
     if shards.is_dir():
         shutil.rmtree(shards)

@@ -382,3 +382,29 @@ def test_schedule_stops_on_sigterm_and_leaves_no_server_even_after_kill_9(tmp_pa
     while [pid for pid in started if alive(pid)] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in started if alive(pid)]
+
+
+def test_the_next_run_stops_the_temporary_server_of_a_killed_run(trained_copy):
+    """Prefect's temporary server outlives a `headstart run` killed with kill -9 (the OOM
+    killer); the next run stops it."""
+    params_text = (trained_copy / "params.yaml").read_text()
+    record = trained_copy / ".headstart" / "prefect-server.json"
+    killed = subprocess.Popen(["headstart", "run", "-S", "plots.samples=4"], cwd=trained_copy,
+                              env=command_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not record.is_file() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert record.is_file(), "the run never recorded its server"
+    killed.kill()
+    killed.wait()
+    server = json.loads(record.read_text())["pid"]
+    time.sleep(1)
+    assert alive(server)  # orphaned, as Prefect leaves it
+    (trained_copy / "params.yaml").write_text(params_text)
+    run_in(trained_copy, "headstart", "run")
+    deadline = time.monotonic() + 10
+    while alive(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(server)
+    assert not record.exists()
