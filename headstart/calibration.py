@@ -20,7 +20,10 @@ from headstart.files import read_json
 
 CALIBRATION_FILE = "calibration.json"  # in a release folder, beside model.keras
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. (2017)
-TEMPERATURE_RANGE = (1e-2, 1e2)  # the search interval for T
+# the search interval for T: beyond it a temperature says more about the validation split than
+# about the model (a perfectly separated split pulls T towards 0 without end)
+TEMPERATURE_RANGE = (0.2, 10.0)
+MIN_ERRORS = 5  # fewer validation errors: too little evidence to fit T; it stays 1
 _FLOOR = 1e-12  # probabilities are floored here before the log (float32 softmax can give 0)
 
 
@@ -109,11 +112,25 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
 
 
 def fit(probabilities: np.ndarray, labels: np.ndarray) -> dict:
-    """What select stores as calibration.json: T and the validation NLL before and after."""
-    temperature = fit_temperature(probabilities, labels)
+    """What select stores as calibration.json: T, why (`fitted`, or the reason it stays 1) and
+    the validation NLL before and after. With fewer than MIN_ERRORS wrong validation images
+    there is nothing to fit: on a perfectly separated split the NLL keeps falling as T -> 0 and
+    every answer would read 1.000."""
+    errors = int(np.sum(np.argmax(probabilities, axis=1) != np.asarray(labels)))
+    if errors < MIN_ERRORS:
+        temperature = 1.0
+        note = (f"kept at 1: {errors} wrong validation image(s), fewer than {MIN_ERRORS}, is "
+                "too little evidence to fit a temperature")  # fmt: skip
+    else:
+        temperature = fit_temperature(probabilities, labels)
+        low, high = TEMPERATURE_RANGE
+        bound = not low * 1.001 < temperature < high / 1.001
+        note = "fitted" + (" (at the bound of its range)" if bound else "")
     return {
         "method": "temperature scaling of log-probabilities, fitted on the validation split",
         "temperature": temperature,
+        "note": note,
+        "val_errors": errors,
         "val_images": int(len(labels)),
         "val_nll_before": negative_log_likelihood(probabilities, labels),
         "val_nll_after": negative_log_likelihood(

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,4 +164,29 @@ def require(path: Path | str, producer: str) -> Path:
         raise UserError(
             f"{path}: missing; run `headstart step {producer}` first (or `headstart run`)"
         )
+    return path
+
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
+
+
+def save_keras(model, path: Path | str) -> Path:
+    """`model.save(path)`, made byte-identical for identical models: Keras stamps the save time
+    into the zip's entries and into metadata.json ("date_saved"), so every rerun of a step gave
+    a new file, and DVC reran every step after it. Both stamps are taken out."""
+    path = Path(path)
+    model.save(path)
+    with zipfile.ZipFile(path) as source:
+        entries = [(info, source.read(info)) for info in source.infolist()]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w") as target:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                metadata = json.loads(data)
+                metadata.pop("date_saved", None)
+                data = json.dumps(metadata).encode()
+            fixed = zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH)
+            fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
+            target.writestr(fixed, data)
+    os.replace(tmp, path)
     return path

@@ -367,7 +367,12 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     section, dot, key = name.strip().partition(".")
     if not sep or not dot or not key:
         raise ParamsError(f"override '{item}' must look like section.key=value")
-    return section, key, yaml.safe_load(value) if value else ""
+    try:
+        return section, key, yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem", None) or "not valid YAML"
+        raise ParamsError(f"override '{item}': the value is not valid YAML ({where}); quote "
+                          "it, e.g. -S 'section.key=\"text\"'") from None  # fmt: skip
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -81,6 +81,9 @@ def predict_paths(
     needs none has passed (a bad argument is an instant error, not one after a ~7 s start)."""
     model_path = Path(model_path)
     labels_path = model_path.parent / "labels.json"
+    if model_path.is_dir():
+        raise UserError(f"{model_path}: a folder, not a .keras model file; give the model file "
+                        "(e.g. artifacts/release/model.keras)")  # fmt: skip
     if not model_path.is_file():
         raise UserError(f"{model_path}: model not found; train it first (headstart run)")
     if not labels_path.is_file():
@@ -119,9 +122,12 @@ def predict_paths(
             for _, output in predict_batches(model, stacked):  # as training.predict does
                 outputs.append(output)
                 shown.advance(len(output))
-        probabilities = np.concatenate(outputs)
-        if temperature is not None:
-            probabilities = calibration.apply_temperature(probabilities, temperature)
+        raw = np.concatenate(outputs)
+        # the ranking comes from the model's own scores: scaling keeps their order, but a small
+        # temperature can round runners-up to equal values, which would then rank by label
+        ranking = np.argsort(-raw, axis=1, kind="stable")
+        probabilities = raw if temperature is None else calibration.apply_temperature(
+            raw, temperature)  # fmt: skip
         scores = _ood_scores(model_path.parent, detector, stacked) if detector else None
         k = min(top_k, len(classes))
         for index, (row, p) in enumerate(zip(rows, probabilities, strict=True)):
@@ -130,8 +136,7 @@ def predict_paths(
                 result.update(ood_score=float(scores[index]), ood_threshold=detector.threshold,
                               unknown=bool(scores[index] > detector.threshold))  # fmt: skip
             if not result.get("unknown"):
-                best = np.argsort(-p)[:k]
-                result["top"] = [(classes[i], float(p[i])) for i in best]
+                result["top"] = [(classes[i], float(p[i])) for i in ranking[index, :k]]
             result["calibrated"] = temperature is not None
     return results
 

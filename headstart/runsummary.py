@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from headstart.artifacts import EXPORT_RECORD_FILE, REPORT_FILE
+from headstart.calibration import CALIBRATION_FILE
 from headstart.files import read_json
 from headstart.modelcard import CARD_FILE
 
@@ -77,7 +78,14 @@ def trust_lines(release: dict, ood_path: Path) -> list[str]:
     if "ece" not in release or not ood_path.exists():  # from before these existed
         return []
     ood = read_json(ood_path)
-    return [f"**Confidence**: temperature {release['temperature']:.3f} (fitted on validation); "
+    fitted = ood_path.parent / CALIBRATION_FILE  # beside it in the release folder
+    note = read_json(fitted).get("note", "fitted") if fitted.is_file() else "fitted"
+    note = (
+        "fitted on validation"
+        if note == "fitted"
+        else note.replace("fitted", "fitted on validation")
+    )
+    return [f"**Confidence**: temperature {release['temperature']:.3f} ({note}); "
             f"test ECE {release['ece']:.4f} before, {release['ece_calibrated']:.4f} after; "
             "`headstart predict` reports the calibrated probabilities.", "",
             f"**Unknown answers** (`headstart predict --reject`): {ood['method']} distance of "

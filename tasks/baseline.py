@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from headstart.artifacts import LIVE_DIR, MODEL_FILE, load_split
-from headstart.files import atomic_dir, read_json, require, write_json
+from headstart.files import atomic_dir, read_json, require, save_keras, write_json
 from headstart.params import Params
 from headstart.summaries import write_summary
 
@@ -36,7 +36,7 @@ def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) 
             training.dataset(x_val, y_val, p.batch_size),
             tmp, "baseline", p.epochs, p.patience, p.target_accuracy, live=live,
         )  # fmt: skip
-        model.save(tmp / MODEL_FILE)
+        save_keras(model, tmp / MODEL_FILE)
         write_summary(model, tmp / "summary.txt")
         write_json(tmp / "training.json", {"replicas": strategy.num_replicas_in_sync})
         shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")

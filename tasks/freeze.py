@@ -7,7 +7,7 @@ from pathlib import Path
 
 from headstart.artifacts import BACKBONE_FILE, weights_file_name
 from headstart.errors import UserError
-from headstart.files import atomic_dir, read_json, write_json
+from headstart.files import atomic_dir, read_json, save_keras, write_json
 from headstart.params import Params
 from headstart.summaries import write_summary
 
@@ -34,7 +34,7 @@ def frozen_backbone(weights_dir: Path | str, params: Params):
 def freeze_backbone(weights_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
     model, cut = frozen_backbone(weights_dir, params)
     with atomic_dir(out_dir) as tmp:
-        model.save(tmp / BACKBONE_FILE)
+        save_keras(model, tmp / BACKBONE_FILE)
         write_summary(model, tmp / "summary.txt")
         write_json(tmp / "backbone.json", {
             "backbone": params.base.backbone,

@@ -33,7 +33,7 @@ from headstart.features import (
     params_key,
     shards_dir,
 )
-from headstart.files import atomic_dir, read_json, require, write_json, write_timings
+from headstart.files import atomic_dir, read_json, require, save_keras, write_json, write_timings
 from headstart.params import Params
 from headstart.summaries import write_summary
 
@@ -101,8 +101,8 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
             # carries no optimizer state from fine-tuning
             transfer = models.end_to_end(extractor, head, params.base.image_size)
         _record_probabilities(transfer, head, record, prepared_dir, features_dir, tmp)
-        transfer.save(tmp / MODEL_FILE)
-        head.save(tmp / "head.keras")
+        save_keras(transfer, tmp / MODEL_FILE)
+        save_keras(head, tmp / "head.keras")
         write_summary(transfer, tmp / "summary.txt")
         shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")
         write_json(tmp / "transfer.json", record)

@@ -32,7 +32,7 @@ from headstart.artifacts import (
     load_split,
 )
 from headstart.errors import UserError
-from headstart.files import atomic_dir, read_json, require, write_json
+from headstart.files import atomic_dir, read_json, require, save_keras, write_json
 from headstart.metrics import (
     classification_metrics,
     ensemble_probabilities,
@@ -155,7 +155,7 @@ def select(prepared_dir: Path | str, baseline_dir: Path | str, transfer_dir: Pat
     finetuned = read_json(transfer_dir / "transfer.json").get("finetune", {}).get("kept", False)
     model = release_model(winner, baseline, transfer, params.base.image_size, weight)
     with atomic_dir(out_dir) as tmp:
-        model.save(tmp / MODEL_FILE)
+        save_keras(model, tmp / MODEL_FILE)
         shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")
         write_json(tmp / calibration.CALIBRATION_FILE, calibrated)
         shutil.copy(backbone_dir / BACKBONE_FILE, tmp / BACKBONE_FILE)
@@ -165,6 +165,8 @@ def select(prepared_dir: Path | str, baseline_dir: Path | str, transfer_dir: Pat
             "transfer_is_finetuned": finetuned, "candidates": metrics,
         })  # fmt: skip
     log.info("select: released %s (%s)", winner, reason)
+    if calibrated["note"] != "fitted":
+        log.warning("select: temperature %.3f: %s", calibrated["temperature"], calibrated["note"])
     log.info("select: temperature %.3f (validation NLL %.4f -> %.4f); %s OOD threshold %.4g "
              "keeps %.1f %% of validation", calibrated["temperature"],
              calibrated["val_nll_before"], calibrated["val_nll_after"], detector.method,

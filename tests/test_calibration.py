@@ -112,3 +112,40 @@ def test_a_bad_calibration_file_is_a_one_line_error(tmp_path):
     (tmp_path / calibration.CALIBRATION_FILE).write_text("{}")
     with pytest.raises(UserError, match="calibration.json: unreadable"):
         calibration.read_temperature(tmp_path)
+
+
+def test_a_perfectly_separated_split_keeps_temperature_one_and_says_why():
+    """With every validation image right the NLL keeps falling as T -> 0: no temperature is
+    fitted (it would make every answer read 1.000)."""
+    labels = np.arange(30) % 3
+    p = np.full((30, 3), 0.05)
+    p[np.arange(30), labels] = 0.9
+    record = calibration.fit(p, labels)
+    assert record["temperature"] == 1.0 and record["val_errors"] == 0
+    assert record["note"].startswith("kept at 1: 0 wrong validation image(s)")
+    unbounded = calibration.fit_temperature(p, labels)  # the search alone runs to its bound
+    assert unbounded == pytest.approx(calibration.TEMPERATURE_RANGE[0], rel=0.01)
+
+
+def test_a_small_temperature_keeps_the_runners_up_and_their_order(tmp_path):
+    """`predict -k 3` on a calibrated release: the runners-up keep non-zero probabilities in the
+    order of the model's scores, never label order."""
+    import keras
+    from PIL import Image
+
+    from headstart.predicting import predict_paths
+
+    inputs = keras.Input((8, 8, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    dense = keras.layers.Dense(4, activation="softmax")
+    model = keras.Model(inputs, dense(pooled))
+    # float32 softmax: c = e^-50, d = e^-80 (tiny but ordered), a = e^-199 -> 0
+    dense.set_weights([np.zeros((3, 4), "float32"), np.array([1, 200, 150, 120], "float32")])
+    model.save(tmp_path / "model.keras")
+    (tmp_path / "labels.json").write_text(json.dumps({"classes": ["a", "b", "c", "d"],
+                                                      "image_size": 8}))  # fmt: skip
+    (tmp_path / "calibration.json").write_text(json.dumps({"temperature": 0.2}))
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "x.png")
+    [result] = predict_paths(tmp_path / "model.keras", [tmp_path / "x.png"], top_k=3)
+    assert [label for label, _ in result["top"]] == ["b", "c", "d"]  # not b, a, c
+    assert all(p > 0 for _, p in result["top"]) and result["calibrated"]

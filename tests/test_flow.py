@@ -88,6 +88,9 @@ def constant_model(release: Path, answer: int, classes: int) -> None:
 
 
 def test_promotion_uses_the_release_and_keeps_a_better_champion(trained_copy):
+    from conftest import write_good_images
+
+    import tasks
     from headstart.promotion import promote_from_params
 
     params = params_module.load(trained_copy / "params.yaml")
@@ -95,10 +98,13 @@ def test_promotion_uses_the_release_and_keeps_a_better_champion(trained_copy):
         params.path("release", trained_copy),
         params.path("champion", trained_copy),
     )
+    # the split is stratified: unequal classes give a test split with a majority class
+    write_good_images(trained_copy / "data", classes=1, per_class=4, start=100)
+    tasks.get("prepare").run(params, trained_copy)
     counts = np.bincount(
         np.load(params.path("prepared", trained_copy) / "test_labels.npy"), minlength=2
     )
-    assert counts[0] != counts[1]  # the tiny test split is deterministic and unbalanced
+    assert counts[0] != counts[1]
     majority, minority = int(np.argmax(counts)), int(np.argmin(counts))
     constant_model(release, majority, 2)
     first = promote_from_params(params, trained_copy)
@@ -408,3 +414,12 @@ def test_the_next_run_stops_the_temporary_server_of_a_killed_run(trained_copy):
         time.sleep(0.2)
     assert not alive(server)
     assert not record.exists()
+
+
+def test_headstart_export_leaves_dvc_status_clean(trained_copy):
+    from conftest import cli_here
+
+    params_module.write_overrides(trained_copy / "params.yaml", ["export.latency_runs=3"])
+    result = cli_here("export", cwd=trained_copy)
+    assert result.returncode == 0, result.stderr
+    assert run_in(trained_copy, "dvc", "status", "--json").stdout.strip() == "{}"

@@ -156,9 +156,14 @@ def test_a_waiting_writer_gets_the_lock_when_the_holder_ends(tmp_path):
 
 
 def fake_dvc_repro(root: Path, seconds: float) -> subprocess.Popen:
-    """A process that looks like `dvc repro` running in `root` (its command line and folder)."""
-    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})", "dvc",
-                             "repro"], cwd=root)  # fmt: skip
+    """A process that looks like `dvc repro` running in `root` (its command line and folder),
+    returned once it does (until its exec, a new process shows its parent's command line)."""
+    process = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})",
+                                "dvc", "repro"], cwd=root)  # fmt: skip
+    cmdline = Path(f"/proc/{process.pid}/cmdline")
+    while b"repro" not in cmdline.read_bytes():
+        time.sleep(0.01)
+    return process
 
 
 def test_a_run_between_dvc_repro_stages_is_refused_before_touching_params(tmp_path):
@@ -168,7 +173,6 @@ def test_a_run_between_dvc_repro_stages_is_refused_before_touching_params(tmp_pa
     params_text = (root / "params.yaml").read_text()
     repro = fake_dvc_repro(root, 30)
     try:
-        time.sleep(0.5)
         result = run_cli("run", "-S", "baseline.epochs=10", "--project", str(root))
         subfolder = root / "headstart"
         assert lock.dvc_runs(subfolder) == []  # a run in another folder is not this one's
@@ -185,12 +189,12 @@ def test_a_run_between_dvc_repro_stages_is_refused_before_touching_params(tmp_pa
 
 
 def test_a_waiting_run_starts_after_dvc_repro_ends(tmp_path):
-    repro = fake_dvc_repro(tmp_path, 1.5)
+    repro = fake_dvc_repro(tmp_path, 1.0)
     started = time.monotonic()
     with lock.workspace_lock(tmp_path, wait=True, poll=0.1):
         waited = time.monotonic() - started
         assert repro.poll() is not None
-    assert waited >= 1.0
+    assert waited >= 0.5
 
 
 def test_cli_step_refuses_while_a_run_holds_the_workspace(tmp_path):
