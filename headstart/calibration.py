@@ -126,16 +126,17 @@ def fit(probabilities: np.ndarray, labels: np.ndarray) -> dict:
         low, high = TEMPERATURE_RANGE
         bound = not low * 1.001 < temperature < high / 1.001
         note = "fitted" + (" (at the bound of its range)" if bound else "")
+    before = negative_log_likelihood(probabilities, labels)
+    after = (before if temperature == 1.0
+             else negative_log_likelihood(apply_temperature(probabilities, temperature), labels))  # fmt: skip
     return {
         "method": "temperature scaling of log-probabilities, fitted on the validation split",
         "temperature": temperature,
         "note": note,
         "val_errors": errors,
         "val_images": int(len(labels)),
-        "val_nll_before": negative_log_likelihood(probabilities, labels),
-        "val_nll_after": negative_log_likelihood(
-            apply_temperature(probabilities, temperature), labels
-        ),  # fmt: skip
+        "val_nll_before": before,
+        "val_nll_after": after,
     }
 
 

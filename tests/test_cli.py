@@ -75,3 +75,22 @@ def test_predict_with_a_corrupt_model_is_one_line(tmp_path):
         .splitlines()[-1]
         .startswith(f"error: {tmp_path}/model.keras: not a valid .keras file")
     )
+
+
+def test_small_mistakes_are_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    before = (tmp_path / "params.yaml").read_text()
+    bad_yaml = run_cli("run", "-S", "base.seed=[1", "--project", str(tmp_path))
+    assert bad_yaml.returncode == 1
+    assert bad_yaml.stderr.strip().splitlines() == [
+        "error: override 'base.seed=[1': the value is not valid YAML (expected ',' or ']', but "
+        "got '<stream end>'); quote it, e.g. -S 'section.key=\"text\"'"
+    ]
+    assert (tmp_path / "params.yaml").read_text() == before
+    (tmp_path / "dir.keras").mkdir()
+    folder = run_cli("predict", str(tmp_path / "dir.keras"), str(tmp_path / "x.png"))
+    assert folder.returncode == 1
+    assert folder.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/dir.keras: a folder, not a .keras model file; give the model file "
+        "(e.g. artifacts/release/model.keras)"
+    ]

@@ -309,6 +309,14 @@ def test_scheduled_retraining_records_added_images_retrains_and_reports(trained_
     idle = retrain_flow(root=root)
     assert idle == {"retrained": False, "promotion": None}
 
+    from flows.pipeline import pipeline_flow  # a manual run rebuilds the release meanwhile
+
+    params_module.write_overrides(trained_copy / "params.yaml", ["head.learning_rate=0.002"])
+    assert "head" in pipeline_flow(root=root)["ran"]
+    compared = retrain_flow(root=root)  # nothing stale, but a release never compared
+    assert compared["retrained"] is False and compared["promotion"]["champion"] is not None
+    assert retrain_flow(root=root) == {"retrained": False, "promotion": None}
+
 
 def wait_for_completed_run(api_url: str, deployment: str, timeout: float) -> str:
     """The state of the deployment's runs once one has ended (other tests' runs of the same flow

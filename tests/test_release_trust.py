@@ -69,7 +69,7 @@ def test_select_stores_a_temperature_fitted_on_validation(project):
         selection["candidates"][selection["winner"]]["val_loss"], abs=1e-4)  # fmt: skip
     if selection["winner"] == "transfer":  # recorded by head: the fit can be redone here
         p = load_probabilities(params.path("transfer", root), "val")
-        assert record["temperature"] == pytest.approx(calibration.fit_temperature(p, y_val))
+        assert record["temperature"] == pytest.approx(calibration.fit(p, y_val)["temperature"])
 
 
 def test_the_release_folder_holds_what_reject_needs(project):
