@@ -73,3 +73,27 @@ def table(rows: list[tuple], header: tuple) -> str:
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def clone_with_data(target: Path, write_data, commit: str | None = None,
+                    who: str = "bench") -> Path:  # fmt: skip
+    """A clone of this repository (at `commit`; default: its committed HEAD) whose data/ is what
+    `write_data(folder)` writes there, `dvc add`-ed and committed."""
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
+    if commit:
+        subprocess.run(["git", "checkout", "-q", commit], cwd=target, check=True)
+    write_data(target / "data")
+    run_child([str(BIN / "dvc"), "add", "-q", "data"], cwd=target)
+    subprocess.run(["git", "add", "data.dvc", ".gitignore"], cwd=target, check=True)
+    subprocess.run(["git", "-c", f"user.name={who}", "-c", f"user.email={who}@localhost",
+                    "commit", "-qm", f"{who} benchmark data"], cwd=target, check=True)  # fmt: skip
+    return target
+
+
+def headstart_run(project: Path, seed: int, overrides: list[str]) -> dict:
+    """`headstart run -S base.seed=SEED [-S ...]` in a clone, with the clone's own code (its
+    folder first on PYTHONPATH): run_child's seconds and peak memory."""
+    sets = [arg for item in [*overrides, f"base.seed={seed}"] for arg in ("-S", item)]
+    pythonpath = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
+    return run_child([str(BIN / "headstart"), "run", *sets], cwd=project,
+                     env={"PYTHONPATH": pythonpath})  # fmt: skip

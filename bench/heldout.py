@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import BIN, ROOT, run_child, table
+from common import ROOT, clone_with_data, headstart_run, table
 from PIL import Image
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -109,22 +109,13 @@ def write_pngs(pixels: np.ndarray, rows: dict, folder: Path) -> None:
 
 def make_project(target: Path, pixels: np.ndarray, train: dict) -> Path:
     """A clone of this repository's committed state with `train` as its DVC-tracked data."""
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
-    write_pngs(pixels, train, target / "data")
-    run_child([str(BIN / "dvc"), "add", "-q", "data"], cwd=target)
-    subprocess.run(["git", "add", "data.dvc", ".gitignore"], cwd=target, check=True)
-    subprocess.run(["git", "-c", "user.name=heldout", "-c", "user.email=heldout@localhost",
-                    "commit", "-qm", "held-out benchmark data"], cwd=target, check=True)  # fmt: skip
-    return target
+    return clone_with_data(target, lambda folder: write_pngs(pixels, train, folder), who="heldout")
 
 
 def run_pipeline(project: Path, seed: int, overrides: list[str]) -> dict:
     """`headstart run` in the clone, with the clone's own code: wall seconds, peak MiB, training
     images, the released candidate and the chosen transfer head."""
-    sets = [arg for item in [*overrides, f"base.seed={seed}"] for arg in ("-S", item)]
-    pythonpath = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
-    child = run_child([str(BIN / "headstart"), "run", *sets], cwd=project,
-                      env={"PYTHONPATH": pythonpath})  # fmt: skip
+    child = headstart_run(project, seed, overrides)
     report = json.loads((project / "artifacts" / "data-report" / "report.json").read_text())
     train_images = sum(counts["train"] for counts in report["per_class"].values())
     artifacts = project / "artifacts"

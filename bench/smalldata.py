@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import BIN, ROOT, run_child, table
+from common import ROOT, clone_with_data, headstart_run, table
 from heldout import data_per_class, draw_images
 from PIL import Image
 
@@ -132,23 +132,13 @@ def write_images(images: dict, folder: Path) -> None:
 
 def make_project(target: Path, commit: str, data: dict) -> Path:
     """A clone of this repository at `commit` with `data` as its DVC-tracked data/."""
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
-    subprocess.run(["git", "checkout", "-q", commit], cwd=target, check=True)
-    write_images(data, target / "data")
-    run_child([str(BIN / "dvc"), "add", "-q", "data"], cwd=target)
-    subprocess.run(["git", "add", "data.dvc", ".gitignore"], cwd=target, check=True)
-    subprocess.run(["git", "-c", "user.name=smalldata", "-c", "user.email=smalldata@localhost",
-                    "commit", "-qm", "small-data benchmark data"], cwd=target, check=True)  # fmt: skip
-    return target
+    return clone_with_data(target, lambda folder: write_images(data, folder), commit, "smalldata")
 
 
 def run_pipeline(project: Path, seed: int, overrides: list[str]) -> dict:
     """`headstart run` in the clone with its own code: seconds, peak MiB, split counts, the
     released candidate and the chosen head."""
-    sets = [arg for item in [*overrides, f"base.seed={seed}"] for arg in ("-S", item)]
-    pythonpath = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
-    child = run_child([str(BIN / "headstart"), "run", *sets], cwd=project,
-                      env={"PYTHONPATH": pythonpath})  # fmt: skip
+    child = headstart_run(project, seed, overrides)
     art = project / "artifacts"
     report = next(p for p in (art / "data-report" / "report.json",
                               art / "prepared" / "report.json") if p.is_file())  # fmt: skip
