@@ -40,11 +40,30 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
+RESIZE_MODES = ("pad", "stretch")
+PAD_COLOUR = (0, 0, 0)
+
+
+def preprocessing(size: int, resize: str) -> dict:
+    """The preprocessing record (labels.json `preprocessing`, beside every model): what turns
+    an image file into the model's input, for predict, the exports and a deployer."""
+    return {
+        "image_size": size,
+        "resize": resize,  # pad: aspect kept, long side to image_size, centred | stretch
+        "pad_colour": list(PAD_COLOUR),
+        "interpolation": "bilinear (Pillow)",
+        "colour": "8-bit RGB: EXIF rotation applied, first frame, alpha flattened onto white, "
+        "16-bit scaled to 8-bit, palette / CMYK / grey converted",
+        "input": "float32 RGB 0-255, batch x image_size x image_size x 3 (no scaling: the model "
+        "holds its own)",
+    }
+
+
 def _fit(image: Image.Image, size: int, resize: str) -> Image.Image:
     if resize == "stretch":
         return image.resize((size, size), Image.Resampling.BILINEAR)
     # pad: keep the aspect ratio, scale the long side to `size`, centre on black
-    return ImageOps.pad(image, (size, size), method=Image.Resampling.BILINEAR, color=(0, 0, 0))
+    return ImageOps.pad(image, (size, size), method=Image.Resampling.BILINEAR, color=PAD_COLOUR)
 
 
 def decode(data: bytes, size: int, resize: str = "pad", max_pixels: int = 89_478_485) -> np.ndarray:

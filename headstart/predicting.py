@@ -90,6 +90,10 @@ def predict_paths(
         raise UserError(f"{labels_path}: missing; a model needs the labels.json written beside it")
     labels = read_json(labels_path)
     classes, size = labels["classes"], labels["image_size"]
+    resize = labels.get("preprocessing", {}).get("resize", "pad")  # older models: always pad
+    if resize not in images.RESIZE_MODES:
+        raise UserError(f"{labels_path}: preprocessing.resize must be one of "
+                        f"{', '.join(images.RESIZE_MODES)} (got {resize!r})")  # fmt: skip
     files = _expand(list(inputs))
     if not files:
         raise UserError("no image files given (pass files or folders)")
@@ -109,7 +113,7 @@ def predict_paths(
     with progress(len(files), "predict (reading)", log, unit="files") as shown:
         for path in files:
             try:
-                decoded.append(images.load(path, size))
+                decoded.append(images.load(path, size, resize))
                 rows.append(len(results))
                 results.append({"file": str(path)})
             except images.BadImage as err:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart import images
-from headstart.artifacts import REPORT_FILE, SPLIT_RECORD, SPLITS
+from headstart.artifacts import LABELS_FILE, REPORT_FILE, SPLIT_RECORD, SPLITS
 from headstart.errors import UserError
 from headstart.files import atomic_dir, write_json, write_text
 from headstart.params import Params, Paths
@@ -337,7 +337,8 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
         report = _report(seen, classes, empty, conflicts, params, entries)
         with atomic_dir(out_dir) as tmp:
             _write(tmp, seen, classes, raw.fileno(), size)
-            write_json(tmp / "labels.json", {"classes": classes, "image_size": size})
+            write_json(tmp / LABELS_FILE, {"classes": classes, "image_size": size,
+                                           "preprocessing": images.preprocessing(size, p.resize)})  # fmt: skip
         with atomic_dir(Path(report_dir or out_dir.parent / Path(Paths.data_report).name)) as tmp:
             write_json(tmp / REPORT_FILE, report)
             write_text(tmp / "report.txt", summary(report))

@@ -213,6 +213,13 @@ def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path
     plots = run_in(root, "dvc", "plots", "diff", "-o", str(tmp_path / "plots"))
     assert (tmp_path / "plots" / "index.html").is_file(), plots.stdout
 
+    run_in(root, "dvc", "exp", "run", "-S", "head.dropout=0.3")
+    shown = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=root,
+                           env={**command_env(), "COLUMNS": "1000"}, capture_output=True,
+                           text=True, check=True)  # fmt: skip
+    assert "head.dropout" in shown.stdout
+    assert max(len(line.rstrip()) for line in shown.stdout.splitlines()) <= 120, shown.stdout
+
 
 def test_schedule_serves_a_deployment_that_runs(trained_copy, prefect_harness):
     """`headstart schedule --interval` against a real Prefect server (the test run's, whose

@@ -117,7 +117,11 @@ def test_metrics_files_have_flat_keys(project):
     metrics_dir = params.path("metrics", root)
     for name in ("baseline", "transfer", "ensemble", "release"):
         metrics = read_json(metrics_dir / f"{name}.json")
-        assert {"accuracy", "loss", "macro_f1", "top3_accuracy", "f1.class_0"} <= set(metrics)
+        assert {"accuracy", "loss", "macro_f1", "top3_accuracy"} <= set(metrics)
+        assert not [key for key in metrics if "class_" in key]  # per class: not a DVC metric
+        details = read_json(metrics_dir / f"{name}_details.json")
+        assert {"f1.class_0", "recall.class_1"} <= set(details)
+        assert {key: details[key] for key in metrics} == metrics
         assert all(isinstance(v, (int, float)) for v in metrics.values())  # bool is an int
         confusion = read_json(metrics_dir / f"{name}_confusion.json")
         assert np.sum(confusion["matrix"]) == metrics["test_images"]
@@ -356,3 +360,31 @@ def test_the_same_model_saves_to_the_same_bytes(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "b.keras", safe_mode=True)
     x = np.ones((1, 4), "float32")
     assert np.array_equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("resize", ["pad", "stretch"])
+def test_predict_follows_the_preprocessing_record_beside_the_model(tmp_path, resize):
+    """labels.json records how prepare resized the images; predict does the same (it always
+    padded: a model trained on stretched images was fed padded ones)."""
+    import keras
+    from PIL import Image
+
+    from headstart import images
+    from headstart.predicting import predict_paths
+
+    inputs = keras.Input((16, 16, 3))
+    red = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    dense = keras.layers.Dense(2, activation="softmax")
+    model = keras.Model(inputs, dense(red))
+    dense.set_weights([np.array([[8.0, 0.0], [0, 0], [0, 0]], "float32"), np.zeros(2, "float32")])
+    model.save(tmp_path / "model.keras")
+    (tmp_path / "labels.json").write_text(json.dumps({
+        "classes": ["red", "dark"], "image_size": 16,
+        "preprocessing": images.preprocessing(16, resize)}))  # fmt: skip
+    Image.new("RGB", (40, 10), (255, 0, 0)).save(tmp_path / "wide.png")  # pad: 3/4 black
+    [result] = predict_paths(tmp_path / "model.keras", [tmp_path / "wide.png"], top_k=2)
+    expected = np.asarray(model(images.load(tmp_path / "wide.png", 16, resize)[None]))[0]
+    other = "stretch" if resize == "pad" else "pad"
+    elsewise = np.asarray(model(images.load(tmp_path / "wide.png", 16, other)[None]))[0]
+    assert dict(result["top"])["red"] == pytest.approx(float(expected[0]), abs=1e-6)
+    assert abs(float(elsewise[0]) - float(expected[0])) > 0.1  # the modes do differ here
