@@ -119,8 +119,8 @@ def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], features_dir
             metrics["released"] = name == selection["winner"] or name == "release"
             if name == "release":
                 metrics.update(extras)
-            headline = {key: value for key, value in metrics.items() if key in HEADLINE
-                        or key.startswith("top") or name == "release" and key in extras}  # fmt: skip
+            headline = {key: value for key, value in metrics.items()
+                        if key in HEADLINE or name == "release" and key in extras}  # fmt: skip
             write_json(tmp / f"{name}.json", headline)  # DVC metrics: `dvc exp show` columns
             write_json(tmp / f"{name}_details.json", metrics)  # every figure, per class too
             write_json(tmp / f"{name}_confusion.json", {"classes": classes, "matrix": confusion})
@@ -137,9 +137,9 @@ def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], features_dir
     return Path(out_dir)
 
 
-# what a model's DVC metrics file holds (and `top{k}_accuracy`, and the release's calibration and
-# OOD figures); the per-class and other figures go to `<model>_details.json`, which is not a DVC
-# metric: every key of a metrics file is a column of `dvc exp show` (246 of them before)
+# what a model's DVC metrics file holds (and the release's calibration and OOD figures); the
+# per-class, top-k and other figures go to `<model>_details.json`, which is not a DVC metric:
+# every key of a metrics file is a column of `dvc exp show` (246 of them on the demo before)
 HEADLINE = ("test_images", "accuracy", "macro_f1", "loss", "val_accuracy", "val_loss", "released")
 
 
