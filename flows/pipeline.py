@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import os
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from headstart import dvcstate, features
 from headstart import params as params_module
+from headstart.artifacts import REPORT_FILE
 from headstart.errors import UserError
+from headstart.files import read_json
 from headstart.lock import handoff_token, record_prefect_server, workspace_lock
 from headstart.pipeline import clean_up
 from headstart.runsummary import run_summary
@@ -42,13 +45,14 @@ SHARDS_PER_WORKER = 2  # a little slack for uneven shards
 
 @flow(name="headstart-pipeline", log_prints=True)
 def pipeline_flow(root: str = ".", force: bool = False, wait: bool = False, workers: int = 1,
-                  dask_address: str = "", data: str = "auto") -> dict:  # fmt: skip
+                  dask_address: str = "", data: str = "auto", echo: bool = False) -> dict:  # fmt: skip
     """Run every stale step in order (all of them with `force`), then record each step's outputs
     in dvc.lock so `dvc status` is clean and `dvc push` has everything. Holds the workspace lock
     throughout (`wait`: queue behind a run that holds it, instead of failing at once).
     `workers` > 1: on a local Dask cluster of that many processes; `dask_address`: on the Dask
     cluster there. `data`: how the data folder and its DVC record are brought in line first
-    (headstart.dvcstate.sync_data; `keep`: the caller did it)."""
+    (headstart.dvcstate.sync_data; `keep`: the caller did it). `echo`: also write one line per
+    step to stdout (what `headstart run` shows while the logs go to a file)."""
     check_scale(workers, dask_address)
     with workspace_lock(root, wait=wait):
         params = params_module.load(Path(root) / params_module.PARAMS_FILE)  # fail fast
@@ -58,7 +62,7 @@ def pipeline_flow(root: str = ".", force: bool = False, wait: bool = False, work
                 get_run_logger().info(synced)
         clean_up(params, root)  # no step is writing: this process holds the lock, between steps
         record_prefect_server(root)
-        run = _Run(root, params, force)
+        run = _Run(root, params, force, echo)
         if workers == 1 and not dask_address:
             for step in STEPS:
                 run.step(step.name, TASKS[step.name])
@@ -93,8 +97,8 @@ def check_scale(workers: int, dask_address: str) -> None:
 class _Run:
     """One flow run's steps: each checked with DVC, run if stale, recorded in dvc.lock."""
 
-    def __init__(self, root: str, params, force: bool):
-        self.root, self.params, self.force = root, params, force
+    def __init__(self, root: str, params, force: bool, echo: bool = False):
+        self.root, self.params, self.force, self.echo = root, params, force, echo
         self.ran, self.skipped, self.seconds, self.unrecorded = [], [], {}, []
         self.dvc = threading.Lock()  # one DVC call at a time (branches run side by side)
 
@@ -104,6 +108,7 @@ class _Run:
             changes = dvcstate.changed(self.root, name)
         if not self.force and not changes:
             logger.info("%s: up to date, skipped", name)
+            self._say(f"{name:9s} up to date")
             self.skipped.append(name)
             return
         logger.info("%s: running (%s)", name, "forced" if self.force and not changes else
@@ -125,6 +130,15 @@ class _Run:
             self.unrecorded.append(f"{name} ({problem})")
         self.seconds[name] = round(time.perf_counter() - started, 2)
         self.ran.append(name)
+        figure = headline(name, self.params, Path(self.root))
+        self._say(
+            f"{name:9s} ran in {self.seconds[name]:.1f} s" + (f": {figure}" if figure else "")
+        )
+
+    def _say(self, line: str) -> None:
+        if self.echo:  # not print(): the flow's log_prints would make it a log record
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     def finish(self) -> dict:
         ran = sorted(self.ran, key=STEP_NAMES.index)
@@ -203,6 +217,21 @@ def _features_on_dask(run: _Run, submit, shards: int) -> None:
     for future in futures:
         future.result()  # a shard that failed twice fails the run: never a short cache
     submit(assemble_features, shards=shards).result()
+
+
+def headline(name: str, params, root: Path) -> str:
+    """A step's headline figure, from the output it just wrote ("" for steps without one)."""
+    if name == "prepare":
+        totals = read_json(params.path("data_report", root) / REPORT_FILE)["totals"]
+        return (f"{totals['used']} images ({totals['train']} train / {totals['val']} val / "
+                f"{totals['test']} test), {totals['quarantined']} quarantined")  # fmt: skip
+    if name == "select":
+        selection = read_json(params.path("release", root) / "selection.json")
+        return f"released {selection['winner']}"
+    if name == "evaluate":
+        release = read_json(params.path("metrics", root) / "release.json")
+        return f"release test accuracy {release['accuracy']:.4f} on {release['test_images']} images"
+    return ""
 
 
 def _describe(changes: list) -> str:

@@ -158,7 +158,7 @@ def run(
     from headstart import dvcstate
     from headstart import params as params_module
     from headstart.files import write_text
-    from headstart.lock import workspace_lock
+    from headstart.lock import STATE_DIR, workspace_lock
 
     root = project.resolve()
     params_file = root / params_module.PARAMS_FILE
@@ -183,8 +183,10 @@ def run(
                 from flows.pipeline import pipeline_flow  # (TensorFlow: when a step needs it)
 
                 quiet.hide_user_error_tracebacks()
+                quiet.console_to_file(root / STATE_DIR / "run.log")
                 result = pipeline_flow(root=str(root), force=force, workers=workers,
-                                       dask_address=dask_address, data="keep")  # fmt: skip
+                                       dask_address=dask_address, data="keep",
+                                       echo=not quiet.verbose())  # fmt: skip
             except BaseException as err:
                 if before is not None and params_file.read_text() != before:
                     write_text(params_file, before)

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import tempfile
+from pathlib import Path
 
 from headstart.errors import UserError
 
@@ -104,3 +105,34 @@ def hide_user_error_tracebacks() -> None:
         for handler in logger.handlers:
             if hide not in handler.filters:
                 handler.addFilter(hide)
+
+
+class _OnlyErrorsFromTensorFlow(logging.Filter):
+    """TensorFlow's warnings (retracing, ~600 characters each) are not the user's business."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.name.startswith(("tensorflow", "absl"))
+
+
+def console_to_file(log_file: Path) -> None:
+    """From now on in this process (unless verbose): the console handlers Prefect, DVC and
+    TensorFlow log through show warnings and errors only, and every record from INFO up also goes
+    to `log_file` (written afresh), the place to look when a run goes wrong."""
+    if verbose():
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+    to_file.setLevel(logging.INFO)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in
+               list(logging.Logger.manager.loggerDict))]  # fmt: skip
+    tensorflow = _OnlyErrorsFromTensorFlow()
+    for logger in loggers:
+        for handler in logger.handlers:
+            if type(handler) is not logging.FileHandler and isinstance(
+                handler, logging.StreamHandler
+            ):
+                handler.setLevel(max(handler.level, logging.WARNING))
+                handler.addFilter(tensorflow)
+        if logger is logging.getLogger() or (logger.handlers and not logger.propagate):
+            logger.addHandler(to_file)

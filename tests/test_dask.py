@@ -229,7 +229,8 @@ def test_a_run_on_a_separate_dask_cluster_gives_the_cache_and_metrics_of_a_plain
     result = run_in(root, "headstart", "run", "--dask-address", dask_cluster,
                     api_url=trained_project.api_url)  # fmt: skip
     assert "| baseline | ran |" in result.stdout and "| head | ran |" in result.stdout
-    assert "4 feature shards" in result.stderr  # two per worker thread
+    run_log = (root / ".headstart" / "run.log").read_text()  # the run's INFO lines
+    assert "4 feature shards" in run_log  # two per worker thread
     after, metrics_after = cache_and_metrics(root)
     assert_same(before, after)
     assert metrics_after == metrics
@@ -249,7 +250,7 @@ def test_workers_2_runs_a_branch_step_on_a_local_cluster_of_two_processes(traine
     params = params_module.load(root / "params.yaml")
     shutil.rmtree(params.path("weights", root))
     result = run_in(root, "headstart", "run", "--workers", "2", api_url=trained_project.api_url)
-    assert "processes=2 threads=2" in result.stderr
+    assert "processes=2 threads=2" in (root / ".headstart" / "run.log").read_text()
     assert "| weights | ran |" in result.stdout and "| freeze | up to date |" in result.stdout
     # the step's own log line, from the `headstart step` process a Dask worker started
     assert re.search(r"Task run 'download_weights-\w+' - weights: \w+ from ", result.stderr)

@@ -438,3 +438,24 @@ def test_headstart_export_leaves_dvc_status_clean(trained_copy):
     result = cli_here("export", cwd=trained_copy)
     assert result.returncode == 0, result.stderr
     assert run_in(trained_copy, "dvc", "status", "--json").stdout.strip() == "{}"
+
+
+def test_a_run_prints_one_line_per_step_and_the_summary_and_nothing_on_stderr(trained_copy,
+                                                                             prefect_harness):  # fmt: skip
+    from tasks import STEP_NAMES
+
+    result = run_in(trained_copy, "headstart", "run", "--force", api_url=prefect_harness)
+    # warnings only (the tiny project's: too few validation errors for a temperature, the model
+    # card's notes still TODO): no Prefect, DVC or TensorFlow progress lines
+    warnings = result.stderr.splitlines()
+    assert all("| WARNING |" in line for line in warnings) and len(warnings) <= 2, warnings
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[: len(STEP_NAMES)]] == list(STEP_NAMES)
+    assert all(" ran in " in line for line in lines[: len(STEP_NAMES)]), lines
+    assert "# headstart run" in result.stdout and "| transfer |" in result.stdout
+    assert len(lines) <= 60
+    log = (trained_copy / ".headstart" / "run.log").read_text()
+    assert "Finished in state Completed()" in log and "prepare: running" in log  # the rest
+    verbose = run_in(trained_copy, "headstart", "-v", "run", "-S", "plots.samples=4",
+                     api_url=prefect_harness)  # fmt: skip
+    assert "Finished in state Completed()" in verbose.stderr
