@@ -549,3 +549,40 @@ def test_headstart_export_runs_the_step(project, tmp_path):
     assert list(record["formats"]) == ["saved_model"]
     assert record["formats"]["saved_model"]["available"]
     assert "export: saved_model agrees on 100.00 %" in result.stderr
+
+
+def readme_snippet() -> str:
+    """The README's deployment snippet (Pillow + onnxruntime), as a user copies it."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python\nimport json\n\nimport numpy as np\nimport onnxruntime")
+    return text[start + len("```python\n") : text.index("```", start + 10)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resize", ["pad", "stretch"])
+def test_the_readme_deployment_snippet_gives_predicts_probabilities(project, tmp_path, resize):
+    from PIL import Image
+
+    from headstart.predicting import predict_paths
+
+    root, params = project
+    release = Path(shutil.copytree(params.path("release", root), tmp_path / "release"))
+    export = Path(shutil.copytree(params.path("export", root), tmp_path / "export"))
+    for folder in (release, export):  # the record both follow (the model is the same)
+        labels = read_json(folder / "labels.json")
+        labels["preprocessing"]["resize"] = resize
+        (folder / "labels.json").write_text(json.dumps(labels))
+    source = sorted((root / "data" / "class_1").iterdir())[0]
+    photo = tmp_path / "wide.png"  # not square: pad and stretch differ
+    Image.open(source).convert("RGB").resize((48, 24)).save(photo)
+    code = readme_snippet().replace(
+        'folder, photo = "artifacts/export", "photo.jpg"', f'folder, photo = "{export}", "{photo}"'
+    )
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # the README's own code
+    [expected] = predict_paths(release / "model.keras", [photo], top_k=10)
+    assert expected["calibrated"]
+    by_class = dict(expected["top"])
+    got = dict(zip(namespace["labels"]["classes"], namespace["p"].tolist(), strict=True))
+    assert set(got) == set(by_class)
+    assert max(abs(got[name] - by_class[name]) for name in got) <= 1e-5
