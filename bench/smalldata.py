@@ -22,7 +22,7 @@ rule before issue 23: lowest log-loss, a simpler candidate within one paired SE 
 loss is lower by more than one paired SE), oracle (best held-out; reference only). The JSON keeps
 validation and held-out probabilities so other rules can be evaluated later.
 
-    pip install scikit-image scikit-learn   # lfw_subset and load_digits ship inside them
+    pip install -e ".[dev,bench]"   # scikit-image and scikit-learn: lfw_subset, load_digits
     python bench/smalldata.py --sets faces --seeds 1          # a smoke test (minutes)
     python bench/smalldata.py --quick --commit dd4e067 --tag before   # all but fmnist-100
 """
