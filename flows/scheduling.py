@@ -74,6 +74,7 @@ def _retrain(root: str, data: str) -> dict:
                     "with the current model: no retraining")  # fmt: skip
         return {"retrained": False, "promotion": None}
     result = pipeline_flow.fn(root=root, wait=True, data="keep") if stale else None
+    quiet.start_tensorflow()  # promotion scores both models: TensorFlow without its start-up lines
     decision = promote_from_params(params, root)
     if decision["promoted"]:
         dvcstate.track(root, params.paths.champion)
