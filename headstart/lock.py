@@ -138,10 +138,10 @@ def _ancestors(pid: int) -> set[int]:
     found = set()
     while pid > 1 and pid not in found:
         found.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
+        fields = _stat(pid)
+        if len(fields) < 2:
             break
+        pid = int(fields[1])
     return found
 
 
