@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import shutil
 import statistics
 import subprocess
@@ -291,7 +292,9 @@ def bench_pipeline(ctx, args) -> dict:
     dvc = str(Path(sys.executable).with_name("dvc"))
     steps_root = _clone(args.work / "pipeline-steps", args.data)
     steps = {}
-    for name in ("prepare", "baseline", "weights", "freeze", "head", "evaluate", "plots"):
+    from tasks import STEP_NAMES
+
+    for name in STEP_NAMES:
         child = run_child([headstart, "step", name], cwd=steps_root)
         steps[name] = {"seconds": child["seconds"], "peak_mib": child["peak_mib"]}
     metrics = {
@@ -305,6 +308,9 @@ def bench_pipeline(ctx, args) -> dict:
     status = [
         run_child([headstart, "status"], cwd=flow_root)["seconds"] for _ in range(args.repeats)
     ]
+    predict = _predict_times(flow_root, args.repeats)
+    artifacts_mib = round(sum(f.stat().st_size for f in (flow_root / "artifacts").rglob("*")
+                              if f.is_file()) / 2**20, 1)  # fmt: skip
     epochs = params_module.load(flow_root / "params.yaml").head.epochs
     params_module.write_overrides(flow_root / "params.yaml", [f"head.epochs={epochs + 5}"])
     repro = run_child([dvc, "repro"], cwd=flow_root)
@@ -321,7 +327,26 @@ def bench_pipeline(ctx, args) -> dict:
         "status_s": round(statistics.median(status), 3),
         "prefect_overhead_s": round(statistics.median(noop) - statistics.median(status), 3),
         "repro_after_head_epochs_s": repro["seconds"], "repro_ran": ran,
+        "predict": predict, "artifacts_mib": artifacts_mib,
     }  # fmt: skip
+
+
+def _predict_times(project: Path, repeats: int) -> dict:
+    """`headstart predict` on one test image, a cold process each time (median seconds): as a
+    user runs it (the checked ONNX export answers) and with the release's model file named
+    (its folder holds no export record: Keras answers, as before the ONNX path existed)."""
+    headstart = str(Path(sys.executable).with_name("headstart"))
+    photo = next(p for p in sorted((project / "data").rglob("*")) if p.is_file())
+    times = {}
+    for name, model in (("onnx", []), ("keras", ["artifacts/release/model.keras"])):
+        for reject in ([], ["--reject"]):
+            command = [headstart, "predict", "--json", *model, str(photo), *reject]
+            runs = [run_child(command, cwd=project) for _ in range(repeats)]
+            answer = json.loads(runs[-1]["output"][runs[-1]["output"].index("[\n") :])
+            assert answer[0]["runtime"] == name, answer
+            times[name + (" --reject" if reject else "")] = round(
+                statistics.median(r["seconds"] for r in runs), 3)  # fmt: skip
+    return times
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -369,6 +394,12 @@ def report(results: dict) -> str:
             f"{p['status_s']} s; Prefect overhead per run ~ {p['prefect_overhead_s']} s",
             f"dvc repro after changing head.epochs: {p['repro_after_head_epochs_s']} s, "
             f"ran {p['repro_ran']}",
+            f"artifacts/ after the run: {p['artifacts_mib']} MiB",
+            "",
+            table(
+                list(p["predict"].items()),
+                ("headstart predict, one image, cold (runtime)", "seconds (median)"),
+            ),  # fmt: skip
         ]
     return "\n".join(lines)
 

@@ -263,6 +263,7 @@ def predict(
     from headstart import predicting
 
     try:
+        exports = []
         if inputs and inputs[0].suffix == ".keras":
             model, inputs = inputs[0], inputs[1:]
         else:
@@ -271,7 +272,9 @@ def predict(
 
             params = params_module.load(project / params_module.PARAMS_FILE)
             model = params.path("release", project) / MODEL_FILE
-        results = predicting.predict_paths(model, inputs, top_k, reject=reject)
+            exports = [params.path("export", project)]  # used when made from this very model
+        results = predicting.predict_paths(model, inputs, top_k, reject=reject,
+                                           export_dirs=exports)  # fmt: skip
     except UserError as err:
         raise _fail(err) from None
     typer.echo(predicting.render(results, as_json))

@@ -36,6 +36,8 @@ log = logging.getLogger("headstart.exporting")
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+FEATURES_NAME = "features"
+BACKBONE_ONNX = "backbone.onnx"  # in the export folder: the release's backbone, for --reject
 BATCH = 64  # images per call when comparing on the test split
 
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 N x S x S x 3 -> N x classes
@@ -116,7 +118,7 @@ def _run_litert(target: Path) -> Runner:
     return run
 
 
-def _to_onnx(model, image_size: int, target: Path) -> None:
+def _to_onnx(model, image_size: int, target: Path, output_name: str = OUTPUT_NAME) -> None:
     """tf2onnx on the model's inference graph with every variable and captured constant frozen
     in. (Keras's `export(format="onnx")` hands tf2onnx the graph with its captured constants still
     as inputs: a Normalization layer's mean and variance became extra ONNX inputs, measured on
@@ -147,7 +149,7 @@ def _to_onnx(model, image_size: int, target: Path) -> None:
             frozen.graph.as_graph_def(add_shapes=True),
             input_names=inputs,
             output_names=outputs,
-            tensors_to_rename={inputs[0]: INPUT_NAME, outputs[0]: OUTPUT_NAME},
+            tensors_to_rename={inputs[0]: INPUT_NAME, outputs[0]: output_name},
             output_path=str(target),
         )
     finally:
@@ -278,6 +280,37 @@ def export_all(model, image_size: int, out_dir: Path, formats, images: np.ndarra
             for name in formats}  # fmt: skip
 
 
+def export_features(backbone, detector, image_size: int, out_dir: Path,
+                    images: np.ndarray) -> dict:  # fmt: skip
+    """The release's frozen backbone as `BACKBONE_ONNX` (features out), for `predict --reject`
+    without TensorFlow, checked like a format: on `images` its OOD scores (`detector`'s) against
+    the Keras backbone's, and the "unknown" decisions they give. A converter that raises gives
+    {"available": False, "reason": ...} and no file."""
+    from headstart.training import predict
+
+    target = out_dir / BACKBONE_ONNX
+    try:
+        with _root_logging_kept():
+            _to_onnx(backbone, image_size, target, output_name=FEATURES_NAME)
+            features = run_batches(_run_onnx(target), images)
+    except Exception as err:
+        target.unlink(missing_ok=True)
+        if environment_failure(err):
+            raise UserError(f"export: writing {target}: {describe(err)}; free space or fix the "
+                            "folder's permissions, then run again") from None  # fmt: skip
+        log.warning("export: the backbone (for --reject) not available as ONNX: %s",
+                    describe(err))  # fmt: skip
+        return {"available": False, "reason": describe(err)}
+    expected, got = detector.score(predict(backbone, images)), detector.score(features)
+    same = detector.unknown(expected) == detector.unknown(got)
+    figures = {"decision_agreement": float(np.mean(same)),
+               "max_abs_score_diff": float(np.max(np.abs(expected - got)))}  # fmt: skip
+    log.info("export: the backbone's ONNX file gives the same unknown/known answer on %.2f %% of "
+             "%d test images (max |d score| %.1e)", 100 * figures["decision_agreement"],
+             len(images), figures["max_abs_score_diff"])  # fmt: skip
+    return {"available": True, "path": BACKBONE_ONNX, **figures, "files": files_of(target)}
+
+
 def reusable(out_dir: Path, formats, latency_runs: int, source: dict) -> dict | None:
     """The previous export record (`out_dir`/export.json) when its exports can be kept as they
     are, None otherwise: made from the same release file and test images (`source`: their
@@ -299,6 +332,10 @@ def reusable(out_dir: Path, formats, latency_runs: int, source: dict) -> dict | 
                 return None
             if result["available"] and files_of(Path(out_dir) / result["path"]) != result["files"]:
                 return None
+        reject = record.get("reject")
+        if reject and (not reject["available"]
+                       or files_of(Path(out_dir) / reject["path"]) != reject["files"]):  # fmt: skip
+            return None
     except (KeyError, TypeError):  # an older record (no "source"), or not one of ours
         return None
     return record
@@ -306,7 +343,7 @@ def reusable(out_dir: Path, formats, latency_runs: int, source: dict) -> dict | 
 
 def copy_exports(record: dict, from_dir: Path, to_dir: Path) -> None:
     """The exported files of `record` (see `reusable`) from one export folder to another."""
-    for result in record["formats"].values():
+    for result in [*record["formats"].values(), *filter(None, [record.get("reject")])]:
         if result["available"]:
             source = Path(from_dir) / result["path"]
             if source.is_dir():

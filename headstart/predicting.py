@@ -21,6 +21,7 @@ from headstart.progress import progress
 from headstart.quiet import start_tensorflow
 
 log = logging.getLogger("headstart.predict")
+BATCH = 64  # images per call
 
 
 def _expand(inputs: list[Path]) -> list[Path]:
@@ -54,31 +55,106 @@ def _load_model(path: Path, what: str):
         ) from None
 
 
-def _ood_scores(model_dir: Path, detector, pictures: np.ndarray) -> np.ndarray:
-    """The OOD score of each decoded image, from the release's copy of the frozen backbone."""
+def _require_backbone(model_dir: Path) -> Path:
     from headstart.artifacts import BACKBONE_FILE
-    from headstart.training import predict
 
     path = model_dir / BACKBONE_FILE
     if not path.is_file():
         raise UserError(f"{path}: missing; --reject needs a release made by "
                         "`headstart step select` (rerun it)")  # fmt: skip
+    return path
+
+
+def _backbone(model_dir: Path):
+    """The release's copy of the frozen backbone (its features give the OOD score)."""
+    path = _require_backbone(model_dir)
     backbone = _load_model(path, "it")
-    if tuple(backbone.input_shape[1:3]) != pictures.shape[1:3]:
+    size = read_json(model_dir / "labels.json")["image_size"]
+    if tuple(backbone.input_shape[1:3]) != (size, size):
         raise UserError(f"{path}: takes {backbone.input_shape[1]} px images but labels.json says "
-                        f"{pictures.shape[1]}; rerun `headstart step select`")  # fmt: skip
-    return detector.score(predict(backbone, pictures))
+                        f"{size}; rerun `headstart step select`")  # fmt: skip
+    return backbone
+
+
+FAST_MAX_ABS_DIFF = 1e-4  # the ONNX export answers for the release only this close to it
+
+
+def _checked_export(
+    model_path: Path, folders: list[Path], reject: bool
+) -> tuple[Path, dict] | None:
+    """(folder, export record) of an ONNX export made from exactly this model file, that agreed
+    with it on every test image to FAST_MAX_ABS_DIFF, whose files are as recorded (and with
+    `reject`, the backbone's ONNX file, made from the backbone beside the model, giving the
+    same unknown/known answer on every test image); None when no folder holds one."""
+    from headstart.artifacts import BACKBONE_FILE, EXPORT_RECORD_FILE
+    from headstart.exporting import files_of
+    from headstart.files import sha256_file
+
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            digests[path] = sha256_file(path) if path.is_file() else ""
+        return digests[path]
+
+    for folder in folders:
+        try:
+            record = read_json(folder / EXPORT_RECORD_FILE)
+            onnx, features = record["formats"].get("onnx"), record.get("reject")
+            usable = (onnx and onnx["available"] and onnx["agreement"] == 1.0
+                      and onnx["max_abs_diff"] <= FAST_MAX_ABS_DIFF
+                      and record["source"]["release_sha256"] == digest(model_path)
+                      and files_of(folder / onnx["path"]) == onnx["files"])  # fmt: skip
+            if usable and reject:
+                usable = (features and features["available"]
+                          and features["decision_agreement"] == 1.0
+                          and record["source"].get("backbone_sha256")
+                          == digest(model_path.parent / BACKBONE_FILE)
+                          and files_of(folder / features["path"]) == features["files"])  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError):  # none there, or not one of ours
+            continue
+        if usable:
+            return folder, record
+    return None
+
+
+def _runners(model_path: Path, export_dirs: list[Path], reject: bool):
+    """(runtime name, classifier, backbone or None): the release's checked ONNX export when one
+    exists (onnxruntime starts in ~0.2 s), else the Keras model itself (TensorFlow, ~5 s)."""
+    from headstart import exporting
+
+    found = _checked_export(model_path, [model_path.parent, *export_dirs], reject)
+    if found:
+        folder, record = found
+        features = record["reject"] if reject else None
+        return ("onnx", exporting.CONVERTERS["onnx"].load(folder / record["formats"]["onnx"]["path"]),
+                exporting.CONVERTERS["onnx"].load(folder / features["path"]) if features else None)  # fmt: skip
+    start_tensorflow()
+    from headstart.training import predict
+
+    model = _load_model(model_path, "it")
+    backbone = _backbone(model_path.parent) if reject else None
+    return ("keras", lambda batch: predict(model, batch),
+            (lambda batch: predict(backbone, batch)) if backbone else None)  # fmt: skip
 
 
 def predict_paths(
-    model_path: Path | str, inputs: list[Path], top_k: int = 1, reject: bool = False
+    model_path: Path | str,
+    inputs: list[Path],
+    top_k: int = 1,
+    reject: bool = False,
+    export_dirs: list[Path] = (),
 ) -> list[dict]:
-    """One result per image file: {"file", "top": [(label, probability), ...], "calibrated"} or
-    {"file", "error"} for a file that cannot be read (the rest still run). Probabilities are
-    temperature scaled when calibration.json sits beside the model (`calibrated`: true).
-    `reject`: also "ood_score" and "ood_threshold"; an image scored above the threshold gets
-    "unknown": true and no "top" (no class is claimed). TensorFlow loads once every check that
-    needs none has passed (a bad argument is an instant error, not one after a ~7 s start)."""
+    """One result per image file: {"file", "top": [(label, probability), ...], "calibrated",
+    "runtime"} or {"file", "error"} for a file that cannot be read (the rest still run).
+    Probabilities are temperature scaled when calibration.json sits beside the model
+    (`calibrated`: true). `reject`: also "ood_score" and "ood_threshold"; an image scored above
+    the threshold gets "unknown": true and no "top" (no class is claimed).
+
+    `runtime` "onnx": the model's ONNX export answered, found in the model's folder or in one of
+    `export_dirs` and used only when its export record proves it is this model's (same sha256)
+    and agreed with it on every test image (see `_checked_export`); else "keras". TensorFlow
+    loads only for Keras, and only once every check that needs none has passed."""
     model_path = Path(model_path)
     labels_path = model_path.parent / "labels.json"
     if model_path.is_dir():
@@ -103,11 +179,8 @@ def predict_paths(
         from headstart import ood
 
         detector, _ = ood.load(model_path.parent)
+        _require_backbone(model_path.parent)
     _check_keras_file(model_path, "it")
-    start_tensorflow()
-    from headstart.training import predict_batches
-
-    model = _load_model(model_path, "it")
     results: list[dict] = []
     decoded, rows = [], []
     with progress(len(files), "predict (reading)", log, unit="files") as shown:
@@ -119,29 +192,36 @@ def predict_paths(
             except images.BadImage as err:
                 results.append({"file": str(path), "error": str(err)})
             shown.advance()
-    if decoded:
-        stacked = np.stack(decoded)
-        outputs = []
-        with progress(len(stacked), "predict (classifying)", log, unit="images") as shown:
-            for _, output in predict_batches(model, stacked):  # as training.predict does
-                outputs.append(output)
-                shown.advance(len(output))
-        raw = np.concatenate(outputs)
-        # the ranking comes from the model's own scores: scaling keeps their order, but a small
-        # temperature can round runners-up to equal values, which would then rank by label
-        ranking = np.argsort(-raw, axis=1, kind="stable")
-        probabilities = raw if temperature is None else calibration.apply_temperature(
-            raw, temperature)  # fmt: skip
-        scores = _ood_scores(model_path.parent, detector, stacked) if detector else None
-        k = min(top_k, len(classes))
-        for index, (row, p) in enumerate(zip(rows, probabilities, strict=True)):
-            result = results[row]
-            if scores is not None:
-                result.update(ood_score=float(scores[index]), ood_threshold=detector.threshold,
-                              unknown=bool(scores[index] > detector.threshold))  # fmt: skip
-            if not result.get("unknown"):
-                result["top"] = [(classes[i], float(p[i])) for i in ranking[index, :k]]
-            result["calibrated"] = temperature is not None
+    if not decoded:
+        return results
+    runtime, classify, features = _runners(model_path, list(export_dirs), reject)
+    stacked = np.stack(decoded)
+    outputs = []
+    with progress(len(stacked), "predict (classifying)", log, unit="images") as shown:
+        for start in range(0, len(stacked), BATCH):
+            outputs.append(classify(stacked[start : start + BATCH].astype(np.float32)))
+            shown.advance(len(outputs[-1]))
+    raw = np.concatenate(outputs)
+    # the ranking comes from the model's own scores: scaling keeps their order, but a small
+    # temperature can round runners-up to equal values, which would then rank by label
+    ranking = np.argsort(-raw, axis=1, kind="stable")
+    probabilities = raw if temperature is None else calibration.apply_temperature(
+        raw, temperature)  # fmt: skip
+    scores = None
+    if detector:
+        scores = detector.score(np.concatenate([
+            features(stacked[start : start + BATCH].astype(np.float32))
+            for start in range(0, len(stacked), BATCH)]))  # fmt: skip
+    k = min(top_k, len(classes))
+    for index, (row, p) in enumerate(zip(rows, probabilities, strict=True)):
+        result = results[row]
+        if scores is not None:
+            result.update(ood_score=float(scores[index]), ood_threshold=detector.threshold,
+                          unknown=bool(scores[index] > detector.threshold))  # fmt: skip
+        if not result.get("unknown"):
+            result["top"] = [(classes[i], float(p[i])) for i in ranking[index, :k]]
+        result["calibrated"] = temperature is not None
+        result["runtime"] = runtime
     return results
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart import exporting, modelcard
-from headstart.artifacts import EXPORT_RECORD_FILE, LABELS_FILE, MODEL_FILE
+from headstart import exporting, modelcard, ood
+from headstart.artifacts import BACKBONE_FILE, EXPORT_RECORD_FILE, LABELS_FILE, MODEL_FILE
 from headstart.calibration import CALIBRATION_FILE
 from headstart.errors import UserError
 from headstart.files import atomic_dir, require, sha256_file, write_json, write_text
@@ -47,16 +47,21 @@ def export_release(root: Path | str, params: Params,
     model_file = require(release_dir / MODEL_FILE, "select")
     source = {"release_sha256": sha256_file(model_file),
               "test_images_sha256": sha256_file(images_file)}  # fmt: skip
+    if _with_reject(release_dir, params):
+        source["backbone_sha256"] = sha256_file(release_dir / BACKBONE_FILE)
     previous = None if converters is not None else exporting.reusable(
         out_dir, params.export.formats, params.export.latency_runs, source)  # fmt: skip
     with atomic_dir(out_dir) as tmp:
         if previous:
             exporting.copy_exports(previous, out_dir, tmp)
             results, keras_latency = previous["formats"], previous["reference"]["latency_ms"]
+            reject = previous.get("reject")
             log.info("export: the release, its test images, export.formats, latency_runs and "
                      "the converters are as at the last export: its files are kept")  # fmt: skip
         else:
             results, keras_latency = _convert(model_file, images, tmp, params, converters)
+            reject = (_convert_backbone(release_dir, images, tmp, params)
+                      if "backbone_sha256" in source and results["onnx"]["available"] else None)  # fmt: skip
         exporting.check_parity(results, params.export.min_agreement, len(images))
         record = {
             "image_size": size, "test_images": len(images),
@@ -67,6 +72,7 @@ def export_release(root: Path | str, params: Params,
                           "bytes": model_file.stat().st_size, "sha256": source["release_sha256"],
                           "latency_ms": keras_latency},
             "formats": results,
+            "reject": reject,
         }  # fmt: skip
         write_json(tmp / EXPORT_RECORD_FILE, record)
         shutil.copy(require(release_dir / LABELS_FILE, "select"), tmp / LABELS_FILE)
@@ -100,6 +106,23 @@ def _convert(model_file: Path, images: np.ndarray, out_dir: Path, params: Params
     results = exporting.export_all(model, params.base.image_size, out_dir, params.export.formats,
                                    images, reference, params.export.latency_runs, converters)  # fmt: skip
     return results, keras_latency
+
+
+def _with_reject(release_dir: Path, params: Params) -> bool:
+    """Whether the export includes the backbone as ONNX (`predict --reject` without TensorFlow):
+    the release has an OOD detector and ONNX is one of the formats."""
+    return "onnx" in params.export.formats and all(
+        (release_dir / name).is_file() for name in (BACKBONE_FILE, ood.OOD_FILE, ood.OOD_ARRAYS)
+    )
+
+
+def _convert_backbone(release_dir: Path, images: np.ndarray, out_dir: Path,
+                      params: Params) -> dict:  # fmt: skip
+    import keras
+
+    backbone = keras.saving.load_model(release_dir / BACKBONE_FILE)
+    detector, _ = ood.load(release_dir)
+    return exporting.export_features(backbone, detector, params.base.image_size, out_dir, images)
 
 
 def run(params: Params, root: Path) -> Path:

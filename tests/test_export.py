@@ -280,6 +280,7 @@ def test_every_format_is_exported_and_agrees_with_the_release(project):
     assert record["source"] == {
         "release_sha256": sha256_file(params.path("release", root) / "model.keras"),
         "test_images_sha256": sha256_file(params.path("prepared", root) / "test_images.npy"),
+        "backbone_sha256": sha256_file(params.path("release", root) / "backbone.keras"),
     }
 
     # each export on its own, with its own runtime, matches the Keras release on new images
@@ -586,3 +587,59 @@ def test_the_readme_deployment_snippet_gives_predicts_probabilities(project, tmp
     got = dict(zip(namespace["labels"]["classes"], namespace["p"].tolist(), strict=True))
     assert set(got) == set(by_class)
     assert max(abs(got[name] - by_class[name]) for name in got) <= 1e-5
+
+
+@pytest.mark.slow
+def test_predict_answers_through_the_checked_onnx_export_like_the_release(project, tmp_path):
+    from headstart.predicting import predict_paths
+
+    root, params = project
+    release, export = params.path("release", root), params.path("export", root)
+    features = read_json(export / "export.json")["reject"]
+    assert features["available"] and features["decision_agreement"] == 1.0
+    assert sha256_file(export / "backbone.onnx") == features["files"]["backbone.onnx"]["sha256"]
+    photos = sorted((root / "data").rglob("*.png"))[:12]
+    noise = tmp_path / "noise.png"  # far from every class: --reject may answer "unknown"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(noise)
+    photos.append(noise)
+    keras_answers = predict_paths(release / "model.keras", photos, top_k=2, reject=True)
+    fast = predict_paths(release / "model.keras", photos, top_k=2, reject=True,
+                         export_dirs=[export])  # fmt: skip
+    assert {r["runtime"] for r in keras_answers} == {"keras"}
+    assert {r["runtime"] for r in fast} == {"onnx"}
+    for want, got in zip(keras_answers, fast, strict=True):
+        assert want["unknown"] == got["unknown"]
+        assert abs(want["ood_score"] - got["ood_score"]) < 1e-3
+        if "top" in want:
+            assert [c for c, _ in want["top"]] == [c for c, _ in got["top"]]
+            assert max(abs(a - b) for (_, a), (_, b) in zip(want["top"], got["top"])) <= 1e-4
+
+
+@pytest.mark.slow
+def test_predict_uses_keras_when_the_export_is_not_this_models(project, tmp_path):
+    from headstart.predicting import predict_paths
+
+    root, params = project
+    export = Path(shutil.copytree(params.path("export", root), tmp_path / "export"))
+    release = Path(shutil.copytree(params.path("release", root), tmp_path / "release"))
+    photo = sorted((root / "data").rglob("*.png"))[0]
+
+    def runtime(**kwargs) -> str:
+        [answer] = predict_paths(release / "model.keras", [photo], export_dirs=[export], **kwargs)
+        return answer["runtime"]
+
+    assert runtime() == "onnx" and runtime(reject=True) == "onnx"
+    backbone_onnx = (export / "backbone.onnx").read_bytes()
+    (export / "backbone.onnx").write_bytes(backbone_onnx[:-1] + b"\0")  # changed after export
+    assert runtime() == "onnx" and runtime(reject=True) == "keras"
+    (export / "backbone.onnx").write_bytes(backbone_onnx)
+    classes = len(read_json(release / "labels.json")["classes"])
+    tamper_onnx(export / "model.onnx", classes)
+    assert runtime() == "keras"
+    shutil.copy(params.path("export", root) / "model.onnx", export / "model.onnx")
+    assert runtime() == "onnx"
+    with open(release / "model.keras", "ab") as handle:  # another model than the exported one
+        handle.write(b"\0")
+    assert runtime() == "keras"
