@@ -5,17 +5,36 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from headstart.params import BASELINE_ARCHS
 
-def baseline_cnn(image_size: int, classes: int) -> keras.Model:
-    """The seed's small CNN from scratch: Conv/MaxPool (16, 32, 64) -> Dense 512 -> softmax.
-    Takes RGB 0-255."""
+BASELINE_WORKING_SIZE = 96  # pooled: larger images are average-pooled down to about this size
+
+
+def baseline_cnn(image_size: int, classes: int, arch: str = "pooled") -> keras.Model:
+    """The small CNN trained from scratch; takes RGB 0-255.
+
+    seed: the seed's network, Conv/MaxPool (16, 32, 64) -> Flatten -> Dense 512 -> softmax. Its
+    Dense layer grows with the square of the image size (3.3 M weights at 96 px, 22 M at 224).
+    pooled: the same convolutions plus a Conv 128, then global average pooling -> Dropout ->
+    softmax: ~0.1 M weights at any size. Images larger than twice BASELINE_WORKING_SIZE are
+    average-pooled down by a whole factor first, so its cost stays near the 96 px one."""
+    if arch not in BASELINE_ARCHS:
+        raise ValueError(f"baseline arch must be one of {', '.join(BASELINE_ARCHS)} (got {arch!r})")
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = layers.Rescaling(1 / 255.0, name="scale")(inputs)
+    factor = image_size // BASELINE_WORKING_SIZE if arch == "pooled" else 1
+    if factor > 1:
+        x = layers.AveragePooling2D(factor, name="downsample")(x)
     for filters in (16, 32, 64):
         x = layers.Conv2D(filters, 3, activation="relu", name=f"conv{filters}")(x)
         x = layers.MaxPooling2D(2, name=f"pool{filters}")(x)
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(512, activation="relu", name="dense512")(x)
+    if arch == "seed":
+        x = layers.Flatten(name="flatten")(x)
+        x = layers.Dense(512, activation="relu", name="dense512")(x)
+    else:
+        x = layers.Conv2D(128, 3, activation="relu", padding="same", name="conv128")(x)
+        x = layers.GlobalAveragePooling2D(name="pool")(x)
+        x = layers.Dropout(0.3, name="dropout")(x)
     outputs = layers.Dense(classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="baseline_cnn")
 

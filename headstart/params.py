@@ -22,6 +22,8 @@ BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "efficientnetb0", "ince
 PARAMS_FILE = "params.yaml"  # in the project folder; DVC reads this file, so there is no other
 
 
+# the baseline CNN: pooled (global average pooling, any size) or the seed's Flatten + Dense 512
+BASELINE_ARCHS = ("pooled", "seed")
 # auto: k-fold CV picks among linear, small and dense; seed: the seed's recipe, unchanged
 HEAD_CONFIGS = ("auto", "linear", "small", "dense", "seed")
 # the export step's formats (headstart/exporting.py has a converter for each)
@@ -56,6 +58,7 @@ class Prepare:
 
 @dataclass(frozen=True)
 class Baseline:
+    arch: str = "pooled"
     epochs: int = 15
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -175,6 +178,9 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "base.backbone": lambda v: None if v in BACKBONES else f"must be one of {', '.join(BACKBONES)}",
     "base.devices": lambda v: (
         None if v in ("auto", "1") else "must be auto (every GPU when there are several) or 1"
+    ),
+    "baseline.arch": lambda v: (
+        None if v in BASELINE_ARCHS else f"must be one of {', '.join(BASELINE_ARCHS)}"
     ),
     "prepare.resize": lambda v: None if v in ("pad", "stretch") else "must be 'pad' or 'stretch'",
     "head.optimizer": lambda v: (

@@ -128,7 +128,6 @@ def fit(
     model: keras.Model,
     train: tf.data.Dataset,
     val: tf.data.Dataset,
-    out_dir: Path,
     name: str,
     epochs: int,
     patience: int,
@@ -136,20 +135,15 @@ def fit(
     class_weight: dict[int, float] | None = None,
     live=None,
 ) -> dict[str, list[float]]:
-    """Train with early stopping (best weights restored), the target-accuracy stop and a best-model
-    checkpoint in `out_dir`; with `live` (see `live_logger`), each epoch's values are logged to
-    DVCLive as `<name>/train/...` and `<name>/eval/...` as the epoch ends."""
+    """Train with early stopping (the best epoch's weights restored when training ends, however
+    it ends: no checkpoint file is written) and the target-accuracy stop; with `live` (see
+    `live_logger`), each epoch's values are logged to DVCLive as `<name>/train/...` and
+    `<name>/eval/...` as the epoch ends."""
     callbacks = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=max(patience, 1), restore_best_weights=True
         ),
         TargetAccuracy(target_accuracy),
-        keras.callbacks.ModelCheckpoint(
-            str(out_dir / "checkpoint.weights.h5"),
-            monitor="val_loss",
-            save_best_only=True,
-            save_weights_only=True,
-        ),  # fmt: skip
         NonFiniteLoss(name),
         _ProgressLog(name, epochs),
     ]

@@ -27,14 +27,14 @@ def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) 
     x_val, y_val = load_split(prepared_dir, "val")
     strategy = training.strategy(params.base.devices)
     with strategy.scope():
-        model = models.baseline_cnn(x_train.shape[1], len(classes))
+        model = models.baseline_cnn(x_train.shape[1], len(classes), p.arch)
         training.compile_classifier(model, models.optimizer("adam", p.learning_rate))
     with atomic_dir(out_dir) as tmp, training.live_logger(tmp / LIVE_DIR) as live:
         training.fit(
             model,
             training.dataset(x_train, y_train, p.batch_size, shuffle=True, seed=seed),
             training.dataset(x_val, y_val, p.batch_size),
-            tmp, "baseline", p.epochs, p.patience, p.target_accuracy, live=live,
+            "baseline", p.epochs, p.patience, p.target_accuracy, live=live,
         )  # fmt: skip
         save_keras(model, tmp / MODEL_FILE)
         write_summary(model, tmp / "summary.txt")

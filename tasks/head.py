@@ -143,7 +143,7 @@ def _seed_head(features_dir: Path, classes: int, params: Params, tmp: Path, live
         head,
         training.dataset(f_train, y_train, p.batch_size, shuffle=True, seed=seed),
         training.dataset(f_val, y_val, p.batch_size),
-        tmp, "head", p.epochs, p.patience, p.target_accuracy, class_weight=weights, live=live,
+        "head", p.epochs, p.patience, p.target_accuracy, class_weight=weights, live=live,
     )  # fmt: skip
     live.log_metric("head/config", "seed", plot=False)
     return head, {"config": "seed", "selection": "pinned by head.config: seed"}
@@ -268,7 +268,7 @@ def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path,
         model,
         training.dataset(x_train, y_train, f.batch_size, shuffle=True, seed=params.base.seed),
         training.dataset(x_val, y_val, f.batch_size),
-        finetune_dir, "finetune", f.epochs, params.head.patience, params.head.target_accuracy,
+        "finetune", f.epochs, params.head.patience, params.head.target_accuracy,
         live=live,
     )  # fmt: skip
     after = _accuracy(model, x_val, y_val)

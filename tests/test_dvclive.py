@@ -44,7 +44,7 @@ def test_fit_logs_every_epoch_as_it_ends(tmp_path):
     x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
     data = training.dataset(x, (x[:, 0] > 0).astype("int32"), 8)
     with training.live_logger(tmp_path / "dvclive") as live:
-        history = training.fit(model, data, data, tmp_path, "baseline", epochs=3, patience=5,
+        history = training.fit(model, data, data, "baseline", epochs=3, patience=5,
                                target_accuracy=1.01, live=live)  # fmt: skip
         assert live.step == 3
     assert read_history(tmp_path / "dvclive", "baseline") == history

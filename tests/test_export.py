@@ -614,7 +614,10 @@ def test_predict_answers_through_the_checked_onnx_export_like_the_release(projec
         assert abs(want["ood_score"] - got["ood_score"]) < 1e-3
         if "top" in want:
             assert [c for c, _ in want["top"]] == [c for c, _ in got["top"]]
-            assert max(abs(a - b) for (_, a), (_, b) in zip(want["top"], got["top"])) <= 1e-4
+            assert (
+                max(abs(a - b) for (_, a), (_, b) in zip(want["top"], got["top"], strict=True))
+                <= 1e-4
+            )
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ def test_project_params_file_is_valid_and_frozen():
         ({"base": {"image_size": 16}}, "base.image_size must be >= 32"),
         ({"base": {"backbone": "resnet"}}, "base.backbone must be one of"),
         ({"baseline": {"epochs": "many"}}, "baseline.epochs must be an integer"),
+        ({"baseline": {"arch": "resnet"}}, "baseline.arch must be one of pooled, seed"),
         ({"weights": {"url": "http://insecure/x"}}, "weights.url must be empty or an https:// URL"),
     ],
 )

@@ -294,7 +294,7 @@ def test_a_loss_that_becomes_nan_stops_training_with_one_line(tmp_path):
     data = training.dataset(x, y, 16)
     with pytest.raises(UserError, match=r"head: the training loss became nan in epoch \d+; lower "
                                         r"head.learning_rate"):  # fmt: skip
-        training.fit(model, data, data, tmp_path, "head", epochs=5, patience=5,
+        training.fit(model, data, data, "head", epochs=5, patience=5,
                      target_accuracy=1.0)  # fmt: skip
 
 

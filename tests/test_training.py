@@ -24,6 +24,21 @@ def project(tmp_path_factory) -> tuple[Path, object]:
     return stepped_project(tmp_path_factory)
 
 
+@pytest.mark.parametrize("size", [32, 96, 224])
+def test_the_pooled_baseline_keeps_its_size_where_the_seeds_grows(size):
+    from headstart.models import baseline_cnn
+
+    pooled, seed = baseline_cnn(size, 5, "pooled"), baseline_cnn(size, 5, "seed")
+    assert pooled.count_params() == baseline_cnn(32, 5, "pooled").count_params() < 200_000
+    side = ((((size - 2) // 2 - 2) // 2) - 2) // 2  # after the three conv/pool blocks
+    assert seed.count_params() > side * side * 64 * 512  # the Dense 512 on the flattened map
+    # at 224 px the pooled network averages 2 x 2 pixels first: its convolutions see 112 px
+    downsample = [layer for layer in pooled.layers if layer.name == "downsample"]
+    assert [layer.pool_size for layer in downsample] == ([(2, 2)] if size == 224 else [])
+    image = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
+    assert np.allclose(np.asarray(pooled(image)).sum(axis=1), 1.0, atol=1e-5)
+
+
 def test_baseline_artifacts(project):
     root, params = project
     out = params.path("baseline", root)
@@ -32,9 +47,9 @@ def test_baseline_artifacts(project):
         "dvclive/metrics.json",
         "summary.txt",
         "labels.json",
-        "checkpoint.weights.h5",
     ):
         assert (out / name).is_file(), name
+    assert not list(out.rglob("*.h5"))  # no training checkpoint kept as an output
     logged = sorted(f.relative_to(out).as_posix() for f in out.glob("dvclive/**/*.tsv"))
     assert logged == [f"dvclive/plots/metrics/baseline/{split}/{metric}.tsv"
                       for split in ("eval", "train") for metric in ("accuracy", "loss")]  # fmt: skip
