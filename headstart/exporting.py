@@ -31,6 +31,7 @@ import numpy as np
 from headstart.artifacts import EXPORT_RECORD_FILE
 from headstart.errors import UserError, describe, environment_failure
 from headstart.files import sha256_file
+from headstart.quiet import native_noise_dropped
 
 log = logging.getLogger("headstart.exporting")
 
@@ -102,14 +103,16 @@ def _run_litert(target: Path) -> Runner:
     """The ai-edge-litert interpreter (default threads); resized to each batch's size."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(target))
+    with native_noise_dropped():
+        interpreter = Interpreter(model_path=str(target))
     (given,), (returned,) = interpreter.get_input_details(), interpreter.get_output_details()
     shape = [None]
 
     def run(batch: np.ndarray) -> np.ndarray:
         if shape[0] != batch.shape:
             interpreter.resize_tensor_input(given["index"], batch.shape)
-            interpreter.allocate_tensors()
+            with native_noise_dropped():  # LiteRT's "Created ... XNNPACK delegate" line
+                interpreter.allocate_tensors()
             shape[0] = batch.shape
         interpreter.set_tensor(given["index"], batch)
         interpreter.invoke()

@@ -9,11 +9,13 @@ steps need none (prepare, plots) never pays the ~7 s of CPU it costs to load."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from headstart.errors import UserError
@@ -23,6 +25,7 @@ STARTUP_NOISE = re.compile(
     r"|port\.cc:\d+\] oneDNN custom operations are on"
     r"|cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized"
     r"|To enable the following instructions: .* in other operations, rebuild TensorFlow"
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU"  # LiteRT, when a model loads
 )
 
 
@@ -49,14 +52,26 @@ def start_tensorflow_quietly() -> None:
     op), with its start-up lines dropped; anything else written meanwhile is kept."""
     if "tensorflow" in sys.modules:
         return
+    with native_noise_dropped():
+        import tensorflow as tf
+
+        tf.constant(0.0) + 1.0
+
+
+@contextlib.contextmanager
+def native_noise_dropped() -> Iterator[None]:
+    """Capture file descriptor 2 (what C++ code writes past Python's sys.stderr) for the block and
+    pass every line on except the known noise (STARTUP_NOISE). Not while verbose: then all of it
+    shows."""
+    if verbose():
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
-            import tensorflow as tf
-
-            tf.constant(0.0) + 1.0
+            yield
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)

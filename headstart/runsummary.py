@@ -9,7 +9,7 @@ from pathlib import Path
 from headstart.artifacts import EXPORT_RECORD_FILE, REPORT_FILE
 from headstart.calibration import CALIBRATION_FILE
 from headstart.files import read_json
-from headstart.modelcard import CARD_FILE
+from headstart.modelcard import CARD_FILE, NOTES_FILE
 
 
 def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skipped: list[str],
@@ -115,7 +115,17 @@ def exports_table(root: Path, params) -> list[str]:
         diff = "-" if result["max_abs_diff"] is None else f"{result['max_abs_diff']:.1e}"
         lines.append(f"| {name} | {100 * result['agreement']:.2f} % | {diff} | "
                      f"{_megabytes(result['bytes'])} | {result['latency_ms']:.1f} ms |")  # fmt: skip
-    return [*lines, "", f"**Model card**: `{params.paths.export}/{CARD_FILE}`", ""]
+    reject = record.get("reject")
+    if reject and reject["available"]:
+        lines.append(f"| {reject['path']} (for `predict --reject`) | "
+                     f"{100 * reject['decision_agreement']:.2f} % of unknown/known answers | | "
+                     f"{_megabytes(sum(f['bytes'] for f in reject['files'].values()))} | |")  # fmt: skip
+    card = f"**Model card**: `{params.paths.export}/{CARD_FILE}`"
+    notes = root / NOTES_FILE
+    if notes.is_file() and "TODO" in notes.read_text():
+        card += (f" (`{NOTES_FILE}` still holds TODO lines: write your model's intended use and "
+                 "limitations there, every model card carries them)")  # fmt: skip
+    return [*lines, "", card, ""]
 
 
 def _megabytes(count: int) -> str:

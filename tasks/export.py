@@ -81,7 +81,7 @@ def export_release(root: Path | str, params: Params,
         card = modelcard.render(modelcard.collect(root, params, record))
         write_text(tmp / modelcard.CARD_FILE, card)
     if "TODO" in (root / modelcard.NOTES_FILE).read_text():
-        log.warning("export: %s still holds TODO lines; write your model's intended use and "
+        log.info("export: %s still holds TODO lines; write your model's intended use and "
                     "limitations there (every model card carries them)", modelcard.NOTES_FILE)  # fmt: skip
     missing = [name for name, result in results.items() if not result["available"]]
     log.info("export: %d of %d formats written to %s%s", len(results) - len(missing), len(results),
