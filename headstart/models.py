@@ -15,9 +15,11 @@ def baseline_cnn(image_size: int, classes: int, arch: str = "pooled") -> keras.M
 
     seed: the seed's network, Conv/MaxPool (16, 32, 64) -> Flatten -> Dense 512 -> softmax. Its
     Dense layer grows with the square of the image size (3.3 M weights at 96 px, 22 M at 224).
-    pooled: the same convolutions plus a Conv 128, then global average pooling -> Dropout ->
-    softmax: ~0.1 M weights at any size. Images larger than twice BASELINE_WORKING_SIZE are
-    average-pooled down by a whole factor first, so its cost stays near the 96 px one."""
+    pooled: the same convolutions, their map average-pooled to a grid of at most 5 cells a side
+    (where each class's shapes lie is kept, unlike global pooling: 0.75 against 0.80 held out on
+    Fashion-MNIST), Dropout 0.3 -> Dense 128 -> softmax: 0.2 M weights at any size. Images of
+    twice BASELINE_WORKING_SIZE or more are average-pooled down by a whole factor first, so its
+    cost stays near the 96 px one."""
     if arch not in BASELINE_ARCHS:
         raise ValueError(f"baseline arch must be one of {', '.join(BASELINE_ARCHS)} (got {arch!r})")
     inputs = keras.Input((image_size, image_size, 3), name="image")
@@ -28,13 +30,16 @@ def baseline_cnn(image_size: int, classes: int, arch: str = "pooled") -> keras.M
     for filters in (16, 32, 64):
         x = layers.Conv2D(filters, 3, activation="relu", name=f"conv{filters}")(x)
         x = layers.MaxPooling2D(2, name=f"pool{filters}")(x)
-    if arch == "seed":
+    if arch == "pooled":
+        cell = max(1, round(x.shape[1] / 4))  # the map is 2 to 5 cells a side after this
+        if cell > 1:
+            x = layers.AveragePooling2D(cell, name="grid")(x)
+        x = layers.Flatten(name="flatten")(x)
+        x = layers.Dropout(0.3, name="dropout")(x)
+        x = layers.Dense(128, activation="relu", name="dense128")(x)
+    else:
         x = layers.Flatten(name="flatten")(x)
         x = layers.Dense(512, activation="relu", name="dense512")(x)
-    else:
-        x = layers.Conv2D(128, 3, activation="relu", padding="same", name="conv128")(x)
-        x = layers.GlobalAveragePooling2D(name="pool")(x)
-        x = layers.Dropout(0.3, name="dropout")(x)
     outputs = layers.Dense(classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="baseline_cnn")
 

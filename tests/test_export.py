@@ -552,16 +552,32 @@ def test_headstart_export_runs_the_step(project, tmp_path):
     assert "export: saved_model agrees on 100.00 %" in result.stderr
 
 
-def readme_snippet() -> str:
-    """The README's deployment snippet (Pillow + onnxruntime), as a user copies it."""
+ONNX_LINES = """session = onnxruntime.InferenceSession(f"{folder}/model.onnx")
+p = session.run(None, {session.get_inputs()[0].name: x})[0][0]
+"""
+
+
+def readme_snippet(runtime: str) -> str:
+    """The README's deployment snippet (Pillow + onnxruntime), as a user copies it; for LiteRT,
+    with its two `session` lines replaced by the README's LiteRT block, as it says."""
     text = (ROOT / "README.md").read_text()
-    start = text.index("```python\nimport json\n\nimport numpy as np\nimport onnxruntime")
-    return text[start + len("```python\n") : text.index("```", start + 10)]
+
+    def block(opening: str) -> str:
+        start = text.index("```python\n" + opening)
+        return text[start + len("```python\n") : text.index("```", start + 10)]
+
+    code = block("import json\n\nimport numpy as np\nimport onnxruntime")
+    assert ONNX_LINES in code
+    if runtime == "litert":
+        code = code.replace(ONNX_LINES, block("from ai_edge_litert.interpreter import Interpreter"))
+    return code
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["onnx", "litert"])
 @pytest.mark.parametrize("resize", ["pad", "stretch"])
-def test_the_readme_deployment_snippet_gives_predicts_probabilities(project, tmp_path, resize):
+def test_the_readme_deployment_snippet_gives_predicts_probabilities(project, tmp_path, resize,
+                                                                    runtime):  # fmt: skip
     from PIL import Image
 
     from headstart.predicting import predict_paths
@@ -576,7 +592,7 @@ def test_the_readme_deployment_snippet_gives_predicts_probabilities(project, tmp
     source = sorted((root / "data" / "class_1").iterdir())[0]
     photo = tmp_path / "wide.png"  # not square: pad and stretch differ
     Image.open(source).convert("RGB").resize((48, 24)).save(photo)
-    code = readme_snippet().replace(
+    code = readme_snippet(runtime).replace(
         'folder, photo = "artifacts/export", "photo.jpg"', f'folder, photo = "{export}", "{photo}"'
     )
     namespace: dict = {}

