@@ -134,12 +134,15 @@ def test_dvc_plots_metrics_and_experiments_read_dvclive_after_a_run(trained_copy
     epochs = read_history(live, "baseline")["loss"]
     assert 1 <= len(epochs) <= 2  # baseline.epochs=2 in the tiny project
 
-    metrics = json.loads(run_in(root, "dvc", "metrics", "show", "--json").stdout)
-    logged = metrics[""]["data"]["artifacts/baseline/dvclive/metrics.json"]["data"]
+    # DVCLive's summaries are not in dvc.yaml's `metrics:` (the headline is: see
+    # test_the_experiment_table_fits_120_columns); DVC reads them when named
+    files = ["artifacts/baseline/dvclive/metrics.json", "artifacts/transfer/dvclive/metrics.json"]
+    metrics = json.loads(run_in(root, "dvc", "metrics", "show", "--json", *files).stdout)
+    logged = metrics[""]["data"][files[0]]["data"]
     assert logged["step"] == len(epochs) - 1
     assert logged["baseline"]["train"]["loss"] == pytest.approx(epochs[-1])
     assert set(logged["baseline"]["eval"]) == {"loss", "accuracy"}
-    head = metrics[""]["data"]["artifacts/transfer/dvclive/metrics.json"]["data"]["head"]
+    head = metrics[""]["data"][files[1]]["data"]["head"]
     assert head["config"] in ("linear", "small", "dense") and 0 <= head["cv_accuracy"] <= 1
 
     plots = json.loads(run_in(root, "dvc", "plots", "show", "--json").stdout)
@@ -152,8 +155,24 @@ def test_dvc_plots_metrics_and_experiments_read_dvclive_after_a_run(trained_copy
 
     experiments = json.loads(run_in(root, "dvc", "exp", "show", "--json").stdout)
     workspace = next(e for e in experiments if e["rev"] == "workspace")["data"]["metrics"]
-    shown = workspace["artifacts/baseline/dvclive/metrics.json"]["data"]
-    assert shown["baseline"]["eval"]["accuracy"] == logged["baseline"]["eval"]["accuracy"]
+    assert list(workspace) == ["artifacts/metrics/headline.json"]
+    release = json.loads((root / "artifacts/metrics/release.json").read_text())
+    assert workspace["artifacts/metrics/headline.json"]["data"]["accuracy"] == release["accuracy"]
 
     status = run_in(root, "git", "status", "--porcelain", "dvc.yaml", "artifacts").stdout
     assert status == ""  # DVCLive changed no dvc.yaml and left no file for git to add
+
+
+@pytest.mark.slow
+def test_the_experiment_table_fits_120_columns(trained_copy):
+    """After a one-value experiment, the changed metrics and parameters read on a 120-column
+    terminal: no column collapsed to "…", no line wider. Dependencies are dropped from the
+    table: DVC shows each changed one as a 32-character md5 (artifacts/transfer, ...)."""
+    root = trained_copy
+    run_in(root, "dvc", "exp", "run", "-S", "head.dropout=0.3")
+    table = run_in(root, "env", "COLUMNS=120", "dvc", "exp", "show", "--only-changed", "--drop",
+                   ".*/", "--no-pager").stdout  # fmt: skip
+    lines = table.splitlines()
+    assert "head.dropout" in table and "accuracy" in table, table
+    assert "…" not in table, table
+    assert max(len(line) for line in lines) <= 120, table

@@ -207,7 +207,7 @@ def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path
     assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
     diff = json.loads(run_in(root, "dvc", "metrics", "diff", "--json").stdout)
     assert diff == {}  # top-k is not a headline figure (a DVC metric): no column changes
-    details = json.loads((root / "artifacts/metrics/transfer_details.json").read_text())
+    details = json.loads((root / "artifacts/metrics/transfer.json").read_text())
     assert "top1_accuracy" in details and "top2_accuracy" not in details
     params_diff = json.loads(run_in(root, "dvc", "params", "diff", "--json").stdout)
     assert params_diff["params.yaml"]["evaluate.top_k"] == {"old": 3, "new": 1, "diff": -2}

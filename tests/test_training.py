@@ -127,22 +127,32 @@ def test_the_feature_cache_is_stale_when_prepare_decodes_differently(project, tm
     assert features.cache_key(prepared, backbone, 1, params.base.seed) != before
 
 
-def test_metrics_files_have_flat_keys(project):
+def test_metrics_files_have_flat_keys_and_the_headline_is_the_release_as_shipped(project):
     root, params = project
     metrics_dir = params.path("metrics", root)
+    figures = {}
     for name in ("baseline", "transfer", "ensemble", "release"):
-        metrics = read_json(metrics_dir / f"{name}.json")
-        assert {"accuracy", "loss", "macro_f1", "test_images"} <= set(metrics)
-        assert not [key for key in metrics if "class_" in key]  # per class: not a DVC metric
-        details = read_json(metrics_dir / f"{name}_details.json")
-        assert {"f1.class_0", "recall.class_1"} <= set(details)
-        assert [key for key in details if key.startswith("top") and key.endswith("_accuracy")]
-        assert {key: details[key] for key in metrics} == metrics
-        assert all(isinstance(v, (int, float)) for v in metrics.values())  # bool is an int
+        figures[name] = metrics = read_json(metrics_dir / f"{name}.json")
+        assert {"accuracy", "loss", "macro_f1", "test_images", "f1.class_0"} <= set(metrics)
+        assert [key for key in metrics if key.startswith("top") and key.endswith("_accuracy")]
+        assert all(not isinstance(v, dict) for v in metrics.values())  # flat keys
         confusion = read_json(metrics_dir / f"{name}_confusion.json")
         assert np.sum(confusion["matrix"]) == metrics["test_images"]
         with open(metrics_dir / f"{name}_predictions.csv") as handle:
             assert len(list(csv.DictReader(handle))) == metrics["test_images"]
+    headline = read_json(metrics_dir / "headline.json")
+    release = figures["release"]
+    assert headline["loss"] == release["loss_calibrated"]
+    assert headline["ece"] == release["ece_calibrated"]
+    assert (
+        headline["accuracy"] == release["accuracy"] and headline["macro_f1"] == release["macro_f1"]
+    )
+    assert (
+        headline["released"] == read_json(params.path("release", root) / "selection.json")["winner"]
+    )
+    for name in ("baseline", "transfer", "ensemble"):
+        assert headline[name] == figures[name]["accuracy"]
+    assert len(headline) == 9
 
 
 def test_every_head_configuration_is_scored_and_the_choice_recorded(project):
