@@ -147,15 +147,15 @@ def headline(figures: dict[str, dict], winner: str) -> dict:
     `dvc exp show`, and a name two files share is shown with its whole path (the per-model
     files made the table 246 columns wide). Everything else is in `<model>.json`."""
     release = figures["release"]
-    return {
+    shown = {
         "accuracy": release["accuracy"],
         "macro_f1": release["macro_f1"],
         "loss": release["loss_calibrated"],
         "ece": release["ece_calibrated"],
-        "released": winner,
-        "test_images": release["test_images"],
         **{name: figures[name]["accuracy"] for name in ("baseline", "transfer", "ensemble")},
-    }
+    }  # to 4 decimals, as a table shows them (`<model>.json` keeps every digit)
+    return {**{key: round(value, 4) for key, value in shown.items()}, "released": winner,
+            "test_images": release["test_images"]}  # fmt: skip
 
 
 def run(params: Params, root: Path) -> Path:
