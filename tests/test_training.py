@@ -142,17 +142,13 @@ def test_metrics_files_have_flat_keys_and_the_headline_is_the_release_as_shipped
             assert len(list(csv.DictReader(handle))) == metrics["test_images"]
     headline = read_json(metrics_dir / "headline.json")
     release = figures["release"]
-    assert headline["loss"] == release["loss_calibrated"]
-    assert headline["ece"] == release["ece_calibrated"]
-    assert (
-        headline["accuracy"] == release["accuracy"] and headline["macro_f1"] == release["macro_f1"]
-    )
-    assert (
-        headline["released"] == read_json(params.path("release", root) / "selection.json")["winner"]
-    )
+    shown = {"loss": "loss_calibrated", "ece": "ece_calibrated", "accuracy": "accuracy",
+             "macro_f1": "macro_f1"}  # fmt: skip
+    for key, figure in shown.items():
+        assert headline[key] == pytest.approx(release[figure], abs=5e-5), key
     for name in ("baseline", "transfer", "ensemble"):
-        assert headline[name] == figures[name]["accuracy"]
-    assert len(headline) == 9
+        assert headline[name] == pytest.approx(figures[name]["accuracy"], abs=5e-5)
+    assert headline["test_images"] == release["test_images"] and len(headline) == 8
 
 
 def test_every_head_configuration_is_scored_and_the_choice_recorded(project):
