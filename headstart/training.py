@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from headstart.artifacts import Rows
+from headstart.progress import progress
 
 log = logging.getLogger("headstart.training")
 
@@ -113,11 +114,15 @@ class NonFiniteLoss(keras.callbacks.Callback):
 
 
 class _ProgressLog(keras.callbacks.Callback):
-    def __init__(self, name: str, epochs: int):
+    """One log line per epoch, and the epoch count on the progress display (a bar on a
+    terminal: headstart/progress.py)."""
+
+    def __init__(self, name: str, epochs: int, shown):
         super().__init__()
-        self.name, self.epochs = name, epochs
+        self.name, self.epochs, self.shown = name, epochs, shown
 
     def on_epoch_end(self, epoch, logs=None):
+        self.shown.advance()
         logs = logs or {}
         log.info("%s: epoch %d/%d loss %.4f acc %.4f val_loss %.4f val_acc %.4f", self.name,
                  epoch + 1, self.epochs, logs.get("loss", np.nan), logs.get("accuracy", np.nan),
@@ -145,14 +150,14 @@ def fit(
         ),
         TargetAccuracy(target_accuracy),
         NonFiniteLoss(name),
-        _ProgressLog(name, epochs),
     ]
     if live is not None:
         callbacks.append(_LiveLog(live, name))
-    history = model.fit(
-        train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=0,
-        class_weight=class_weight, shuffle=False,
-    )  # fmt: skip
+    with progress(epochs, f"{name} (training)", log, unit="epochs") as shown:
+        history = model.fit(
+            train, validation_data=val, epochs=epochs, verbose=0, class_weight=class_weight,
+            callbacks=[*callbacks, _ProgressLog(name, epochs, shown)], shuffle=False,
+        )  # fmt: skip
     return history.history
 
 

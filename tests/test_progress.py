@@ -85,6 +85,25 @@ def test_on_a_terminal_draws_a_rich_bar_and_logs_nothing(caplog, capsys, bars_al
     assert capsys.readouterr().out == ""
 
 
+def test_training_counts_its_epochs_on_the_terminals_bar(monkeypatch, bars_allowed):
+    import keras
+
+    from headstart import models, training
+
+    stream = Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)
+    model = models.dense_head(4, 2, units=8)
+    training.compile_classifier(model, models.optimizer("adam", 1e-3))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 4)).astype("float32"), np.arange(16) % 2
+    data = training.dataset(x, y, 8)
+    keras.utils.set_random_seed(0)
+    history = training.fit(model, data, data, "head", epochs=3, patience=5, target_accuracy=1.1)
+    drawn = stream.getvalue()
+    assert len(history["loss"]) == 3
+    assert "head (training)" in drawn and "3/3" in drawn and "epochs" in drawn
+
+
 @pytest.mark.parametrize("setting", [{"HEADSTART_PROGRESS": "0"}, {"TERM": "dumb"}])
 def test_bars_can_be_turned_off(caplog, monkeypatch, bars_allowed, setting):
     for key, value in setting.items():
