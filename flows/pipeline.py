@@ -136,9 +136,13 @@ class _Run:
         )
 
     def _say(self, line: str) -> None:
+        """A step's one line: on stdout for `headstart run` (the console), else logged (a
+        scheduled run's log shows the same lines)."""
         if self.echo:  # not print(): the flow's log_prints would make it a log record
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
+        else:
+            get_run_logger().info(line)
 
     def finish(self) -> dict:
         ran = sorted(self.ran, key=STEP_NAMES.index)

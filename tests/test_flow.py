@@ -310,6 +310,7 @@ def test_scheduled_retraining_records_added_images_retrains_and_reports(trained_
     assert classes["classes"] == ["class_0", "class_1", "newcomer"]
     messages = flow_run_logs(prefect_harness, state.state_details.flow_run_id)
     assert any("data.dvc: 2 added (data/newcomer/new_010.png" in m for m in messages), messages
+    assert any(m.startswith("prepare   ran in ") and " images (" in m for m in messages), messages
     summary = next(m for m in messages if m.startswith("retraining summary"))
     assert "| transfer |" in summary and "**Promotion**: replaced" in summary  # new classes
 
