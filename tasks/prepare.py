@@ -22,12 +22,13 @@ import math
 import os
 import tempfile
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from headstart import images
+from headstart import images, neardup
 from headstart.artifacts import LABELS_FILE, REPORT_FILE, SPLIT_RECORD, SPLITS
 from headstart.errors import UserError
 from headstart.files import atomic_dir, write_json, write_text
@@ -50,6 +51,7 @@ class _Seen:
     sha256: str = ""
     row: int = -1  # row in the temporary decoded-image file
     split: str = ""
+    phash: np.ndarray | None = None  # perceptual hash of the decoded image (neardup)
 
 
 def _walk(data_dir: Path):
@@ -115,34 +117,110 @@ def _target(images: int, fraction: float) -> int:
     return int(math.floor(images * fraction + 0.5))
 
 
-def assign_splits(items: list[_Seen], remembered: dict[str, str], seed: int,
-                  val_fraction: float, test_fraction: float) -> int:  # fmt: skip
-    """Set `split` on every used item, class by class; returns how many were newly dealt.
+@dataclass(slots=True)
+class Placement:
+    """What `assign_splits` did besides keeping remembered images where they were."""
 
-    An image the split record remembers (by content) stays where it was; the new images of a
-    class, in `split_key` order, first fill what the class's test and then its validation split
-    lack of their targets (round(fraction x the class's images)), the rest go to training. So
-    every class holds its share within one image, and adding images never moves another one."""
-    by_class: dict[str, list[_Seen]] = defaultdict(list)
-    for item in items:
-        by_class[item.label].append(item)
-    dealt = 0
-    for group in by_class.values():
-        new = []
-        for item in group:
-            item.split = remembered.get(item.sha256, "")
-            if not item.split:
-                new.append(item)
-        new.sort(key=lambda item: (split_key(item.sha256, seed), item.path))
-        counts = Counter(item.split for item in group)
-        lacking = {split: max(0, _target(len(group), fraction) - counts[split])
-                   for split, fraction in (("test", test_fraction), ("val", val_fraction))}  # fmt: skip
-        for item in new:
-            item.split = next((split for split, n in lacking.items() if n > 0), "train")
-            if item.split in lacking:
-                lacking[item.split] -= 1
-        dealt += len(new)
-    return dealt
+    dealt: int = 0  # images new to the split record, dealt in `split_key` order
+    joined: list[_Seen] = field(default_factory=list)  # new, placed with their near-duplicates
+    moved: list[tuple[_Seen, str]] = field(default_factory=list)  # (image, remembered split)
+
+
+def _units(items: list[_Seen], groups: Sequence[Sequence[int]]) -> list[list[_Seen]]:
+    """The items as units that go to one split whole: each near-duplicate group (indices into
+    `items`), members in sha256 order, and each other image alone."""
+    grouped = {index for members in groups for index in members}
+    units = [sorted((items[i] for i in members), key=_by_content) for members in groups]
+    units += [[item] for index, item in enumerate(items) if index not in grouped]
+    return units
+
+
+def _by_content(item: _Seen) -> tuple[str, str]:
+    return item.sha256, item.path
+
+
+def _place_remembered(
+    unit: list[_Seen], remembered: dict[str, str], order: dict[str, int], placement: Placement
+) -> str:
+    """Put a unit with a remembered member where its earliest-recorded member is (`order`: the
+    record's row order): its other members join it (new ones) or move to it (remembered
+    elsewhere), both noted in `placement`. Returns the split."""
+    first = min((item for item in unit if item.sha256 in order), key=lambda i: order[i.sha256])
+    split = remembered[first.sha256]
+    for item in unit:
+        before = remembered.get(item.sha256)
+        if before is None:
+            placement.joined.append(item)
+        elif before != split:
+            placement.moved.append((item, before))
+        item.split = split
+    return split
+
+
+def _lacking(
+    items: list[_Seen], placed: dict[str, Counter], val_fraction: float, test_fraction: float
+) -> dict[str, dict[str, int]]:
+    """Per class: how many images its test and validation splits lack of their targets
+    (round(fraction x the class's images)), given the images `placed` there already."""
+    fractions = {"test": test_fraction, "val": val_fraction}
+    lacking = {}
+    for label, size in Counter(item.label for item in items).items():
+        lacking[label] = {
+            split: max(0, _target(size, fraction) - placed[label][split])
+            for split, fraction in fractions.items()
+        }
+    return lacking
+
+
+def _deal(unit: list[_Seen], lacking: dict[str, dict[str, int]]) -> str:
+    """The first of test and val that lacks room for the whole unit in every class it spans
+    (taken from `lacking`), else train: a group never overfills a split to stay whole."""
+    need = Counter(item.label for item in unit)
+    for split in ("test", "val"):
+        if all(lacking[label][split] >= n for label, n in need.items()):
+            for label, n in need.items():
+                lacking[label][split] -= n
+            return split
+    return "train"
+
+
+def assign_splits(
+    items: list[_Seen],
+    remembered: dict[str, str],
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    groups: Sequence[Sequence[int]] = (),
+) -> Placement:
+    """Set `split` on every used item, a near-duplicate group (`groups`: indices into `items`)
+    always in one split, so a lightly changed copy never sits on the other side of a split.
+
+    An image the split record remembers (by content) stays where it was, and so does its group:
+    a group goes where its earliest-recorded member is (new members join it, members recorded
+    elsewhere move to it). The other images and groups, in `split_key` order of their first
+    member by sha256, first fill what their class's test and then validation split lack (a
+    group only where it fits whole), the rest go to training. So every class holds its share
+    within one image (or one group), and adding images moves no other image, except into the
+    split of a group it joins."""
+    order = {digest: n for n, digest in enumerate(remembered)}
+    placement = Placement()
+    placed: dict[str, Counter] = defaultdict(Counter)
+    fresh = []
+    for unit in _units(items, groups):
+        if any(item.sha256 in order for item in unit):
+            split = _place_remembered(unit, remembered, order, placement)
+            for item in unit:
+                placed[item.label][split] += 1
+        else:
+            fresh.append(unit)
+    lacking = _lacking(items, placed, val_fraction, test_fraction)
+    fresh.sort(key=lambda unit: (split_key(unit[0].sha256, seed), unit[0].path))
+    for unit in fresh:
+        split = _deal(unit, lacking)
+        for item in unit:
+            item.split = split
+        placement.dealt += len(unit)
+    return placement
 
 
 SPLIT_RECORD_COLUMNS = ["sha256", "split", "label", "file"]
@@ -175,12 +253,22 @@ def read_split_record(path: Path | None, seed: int, val_fraction: float,
     return {row[0]: row[1] for row in rows[1:]}
 
 
-def write_split_record(path: Path, items: list[_Seen], seed: int, val_fraction: float,
-                       test_fraction: float) -> None:  # fmt: skip
+def write_split_record(
+    path: Path,
+    items: list[_Seen],
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    remembered: dict[str, str] | None = None,
+) -> None:
+    """Write the record: the images `remembered` (the record read before) keep their rows'
+    order, new ones follow by file name, so the order of rows is the order images were first
+    recorded in (`assign_splits` sends a near-duplicate group to its earliest-recorded member)."""
+    order = {digest: n for n, digest in enumerate(remembered or {})}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(SPLIT_RECORD_COLUMNS)
-    for item in sorted(items, key=lambda item: item.path):
+    for item in sorted(items, key=lambda item: (order.get(item.sha256, len(order)), item.path)):
         writer.writerow([item.sha256, item.split, item.label, item.path])
     text = _record_header(seed, val_fraction, test_fraction) + "\n" + buffer.getvalue()
     if not path.is_file() or path.read_text() != text:
@@ -224,7 +312,7 @@ def _scan(data_dir: Path, params: Params, raw_file, entries: int) -> list[_Seen]
                 seen.append(_Seen(rel, label, "quarantined", str(err), digest))
                 continue
             raw_file.write(array.tobytes())
-            seen.append(_Seen(rel, label, "used", "", digest, rows))
+            seen.append(_Seen(rel, label, "used", "", digest, rows, phash=neardup.phash(array)))
             rows += 1
     return seen
 
@@ -252,8 +340,70 @@ def _resolve_duplicates(seen: list[_Seen]) -> list[dict]:
     return conflicts
 
 
-def _report(seen: list[_Seen], classes: list[str], empty: list[str], conflicts, params,
-            entries: int) -> dict:  # fmt: skip
+def _near_duplicates(items: list[_Seen]) -> neardup.NearDuplicates:
+    """The near-duplicate groups among the used images (indices into `items`)."""
+    if not items:
+        return neardup.NearDuplicates([], [])
+    return neardup.group(np.stack([item.phash for item in items]), neardup.MAX_DISTANCE)
+
+
+REPORTED_PAIRS = 20  # per near-duplicate group, its closest linked pairs in the report
+
+
+def near_duplicate_report(
+    items: list[_Seen], found: neardup.NearDuplicates, placement: Placement
+) -> dict:
+    """The report's `near_duplicates` section: every group with its files, classes, split and
+    distances, the images that joined or moved to their group's split, and the groups that
+    span classes (label-conflict candidates: kept, for a person to look at)."""
+    pairs_of: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    first_of = {index: members[0] for members in found.groups for index in members}
+    for pair in found.pairs:
+        pairs_of[first_of[pair[0]]].append(pair)
+    groups = []
+    for members in found.groups:
+        pairs = sorted(pairs_of[members[0]], key=lambda pair: (pair[2], pair[0], pair[1]))
+        closest = [[items[i].path, items[j].path, d] for i, j, d in pairs[:REPORTED_PAIRS]]
+        groups.append(
+            {
+                "files": [items[i].path for i in members],
+                "classes": sorted({items[i].label for i in members}),
+                "split": items[members[0]].split,
+                "max_distance": max(distance for *_, distance in pairs),
+                "linked_pairs": len(pairs),
+                "closest_pairs": closest,
+            }
+        )
+    return {
+        "method": f"perceptual hash ({neardup.HASH_BITS}-bit DCT of the content-centred grey "
+        f"image); images whose hashes differ in at most {neardup.MAX_DISTANCE} bits are linked, "
+        "a group is every image linked through a chain; a group always goes to one split",
+        "max_distance": neardup.MAX_DISTANCE,
+        "count": len(groups),
+        "images": sum(len(group["files"]) for group in groups),
+        "groups": groups,
+        "joined": [{"file": i.path, "label": i.label, "split": i.split} for i in placement.joined],
+        "moved": [
+            {"file": i.path, "label": i.label, "from": before, "to": i.split}
+            for i, before in placement.moved
+        ],
+        "label_conflicts": [
+            {"files": group["files"], "classes": group["classes"]}
+            for group in groups
+            if len(group["classes"]) > 1
+        ],
+    }
+
+
+def _report(
+    seen: list[_Seen],
+    classes: list[str],
+    empty: list[str],
+    conflicts,
+    params,
+    entries: int,
+    near_duplicates: dict,
+) -> dict:
     per_class: dict[str, Counter] = defaultdict(Counter)
     for item in seen:
         key = item.label or "(no class)"
@@ -286,12 +436,14 @@ def _report(seen: list[_Seen], classes: list[str], empty: list[str], conflicts, 
         ],
         "ignored": [{"file": i.path, "reason": i.reason} for i in seen if i.status == "ignored"],
         "label_conflicts": conflicts,
+        "near_duplicates": near_duplicates,
         "split": {
             "seed": params.base.seed,
             "val_fraction": params.prepare.val_fraction,
             "test_fraction": params.prepare.test_fraction,
             "method": "stratified per class: round(fraction x images) each; images in the split "
-            "record keep their split, new ones are dealt in sha256(seed:content) order",
+            "record keep their split, new ones are dealt in sha256(seed:content) order; "
+            "near-duplicates go to one split together (see near_duplicates)",
         },
     }
 
@@ -327,14 +479,18 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
         p, seed = params.prepare, params.base.seed
         used_items = [item for item in seen if item.status == "used"]
         remembered = read_split_record(record, seed, p.val_fraction, p.test_fraction)
-        dealt = assign_splits(used_items, remembered, seed, p.val_fraction, p.test_fraction)
+        found = _near_duplicates(used_items)
+        placement = assign_splits(
+            used_items, remembered, seed, p.val_fraction, p.test_fraction, found.groups
+        )
         for split in SPLITS:
             if not any(i.split == split for i in seen):
                 raise PrepareError(
                     f"{data_dir}: the {split} split is empty ({sum(used.values())} usable images);"
                     f" add images or raise prepare.{split}_fraction"
                 )
-        report = _report(seen, classes, empty, conflicts, params, entries)
+        near = near_duplicate_report(used_items, found, placement)
+        report = _report(seen, classes, empty, conflicts, params, entries, near)
         with atomic_dir(out_dir) as tmp:
             _write(tmp, seen, classes, raw.fileno(), size)
             write_json(tmp / LABELS_FILE, {"classes": classes, "image_size": size,
@@ -343,11 +499,25 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
             write_json(tmp / REPORT_FILE, report)
             write_text(tmp / "report.txt", summary(report))
         if record is not None:
-            write_split_record(record, used_items, seed, p.val_fraction, p.test_fraction)
-            log.info("prepare: split: %d image(s) kept where %s had them, %d new dealt",
-                     len(used_items) - dealt, record.name, dealt)  # fmt: skip
+            write_split_record(
+                record, used_items, seed, p.val_fraction, p.test_fraction, remembered
+            )
+            _log_placement(placement, len(used_items), record.name)
     log.info("prepare: %s", summary(report).splitlines()[0])
     return out_dir
+
+
+def _log_placement(placement: Placement, used: int, record_name: str) -> None:
+    kept = used - placement.dealt - len(placement.joined) - len(placement.moved)
+    log.info(
+        "prepare: split: %d image(s) kept where %s had them, %d new dealt, %d new joined their "
+        "near-duplicates' split, %d moved to their group's split",
+        kept,
+        record_name,
+        placement.dealt,
+        len(placement.joined),
+        len(placement.moved),
+    )
 
 
 def _check_classes(data_dir: Path, classes: list[str], used: Counter, minimum: int) -> None:
@@ -405,6 +575,14 @@ def summary(report: dict) -> str:
             lines.append(f"  ignored {printable(item['file'])}: {printable(item['reason'])}")
     for conflict in report["label_conflicts"]:
         lines.append(f"  label conflict {', '.join(map(printable, conflict['files']))}")
+    near = report["near_duplicates"]
+    if near["count"]:
+        lines.append(
+            f"  near-duplicates: {near['count']} group(s) of {near['images']} images, each kept "
+            f"in one split; {len(near['joined'])} new image(s) joined their group's split, "
+            f"{len(near['moved'])} moved to it; {len(near['label_conflicts'])} group(s) span "
+            "classes (label-conflict candidates); see report.json near_duplicates"
+        )
     if not report["reconciles"]:
         lines.append("  WARNING: the counts do not add up to the entries under the data folder")
     return "\n".join(lines) + "\n"
