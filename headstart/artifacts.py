@@ -19,6 +19,9 @@ EXPORT_RECORD_FILE = "export.json"  # in paths.export: every format's files and 
 # the transfer model's class probabilities on the val and test splits, written by head so that
 # select and evaluate do not run the backbone again (arrays named by split)
 PROBABILITIES_FILE = "probabilities.npz"
+# in the transfer folder: each training image's probabilities from the CV head not fed it
+# (images x classes, training-split order; the data doctor's label check reads it)
+OUT_OF_FOLD_FILE = "train_out_of_fold.npy"
 LIVE_DIR = "dvclive"  # in a model folder: DVCLive's per-epoch and summary metrics (dvc.yaml reads)
 BACKBONE_FILE = "backbone.keras"  # the frozen feature extractor (freeze -> head)
 # model name -> the step that makes it (for "run that step first" messages)

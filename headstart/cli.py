@@ -237,6 +237,62 @@ def status(project: ProjectOption = Path(".")) -> None:
 
 
 @app.command()
+def review(
+    top: Annotated[int, typer.Option("--top", "-n", min=1, help="Suspects listed per kind.")] = 20,
+    accept: Annotated[
+        int,
+        typer.Option(
+            "--accept",
+            min=0,
+            help="Write the top N label suggestions into data-review.yaml as `relabel` "
+            "(the next `headstart run` applies them).",
+        ),
+    ] = 0,
+    project: ProjectOption = Path("."),
+) -> None:
+    """List the images the data doctor doubts (likely label errors, off-topic images,
+    near-duplicates across classes), from the last run's plots step."""
+    from headstart import params as params_module
+    from headstart import review as review_module
+    from headstart.doctor import DOCTOR_FILE
+    from headstart.files import read_json
+
+    try:
+        params = params_module.load(project / params_module.PARAMS_FILE)
+        found_file = params.path("plots", project) / DOCTOR_FILE
+        if not found_file.is_file():
+            raise UserError(f"{found_file}: missing; run `headstart run` first (the plots step "
+                            "writes it)")  # fmt: skip
+        found = read_json(found_file)
+        review_file = project / review_module.REVIEW_FILE
+        decided = review_module.load(review_file)
+    except UserError as err:
+        raise _fail(err) from None
+    issues = [s for s in found["label_issues"] if s["file"] not in decided.named()]
+    typer.echo(f"Likely label errors: {len(issues)} (confident learning on out-of-sample "
+               "probabilities; lowest self-confidence first)")  # fmt: skip
+    for n, s in enumerate(issues[:top], 1):
+        typer.echo(f"{n:4d}. {s['file']}  [{s['split']}]  {s['given']} -> {s['suggested']}  "
+                   f"(p(given) {s['self_confidence']:.3f})")  # fmt: skip
+    off_topic = [s for s in found["off_topic"] if s["file"] not in decided.named()]
+    typer.echo(f"Off-topic (unlike every class): {len(off_topic)}")
+    for s in off_topic[:top]:
+        typer.echo(f"      {s['file']}  OOD score {s['ood_score']:.1f} > {s['threshold']:.1f}")
+    typer.echo(f"Near-duplicate groups across classes: {len(found['label_conflicts'])}")
+    for group in found["label_conflicts"][:top]:
+        typer.echo(f"      {', '.join(group['files'])}")
+    if accept:
+        for s in issues[:accept]:
+            decided.relabel[s["file"]] = s["suggested"]
+        review_module.save(decided, review_file)
+        typer.echo(f"wrote {min(accept, len(issues))} relabel decision(s) to {review_file}; "
+                   "check them, then `headstart run`")  # fmt: skip
+    elif issues or off_topic:
+        typer.echo(f"Decide in {review_module.REVIEW_FILE} (relabel / exclude / keep), or "
+                   "`headstart review --accept N`; the next run applies it.")  # fmt: skip
+
+
+@app.command()
 def predict(
     inputs: Annotated[
         list[Path],

@@ -56,6 +56,8 @@ class CvResult:
     loss: np.ndarray  # (epochs, folds) held-out cross-entropy
     held_out: np.ndarray  # (folds,) held-out rows per fold
     hits: np.ndarray  # (epochs, images) whether each image was right, by the head not fed it
+    # (epochs, images, classes) float16: each image's probabilities from the head not fed it
+    out_of_fold: np.ndarray
 
     @property
     def curve(self) -> np.ndarray:
@@ -88,6 +90,12 @@ class CvResult:
     @property
     def best_hits(self) -> np.ndarray:
         return self.hits[self.best_epochs - 1]
+
+    @property
+    def best_out_of_fold(self) -> np.ndarray:
+        """(images, classes) out-of-fold probabilities at the chosen epoch count: what the
+        data doctor's label check reads (headstart/doctor.py)."""
+        return self.out_of_fold[self.best_epochs - 1].astype(np.float32)
 
     def record(self) -> dict:
         return {**asdict(self.config), "cv_accuracy": round(self.score, 6),
@@ -290,18 +298,21 @@ def cross_validate(config: HeadConfig, features: np.ndarray, labels: np.ndarray,
     members = [np.flatnonzero(row_fold != f) for f in range(folds)]
     held_out = np.bincount(fold, minlength=folds)
     rows = [np.flatnonzero(fold == f) for f in range(folds)]
-    accuracy, loss, image_hits = [], [], []
+    accuracy, loss, image_hits, out_of_fold = [], [], [], []
 
     def after_epoch(epoch: int, heads: _BatchedHeads) -> bool:
         hits, nlls = np.zeros(folds), np.zeros(folds)
         right = np.zeros(images, dtype=bool)
+        unseen = np.zeros((images, classes), np.float16)
         for f, r in enumerate(rows):  # each fold by the head that did not see it
             y_f = labels[r]
             probabilities = heads.probabilities(tf.gather(x, r), tf.constant(f)).numpy()
+            unseen[r] = probabilities
             right[r] = probabilities.argmax(axis=1) == y_f
             hits[f] = np.sum(right[r])
             nlls[f] = -np.sum(np.log(np.clip(probabilities[np.arange(len(y_f)), y_f], 1e-7, 1)))
         image_hits.append(right)
+        out_of_fold.append(unseen)
         accuracy.append(hits / np.maximum(held_out, 1))
         loss.append(nlls / np.maximum(held_out, 1))
         pooled = [float((a * held_out).sum() / held_out.sum()) for a in accuracy]
@@ -310,7 +321,7 @@ def cross_validate(config: HeadConfig, features: np.ndarray, labels: np.ndarray,
     _train(config, x, labels, members, sample_weight, epochs, batch_size, learning_rate, seed,
            classes, after_epoch)  # fmt: skip
     return CvResult(config, np.array(accuracy), np.array(loss), held_out.astype(np.float64),
-                    np.array(image_hits))  # fmt: skip
+                    np.array(image_hits), np.array(out_of_fold))  # fmt: skip
 
 
 def choose(results: list[CvResult]) -> tuple[CvResult, str]:

@@ -193,7 +193,8 @@ def render(facts: dict) -> str:
                  "used file with the sha256 of its content and its split)")  # fmt: skip
     totals = data["totals"]
     lines += [f"- {totals['seen']} files: {totals['used']} used, {totals['quarantined']} "
-              f"quarantined, {totals['ignored']} ignored", "",
+              f"quarantined, {totals['ignored']} ignored, {totals.get('excluded', 0)} excluded "
+              "by the data review file", "",
               "| class | train | val | test | quarantined | ignored |", "|---|---|---|---|---|---|"]  # fmt: skip
     for name, counts in data["per_class"].items():
         lines.append(f"| {name} | {counts['train']} | {counts['val']} | {counts['test']} | "

@@ -127,3 +127,19 @@ def reliability_diagram(before: dict, after: dict, temperature: float) -> Figure
     axes[0].set_ylabel("accuracy")
     figure.suptitle(f"release: reliability on the test split ({before['bins']} bins)")
     return figure
+
+
+def contact_sheet(pictures: list[np.ndarray], captions: list[str], title: str,
+                  columns: int = 6) -> Figure:  # fmt: skip
+    """A grid of images, each with its caption (the data doctor's suspects, near-duplicates)."""
+    n = len(pictures)
+    columns = min(n, columns) or 1
+    rows = max(1, -(-n // columns))
+    figure = Figure(figsize=(2.2 * columns, 2.5 * rows + 0.4), layout="constrained")
+    for index, ax in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
+        ax.axis("off")
+        if index < n:
+            ax.imshow(pictures[index])
+            ax.set_title(captions[index], fontsize=7)
+    figure.suptitle(title)
+    return figure

@@ -23,8 +23,13 @@ def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skippe
         lines += [
             f"**Data**: {totals['seen']} files, {totals['used']} used "
             f"({totals['train']} train / {totals['val']} val / {totals['test']} test), "
-            f"{totals['quarantined']} quarantined, {totals['ignored']} ignored "
-            f"(details: `{report_path.relative_to(root)}`)",
+            f"{totals['quarantined']} quarantined, {totals['ignored']} ignored"
+            + (
+                f", {totals['excluded']} excluded by the review file"
+                if totals.get("excluded")
+                else ""
+            )
+            + f" (details: `{report_path.relative_to(root)}`)",
             "",
         ]
     lines += candidates_table(root, params)

@@ -18,6 +18,7 @@ from headstart.artifacts import (
     BACKBONE_FILE,
     LIVE_DIR,
     MODEL_FILE,
+    OUT_OF_FOLD_FILE,
     PROBABILITIES_FILE,
     Rows,
     load_features,
@@ -179,6 +180,7 @@ def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path, li
                  result.score, result.best_epochs)  # fmt: skip
         results.append(result)
     chosen, reason = heads.choose(results)
+    np.save(tmp / OUT_OF_FOLD_FILE, chosen.best_out_of_fold)
     reason = f"{folds}-fold CV on the training features: {reason}"
     head, history = heads.fit_final(chosen.config, features, labels, chosen.best_epochs,
                                     p.batch_size, p.learning_rate, seed, classes,

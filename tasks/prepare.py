@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart import images, neardup
+from headstart import images, neardup, review
 from headstart.artifacts import LABELS_FILE, REPORT_FILE, SPLIT_RECORD, SPLITS
 from headstart.errors import UserError
 from headstart.files import atomic_dir, write_json, write_text
@@ -46,7 +46,7 @@ class PrepareError(UserError):
 class _Seen:
     path: str  # relative to the data folder, POSIX style
     label: str
-    status: str  # used | quarantined | ignored
+    status: str  # used | quarantined | ignored | excluded (by the review file)
     reason: str = ""
     sha256: str = ""
     row: int = -1  # row in the temporary decoded-image file
@@ -317,6 +317,25 @@ def _scan(data_dir: Path, params: Params, raw_file, entries: int) -> list[_Seen]
     return seen
 
 
+def _apply_review(
+    seen: list[_Seen], decisions: review.Review, path, folders: list[str]
+) -> list[dict]:
+    """Apply the review file: excluded files leave every split (status "excluded"), relabelled
+    ones take their new class. No file is moved or deleted. Returns the relabellings made."""
+    if not decisions.named():
+        return []
+    review.check(decisions, path, {i.path for i in seen}, set(folders))
+    excluded, relabelled = set(decisions.exclude), []
+    for item in seen:
+        if item.path in excluded:
+            item.status, item.reason = "excluded", f"{review.REVIEW_FILE}: exclude"
+        elif item.path in decisions.relabel and item.label != decisions.relabel[item.path]:
+            relabelled.append({"file": item.path, "from": item.label,
+                               "to": decisions.relabel[item.path]})  # fmt: skip
+            item.label = decisions.relabel[item.path]
+    return relabelled
+
+
 def _resolve_duplicates(seen: list[_Seen]) -> list[dict]:
     """Quarantine extra copies of identical content; copies under different labels all go."""
     by_hash: dict[str, list[_Seen]] = defaultdict(list)
@@ -395,6 +414,9 @@ def near_duplicate_report(
     }
 
 
+STATUSES = ("used", "quarantined", "ignored", "excluded")  # every file seen has one
+
+
 def _report(
     seen: list[_Seen],
     classes: list[str],
@@ -414,18 +436,16 @@ def _report(
     counts = {}
     for key in sorted(per_class):
         c = per_class[key]
-        counts[key] = {k: c[k] for k in ("seen", "used", "quarantined", "ignored", *SPLITS)}
+        counts[key] = {k: c[k] for k in ("seen", *STATUSES, *SPLITS)}
     total = Counter()
     for c in counts.values():
         total.update(c)
     return {
         "data_files_seen": total["seen"],
-        "reconciles": all(
-            c["seen"] == c["used"] + c["quarantined"] + c["ignored"] for c in counts.values()
-        )
+        "reconciles": all(c["seen"] == sum(c[k] for k in STATUSES) for c in counts.values())
         and total["seen"] == len(seen) == entries,
         "entries_under_data": entries,
-        "totals": {k: total[k] for k in ("seen", "used", "quarantined", "ignored", *SPLITS)},
+        "totals": {k: total[k] for k in ("seen", *STATUSES, *SPLITS)},
         "classes": classes,
         "empty_class_folders": empty,
         "per_class": counts,
@@ -449,12 +469,15 @@ def _report(
 
 
 def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
-            report_dir: Path | str | None = None, record: Path | str | None = None) -> Path:  # fmt: skip
+            report_dir: Path | str | None = None, record: Path | str | None = None,
+            review_file: Path | str | None = None) -> Path:  # fmt: skip
     """Validate, decode, split and store the images under `data_dir` into `out_dir`; the report
     into `report_dir` (default: `data-report` beside `out_dir`). `record`: the split record
-    (read, then rewritten): the split of every image it names is kept; None: no memory."""
+    (read, then rewritten): the split of every image it names is kept; None: no memory.
+    `review_file`: a person's decisions (headstart/review.py), applied before the split."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     record = Path(record) if record is not None else None
+    decisions = review.load(review_file) if review_file is not None else review.Review()
     if not data_dir.is_dir():
         raise PrepareError(
             f"{data_dir}: data folder not found; put images in {data_dir}/<class>/ "
@@ -471,6 +494,7 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
         seen = _scan(data_dir, params, buffered, entries)
         buffered.flush()
         conflicts = _resolve_duplicates(seen)
+        relabelled = _apply_review(seen, decisions, review_file, folders)
         used = Counter(i.label for i in seen if i.status == "used")
         files = Counter(i.label for i in seen if i.label)
         empty = [f for f in folders if files[f] == 0]
@@ -491,6 +515,9 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
                 )
         near = near_duplicate_report(used_items, found, placement)
         report = _report(seen, classes, empty, conflicts, params, entries, near)
+        report["review"] = {"file": review.REVIEW_FILE, "relabelled": relabelled,
+                            "excluded": [i.path for i in seen if i.status == "excluded"],
+                            "kept": sorted(decisions.keep)}  # fmt: skip
         with atomic_dir(out_dir) as tmp:
             _write(tmp, seen, classes, raw.fileno(), size)
             write_json(tmp / LABELS_FILE, {"classes": classes, "image_size": size,
@@ -566,6 +593,10 @@ def summary(report: dict) -> str:
         f"{t['test']} test), {t['quarantined']} quarantined, {t['ignored']} ignored; "
         f"{len(report['classes'])} classes",
     ]
+    decided = report.get("review", {})
+    if t.get("excluded") or decided.get("relabelled"):
+        lines.append(f"  {review.REVIEW_FILE}: {t.get('excluded', 0)} excluded, "
+                     f"{len(decided.get('relabelled', []))} relabelled")  # fmt: skip
     for item in report["quarantined"]:
         lines.append(f"  quarantined {printable(item['file'])}: {printable(item['reason'])}")
     if report["empty_class_folders"]:
@@ -596,4 +627,5 @@ def printable(text: str) -> str:
 def run(params: Params, root: Path) -> Path:
     """The step as dvc.yaml and the flow call it: paths from params."""
     return prepare(params.path("data", root), params.path("prepared", root), params,
-                   params.path("data_report", root), Path(root) / SPLIT_RECORD)  # fmt: skip
+                   params.path("data_report", root), Path(root) / SPLIT_RECORD,
+                   Path(root) / review.REVIEW_FILE)  # fmt: skip

@@ -41,6 +41,9 @@ def test_cross_validation_learns_separable_features_and_scores_every_image_once(
     assert result.curve[0] < 1.0 or result.score == 1.0
     assert result.score >= 0.95
     assert result.score == pytest.approx(result.best_hits.mean(), abs=0.05)
+    unseen = result.best_out_of_fold
+    assert unseen.shape == (len(y), 3) and np.allclose(unseen.sum(axis=1), 1.0, atol=5e-3)
+    assert np.array_equal(unseen.argmax(axis=1) == y, result.best_hits)
 
 
 def test_cross_validation_stops_after_patience_epochs_without_improvement():
@@ -107,7 +110,8 @@ def cv_result(name: str, complexity: int, pooled: list[float]) -> heads.CvResult
     config = heads.HeadConfig(name, 0, 0.0, 0.0, complexity)
     accuracy = np.array(pooled)[:, None]
     hits = np.zeros((len(pooled), 100), dtype=bool)
-    return heads.CvResult(config, accuracy, 1 - accuracy, np.array([100.0]), hits)
+    unseen = np.full((len(pooled), 100, 2), 0.5, np.float16)
+    return heads.CvResult(config, accuracy, 1 - accuracy, np.array([100.0]), hits, unseen)
 
 
 def test_the_head_with_the_highest_pooled_cv_accuracy_is_chosen_even_if_more_complex():

@@ -1,0 +1,125 @@
+"""The data doctor: training and validation images whose label is doubtful, images unlike any
+class, and near-duplicate groups across classes, for a person to review (headstart/review.py).
+
+Label errors by confident learning (Northcutt, Jiang and Chuang, "Confident Learning:
+Estimating Uncertainty in Dataset Labels", JAIR 2021), on out-of-sample probabilities: each
+training image's from the cross-validation head that was not fed it (the head step's
+`train_out_of_fold.npy`), each validation image's from the transfer model (never trained on it).
+
+1. Per class j, a threshold t_j: the mean probability of class j over the images labelled j.
+2. The confident joint C[i, j]: images labelled i whose probability of j reaches t_j (the most
+   probable such j when several do), calibrated so that row i sums to the images labelled i.
+3. Prune by noise rate: for each i != j, the round(C[i, j]) images labelled i with the largest
+   margin p_j - p_i are flagged; an image whose most probable class is its label is not.
+4. Ranked by self-confidence (the probability of the given label), lowest first.
+
+Off-topic images: the training images the release's OOD detector scores above its threshold
+(headstart/ood.py), highest first.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from headstart.artifacts import OUT_OF_FOLD_FILE, PROBABILITIES_FILE, REPORT_FILE, load_features
+from headstart.files import read_json
+
+log = logging.getLogger("headstart.doctor")
+
+DOCTOR_FILE = "doctor.json"  # in the plots folder: every finding, for `headstart review`
+
+
+def label_issues(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(flagged rows ranked by self-confidence, lowest first; each one's suggested class)."""
+    probabilities = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels)
+    images, classes = probabilities.shape
+    counts = np.bincount(labels, minlength=classes)
+    thresholds = np.array([
+        probabilities[labels == j, j].mean() if counts[j] else np.inf for j in range(classes)
+    ])  # fmt: skip
+    above = probabilities >= thresholds
+    confident = above.any(axis=1)
+    likely = np.where(above, probabilities, -1.0).argmax(axis=1)
+    joint = np.zeros((classes, classes))
+    np.add.at(joint, (labels[confident], likely[confident]), 1)
+    rows = joint.sum(axis=1, keepdims=True)
+    calibrated = np.divide(joint * counts[:, None], rows, out=np.zeros_like(joint), where=rows > 0)
+    flagged = np.zeros(images, dtype=bool)
+    for given in range(classes):
+        members = np.flatnonzero(labels == given)
+        for other in range(classes):
+            take = int(round(calibrated[given, other])) if other != given else 0
+            if take:
+                margin = probabilities[members, other] - probabilities[members, given]
+                flagged[members[np.argsort(-margin, kind="stable")[:take]]] = True
+    flagged &= probabilities.argmax(axis=1) != labels
+    rows_flagged = np.flatnonzero(flagged)
+    order = np.argsort(probabilities[rows_flagged, labels[rows_flagged]], kind="stable")
+    ranked = rows_flagged[order]
+    others = probabilities[ranked].copy()
+    others[np.arange(len(ranked)), labels[ranked]] = -1.0
+    return ranked, others.argmax(axis=1)
+
+
+def _files(prepared: Path, split: str) -> list[str]:
+    with open(prepared / "manifest.csv", newline="") as handle:
+        return [row["file"] for row in csv.DictReader(handle) if row["split"] == split]
+
+
+def examine(prepared: Path, transfer: Path, release: Path, features: Path, report: Path,
+            keep: set[str]) -> dict:  # fmt: skip
+    """Every finding: `label_issues` (file, split, given, suggested, self_confidence),
+    `off_topic` (file, label, ood_score, threshold), `label_conflicts` (near-duplicate groups
+    across classes, from prepare's report). Files a person marked `keep` are left out."""
+    classes = read_json(prepared / "labels.json")["classes"]
+    suspects = []
+    sources = {"train": transfer / OUT_OF_FOLD_FILE, "val": transfer / PROBABILITIES_FILE}
+    for split, source in sources.items():
+        if not source.is_file():  # head.config: seed runs no cross-validation
+            continue
+        labels = np.load(prepared / f"{split}_labels.npy")
+        if split == "train":
+            probabilities = np.load(source)
+        else:
+            with np.load(source) as recorded:
+                probabilities = recorded["val"]
+        files = _files(prepared, split)
+        ranked, suggested = label_issues(probabilities, labels)
+        suspects += [
+            {"file": files[row], "split": split, "given": classes[labels[row]],
+             "suggested": classes[other],
+             "self_confidence": round(float(probabilities[row, labels[row]]), 4)}
+            for row, other in zip(ranked, suggested, strict=True) if files[row] not in keep
+        ]  # fmt: skip
+    suspects.sort(key=lambda s: s["self_confidence"])
+    return {
+        "method": "confident learning (Northcutt et al. 2021): out-of-fold probabilities, "
+        "per-class thresholds, prune by noise rate, ranked by self-confidence",
+        "label_issues": suspects,
+        "off_topic": _off_topic(prepared, release, features, classes, keep),
+        "label_conflicts": read_json(report / REPORT_FILE)["near_duplicates"]["label_conflicts"]
+        if (report / REPORT_FILE).is_file()
+        else [],
+    }
+
+
+def _off_topic(prepared: Path, release: Path, features: Path, classes: list[str],
+               keep: set[str]) -> list[dict]:  # fmt: skip
+    from headstart import ood
+
+    if not (release / ood.OOD_FILE).is_file():
+        return []
+    detector, _ = ood.load(release)
+    train, labels = load_features(features, "train")
+    images = len(np.load(prepared / "train_labels.npy"))
+    scores = detector.score(train[:images])  # first views: the images as they are
+    files = _files(prepared, "train")
+    rows = [int(r) for r in np.argsort(-scores, kind="stable") if scores[r] > detector.threshold]
+    return [{"file": files[r], "label": classes[int(labels[r])],
+             "ood_score": round(float(scores[r]), 3), "threshold": round(detector.threshold, 3)}
+            for r in rows if files[r] not in keep]  # fmt: skip

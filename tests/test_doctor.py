@@ -1,0 +1,77 @@
+"""The data doctor: confident learning finds flipped labels; on a real run an injected mislabel
+is ranked first, drawn on the contact sheet, listed by `headstart review`, and an accepted
+suggestion is applied by the next prepare."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from conftest import class_pattern, run_in
+
+from headstart.doctor import label_issues
+
+
+def noisy_probabilities(seed: int, images: int = 300, classes: int = 3, flips: int = 15):
+    """Probabilities of a decent model (right class ~0.7 on average, spread by a Dirichlet),
+    the true labels, and the given labels with `flips` of them changed to another class."""
+    rng = np.random.default_rng(seed)
+    truth = np.arange(images) % classes
+    alpha = np.ones((images, classes))
+    alpha[np.arange(images), truth] = 6.0
+    probabilities = np.array([rng.dirichlet(a) for a in alpha])
+    given = truth.copy()
+    flipped = rng.choice(images, flips, replace=False)
+    given[flipped] = (truth[flipped] + rng.integers(1, classes, flips)) % classes
+    return probabilities, truth, given, set(flipped.tolist())
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_confident_learning_finds_most_flipped_labels_and_suggests_the_true_class(seed):
+    probabilities, truth, given, flipped = noisy_probabilities(seed)
+    ranked, suggested = label_issues(probabilities, given)
+    found = set(ranked.tolist())
+    assert len(found & flipped) / len(found) >= 0.6  # precision
+    assert len(found & flipped) / len(flipped) >= 0.6  # recall
+    right = [truth[row] == s for row, s in zip(ranked, suggested, strict=True) if row in flipped]
+    assert np.mean(right) >= 0.8
+    confidence = probabilities[ranked, given[ranked]]
+    assert np.all(np.diff(confidence) >= 0)  # lowest self-confidence first
+    assert not np.any(probabilities[ranked].argmax(axis=1) == given[ranked])
+
+
+def test_clean_labels_of_a_confident_model_flag_nothing():
+    probabilities, truth, _, _ = noisy_probabilities(4, flips=0)
+    probabilities = 0.1 * probabilities + 0.9 * np.eye(3)[truth]  # every image well separated
+    ranked, _ = label_issues(probabilities, truth)
+    assert len(ranked) == 0
+
+
+@pytest.mark.slow
+def test_an_injected_mislabel_is_ranked_first_and_a_review_relabels_it(trained_copy):
+    root = trained_copy
+    class_pattern(1, seed=4242).save(root / "data" / "class_0" / "odd_one.png")  # a class_1 image
+    run_in(root, "headstart", "run")
+    found = json.loads((root / "artifacts/plots/doctor.json").read_text())
+    first = found["label_issues"][0]
+    assert (first["file"], first["given"], first["suggested"]) == (
+        "class_0/odd_one.png",
+        "class_0",
+        "class_1",
+    )
+    assert (root / "artifacts/plots/suspects.png").stat().st_size > 5_000
+    listed = run_in(root, "headstart", "review").stdout
+    assert "1. class_0/odd_one.png" in listed and "class_0 -> class_1" in listed
+    run_in(root, "headstart", "review", "--accept", "1")
+    decided = yaml.safe_load((root / "data-review.yaml").read_text())
+    assert decided == {"relabel": {"class_0/odd_one.png": "class_1"}}
+    status = run_in(root, "headstart", "status").stdout
+    assert "prepare    stale" in status  # the review file is a dependency of prepare
+    run_in(root, "headstart", "step", "prepare")
+    report = json.loads((root / "artifacts/data-report/report.json").read_text())
+    assert report["review"]["relabelled"] == [
+        {"file": "class_0/odd_one.png", "from": "class_0", "to": "class_1"}
+    ]
+    assert report["per_class"]["class_1"]["used"] == report["per_class"]["class_0"]["used"] + 1

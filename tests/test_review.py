@@ -1,0 +1,85 @@
+"""The data review file: prepare applies a person's relabel / exclude / keep decisions, the
+report reconciles, and a mistake in the file is one line naming the entry."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from conftest import small_params, write_good_images
+
+from headstart import review
+from tasks.prepare import prepare
+
+
+def manifest(prepared) -> dict[str, tuple[str, str]]:
+    with open(prepared / "manifest.csv") as handle:
+        return {row["file"]: (row["label"], row["split"]) for row in csv.DictReader(handle)}
+
+
+def test_prepare_relabels_and_excludes_as_the_review_says_and_the_report_reconciles(tmp_path):
+    data = tmp_path / "data"
+    write_good_images(data, classes=3, per_class=10)
+    before = sorted(p.relative_to(data) for p in data.rglob("*") if p.is_file())
+    review_file = tmp_path / review.REVIEW_FILE
+    review.save(review.Review(relabel={"class_0/img_001.png": "class_2"},
+                              exclude=["class_1/img_002.png", "class_1/img_004.png"],
+                              keep=["class_2/img_005.png"]), review_file)  # fmt: skip
+    out = prepare(data, tmp_path / "prepared", small_params(), tmp_path / "report",
+                  review_file=review_file)  # fmt: skip
+    used = manifest(out)
+    assert used["class_0/img_001.png"][0] == "class_2"  # the file stays in class_0/
+    assert "class_1/img_002.png" not in used and "class_1/img_004.png" not in used
+    assert used["class_2/img_005.png"][0] == "class_2"
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["reconciles"] and report["totals"]["excluded"] == 2
+    assert report["totals"]["used"] == 28 == report["totals"]["seen"] - 2
+    assert (
+        report["per_class"]["class_2"]["used"] == 11
+        and report["per_class"]["class_1"]["excluded"] == 2
+    )
+    assert report["review"]["relabelled"] == [
+        {"file": "class_0/img_001.png", "from": "class_0", "to": "class_2"}
+    ]
+    assert (
+        "data-review.yaml: 2 excluded, 1 relabelled"
+        in (tmp_path / "report" / "report.txt").read_text()
+    )
+    assert sorted(p.relative_to(data) for p in data.rglob("*") if p.is_file()) == before
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "exclude: [class_0/img_999.png]\n",
+            "class_0/img_999.png: no such file under the data folder",
+        ),
+        ("relabel: {class_0/img_001.png: dgo}\n", "relabel to 'dgo', which is not a class"),
+        ("exlude: [class_0/img_001.png]\n", "unknown section exlude"),
+        ("exclude: [class_0/img_001.png\n", "not valid YAML"),
+        ("exclude: [class_0/img_001.png]\nkeep: [class_0/img_001.png]\n", "named in two sections"),
+    ],
+)
+def test_a_mistake_in_the_review_file_is_one_line_naming_it(tmp_path, text, message):
+    data = tmp_path / "data"
+    write_good_images(data, classes=2, per_class=10)
+    review_file = tmp_path / review.REVIEW_FILE
+    review_file.write_text(text)
+    with pytest.raises(review.ReviewError) as caught:
+        prepare(data, tmp_path / "prepared", small_params(), tmp_path / "report",
+                review_file=review_file)  # fmt: skip
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value).startswith(str(review_file))
+    assert not (tmp_path / "prepared").exists()  # nothing half-written
+
+
+def test_the_review_file_round_trips_and_an_empty_one_changes_nothing(tmp_path):
+    path = tmp_path / review.REVIEW_FILE
+    decided = review.Review({"a/1.png": "b"}, ["a/2.png"], ["b/3.png"])
+    review.save(decided, path)
+    assert review.load(path) == decided
+    review.save(review.Review(), path)
+    assert review.load(path) == review.Review() and path.read_text().startswith("# headstart")
+    assert review.load(tmp_path / "absent.yaml") == review.Review()
