@@ -31,7 +31,7 @@ HASH_WORDS = HASH_BITS // 64
 _WINDOW = 3.5  # the window's side, in radii of gyration of the content around its centre
 _GREY = np.array([0.299, 0.587, 0.114], dtype=np.float64)  # ITU-R BT.601 luma
 # pairwise distances are computed this many (hash, hash) cells at a time: memory stays bounded
-_BLOCK_CELLS = 1 << 21
+_BLOCK_CELLS = 1 << 18  # 2 MiB per uint64 temporary
 
 
 def _window_matrices(size: int, starts: np.ndarray, widths: np.ndarray) -> np.ndarray:

@@ -51,7 +51,6 @@ class _Seen:
     sha256: str = ""
     row: int = -1  # row in the temporary decoded-image file
     split: str = ""
-    phash: np.ndarray | None = None  # perceptual hash of the decoded image (neardup)
 
 
 def _walk(data_dir: Path):
@@ -312,7 +311,7 @@ def _scan(data_dir: Path, params: Params, raw_file, entries: int) -> list[_Seen]
                 seen.append(_Seen(rel, label, "quarantined", str(err), digest))
                 continue
             raw_file.write(array.tobytes())
-            seen.append(_Seen(rel, label, "used", "", digest, rows, phash=neardup.phash(array)))
+            seen.append(_Seen(rel, label, "used", "", digest, rows))
             rows += 1
     return seen
 
@@ -359,11 +358,24 @@ def _resolve_duplicates(seen: list[_Seen]) -> list[dict]:
     return conflicts
 
 
-def _near_duplicates(items: list[_Seen]) -> neardup.NearDuplicates:
-    """The near-duplicate groups among the used images (indices into `items`)."""
+HASH_PIXELS = 1 << 16  # pixels hashed at a time: neardup.phashes peaks near 32 bytes a pixel
+
+
+def _near_duplicates(items: list[_Seen], decoded: int, size: int) -> neardup.NearDuplicates:
+    """The near-duplicate groups among the used images (indices into `items`), hashed from the
+    decoded-image file (descriptor `decoded`) a block of rows at a time: memory stays flat."""
     if not items:
         return neardup.NearDuplicates([], [])
-    return neardup.group(np.stack([item.phash for item in items]), neardup.MAX_DISTANCE)
+    pixels = size * size * 3
+    rows = np.array([item.row for item in items])
+    hashes = np.empty((len(items), neardup.HASH_WORDS), np.uint64)
+    step = max(1, HASH_PIXELS // (size * size))
+    for start in range(0, len(items), step):
+        block = rows[start : start + step]
+        data = b"".join(os.pread(decoded, pixels, int(row) * pixels) for row in block)
+        arrays = np.frombuffer(data, np.uint8).reshape(len(block), size, size, 3)
+        hashes[start : start + len(block)] = neardup.phashes(arrays)
+    return neardup.group(hashes, neardup.MAX_DISTANCE)
 
 
 REPORTED_PAIRS = 20  # per near-duplicate group, its closest linked pairs in the report
@@ -503,7 +515,7 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
         p, seed = params.prepare, params.base.seed
         used_items = [item for item in seen if item.status == "used"]
         remembered = read_split_record(record, seed, p.val_fraction, p.test_fraction)
-        found = _near_duplicates(used_items)
+        found = _near_duplicates(used_items, raw.fileno(), size)
         placement = assign_splits(
             used_items, remembered, seed, p.val_fraction, p.test_fraction, found.groups
         )
