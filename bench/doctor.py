@@ -1,0 +1,227 @@
+"""The data doctor on corrupted data: flipped labels found (against cleanlab on the same
+probabilities), accuracy after accepting its suggestions, and near-duplicates kept in one split.
+
+Fashion-MNIST TRAIN images outside the demo (never the official test split), as
+bench/heldout.py draws them (100 per class in the training split, 1,000 others held out). Three
+projects (clones of this repository's committed state), each run with `headstart run -S
+base.seed=SEED -S export.formats=[]` for every seed:
+- clean: the images as they are;
+- noisy: `--noise` of the labels flipped uniformly to another class (the files written into
+  the wrong class folder). The doctor's flagged train/val images are scored against the flips
+  it could see (those prepare put in train or val), and so are cleanlab's
+  `find_label_issues` on the same out-of-sample probabilities; then every suggestion is
+  accepted (`headstart review --accept`) and the run repeated: the release's held-out accuracy
+  clean / noisy / after review;
+- copies: 150 images re-encoded as JPEG q70-95, resized by up to ±10 %, cropped by up to 5 %,
+  brightened by up to ±10 % (seeded), added beside their originals: how many pairs share a
+  split, and the held-out accuracy against the clean run's.
+
+    pip install -e ".[bench]"        # cleanlab (AGPL-3.0) for the comparison only
+    python bench/doctor.py           # 3 seeds, about 25 minutes here
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from common import BIN, ROOT, clone_with_data, headstart_run, run_child, table
+from heldout import CLASSES, SOURCE, data_per_class, draw_images, read_idx, score, write_pngs
+from PIL import Image, ImageEnhance
+
+OVERRIDES = ["export.formats=[]"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--heldout", type=int, default=1000)
+    parser.add_argument("--noise", type=float, default=0.1, help="fraction of labels flipped")
+    parser.add_argument("--copies", type=int, default=150, help="near-duplicates injected")
+    parser.add_argument("--source", type=Path, default=SOURCE)
+    return parser.parse_args(argv)
+
+
+def flip_labels(data: Path, fraction: float, seed: int) -> set[str]:
+    """Move `fraction` of the images to another class's folder: the files flipped."""
+    rng = np.random.default_rng(seed)
+    files = sorted(p for p in data.rglob("*.png"))
+    flipped = set()
+    for index in rng.choice(len(files), int(round(fraction * len(files))), replace=False):
+        path = files[index]
+        others = [c for c in CLASSES if c != path.parent.name]
+        target = data / others[rng.integers(len(others))] / path.name
+        path.rename(target)
+        flipped.add(target.relative_to(data).as_posix())
+    return flipped
+
+
+def add_copies(data: Path, count: int, seed: int) -> list[tuple[str, str]]:
+    """`count` lightly changed copies beside their originals: (original, copy) pairs."""
+    rng = np.random.default_rng(seed)
+    files = sorted(p for p in data.rglob("*.png"))
+    pairs = []
+    for index in rng.choice(len(files), count, replace=False):
+        path = files[index]
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        scale = 1 + rng.uniform(-0.1, 0.1)
+        image = image.resize((max(8, round(w * scale)), max(8, round(h * scale))))
+        crop = rng.uniform(0, 0.05)
+        w, h = image.size
+        dx, dy = round(w * crop * rng.uniform()), round(h * crop * rng.uniform())
+        image = image.crop((dx, dy, w - round(w * crop) + dx, h - round(h * crop) + dy))
+        image = ImageEnhance.Brightness(image).enhance(1 + rng.uniform(-0.1, 0.1))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=int(rng.integers(70, 96)))
+        copy = path.with_name(f"copy-{path.stem}.jpg")
+        copy.write_bytes(buffer.getvalue())
+        pairs.append((path.relative_to(data).as_posix(), copy.relative_to(data).as_posix()))
+    return pairs
+
+
+def manifest(project: Path) -> dict[str, str]:
+    import csv
+
+    with open(project / "artifacts/prepared/manifest.csv", newline="") as handle:
+        return {row["file"]: row["split"] for row in csv.DictReader(handle)}
+
+
+def precision_recall(flagged: set[str], truth: set[str]) -> tuple[float, float]:
+    hits = len(flagged & truth)
+    return (hits / len(flagged) if flagged else 0.0), (hits / len(truth) if truth else 0.0)
+
+
+def cleanlab_flags(project: Path) -> set[str]:
+    """cleanlab's find_label_issues on the probabilities the doctor read, split by split."""
+    import csv
+
+    from cleanlab.filter import find_label_issues
+
+    prepared, transfer = project / "artifacts/prepared", project / "artifacts/transfer"
+    with open(prepared / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    flagged = set()
+    for split in ("train", "val"):
+        files = [r["file"] for r in rows if r["split"] == split]
+        labels = np.load(prepared / f"{split}_labels.npy")
+        if split == "train":
+            probabilities = np.load(transfer / "train_out_of_fold.npy")
+        else:
+            probabilities = np.load(transfer / "probabilities.npz")["val"]
+        probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
+        issues = find_label_issues(labels, probabilities)
+        flagged |= {files[i] for i in np.flatnonzero(issues)}
+    return flagged
+
+
+def release_accuracy(project: Path, heldout: Path) -> float:
+    return score(project, heldout)["release"]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    work = Path(tempfile.mkdtemp(prefix="doctor-"))
+    labels = read_idx(args.source / "train-labels-idx1-ubyte.gz")
+    pixels = read_idx(args.source / "train-images-idx3-ubyte.gz")
+    train, heldout = draw_images(labels, pixels, data_per_class(args.per_class, []),
+                                 args.heldout // len(CLASSES), seed=0)  # fmt: skip
+    write_pngs(pixels, heldout, work / "heldout")
+    flipped: set[str] = set()
+    pairs: list[tuple[str, str]] = []
+
+    def noisy(folder: Path) -> None:
+        write_pngs(pixels, train, folder)
+        flipped.update(flip_labels(folder, args.noise, seed=0))
+
+    def copied(folder: Path) -> None:
+        write_pngs(pixels, train, folder)
+        pairs.extend(add_copies(folder, args.copies, seed=0))
+
+    projects = {
+        "clean": clone_with_data(work / "clean", lambda f: write_pngs(pixels, train, f)),
+        "noisy": clone_with_data(work / "noisy", noisy),
+        "copies": clone_with_data(work / "copies", copied),
+    }
+    sys.path.insert(0, str(ROOT))
+    runs: dict[str, dict] = {name: {} for name in (*projects, "reviewed")}
+    for seed in args.seeds:
+        for name, project in projects.items():
+            child = headstart_run(project, seed, OVERRIDES)
+            result = {
+                "seconds": child["seconds"],
+                "heldout": release_accuracy(project, work / "heldout"),
+            }
+            if name == "noisy":
+                split_of = manifest(project)
+                seen = {f for f in flipped if split_of.get(f) in ("train", "val")}
+                found = json.loads((project / "artifacts/plots/doctor.json").read_text())
+                ours = {s["file"] for s in found["label_issues"]}
+                theirs = cleanlab_flags(project)
+                result.update(flipped_seen=len(seen), flagged=len(ours), cleanlab_flagged=len(theirs),
+                              doctor=precision_recall(ours, seen),
+                              cleanlab=precision_recall(theirs, seen),
+                              off_topic=len(found["off_topic"]))  # fmt: skip
+                run_child(
+                    [str(BIN / "headstart"), "review", "--accept", str(len(ours))], cwd=project
+                )
+                reviewed = headstart_run(project, seed, OVERRIDES)
+                runs["reviewed"][seed] = {"seconds": reviewed["seconds"],
+                                          "heldout": release_accuracy(project, work / "heldout")}  # fmt: skip
+                subprocess.run(
+                    ["git", "checkout", "-q", "data-review.yaml"], cwd=project, check=True
+                )
+            if name == "copies":
+                split_of = manifest(project)
+                report = json.loads((project / "artifacts/data-report/report.json").read_text())
+                grouped = {f for g in report["near_duplicates"]["groups"] for f in g["files"]}
+                result.update(
+                    pairs=len(pairs),
+                    found=sum(a in grouped and b in grouped for a, b in pairs),
+                    straddling=sum(split_of.get(a) != split_of.get(b) for a, b in pairs
+                                   if a in split_of and b in split_of),
+                    groups=report["near_duplicates"]["count"])  # fmt: skip
+            runs[name][seed] = result
+            print(f"[seed {seed}] {name}: {result}", file=sys.stderr, flush=True)
+    print(report_text(runs))
+    from headstart.files import write_json
+
+    out = write_json(ROOT / "bench" / "out" / "doctor.json", {"argv": sys.argv[1:], "runs": runs})
+    print(f"wrote {out}", file=sys.stderr)
+    shutil.rmtree(work, ignore_errors=True)
+    return runs
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def report_text(runs: dict) -> str:
+    rows = [(name, _mean_sd([r["heldout"] for r in runs[name].values()]))
+            for name in ("clean", "noisy", "reviewed", "copies")]  # fmt: skip
+    lines = [table(rows, ("project", "release held-out accuracy")), ""]
+    noisy = list(runs["noisy"].values())
+    rows = [(who, _mean_sd([r[who][0] for r in noisy]), _mean_sd([r[who][1] for r in noisy]))
+            for who in ("doctor", "cleanlab")]  # fmt: skip
+    lines += [table(rows, ("flagged by", "precision", "recall")), ""]
+    copies = list(runs["copies"].values())
+    lines.append(f"near-duplicates: {copies[0]['found']} of {copies[0]['pairs']} injected pairs "
+                 f"grouped, {copies[0]['straddling']} straddle two splits, "
+                 f"{copies[0]['groups']} groups")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
