@@ -151,6 +151,8 @@ def collect(root: Path | str, params: Params, exports: dict) -> dict:
             "manifest_sha256": sha256_file(require(prepared / "manifest.csv", "prepare")),
             "totals": report["totals"],
             "per_class": report["per_class"],
+            "near_duplicate_groups": report.get("near_duplicates", {}).get("count", 0),
+            "relabelled": len(report.get("review", {}).get("relabelled", [])),
         },
         "backbone": read_json(require(weights / "weights.json", "weights")),
         "parameters": to_dict(params),
@@ -194,7 +196,9 @@ def render(facts: dict) -> str:
     totals = data["totals"]
     lines += [f"- {totals['seen']} files: {totals['used']} used, {totals['quarantined']} "
               f"quarantined, {totals['ignored']} ignored, {totals.get('excluded', 0)} excluded "
-              "by the data review file", "",
+              f"and {data.get('relabelled', 0)} relabelled by the data review file; "
+              f"{data.get('near_duplicate_groups', 0)} near-duplicate groups, each kept in one "
+              "split", "",
               "| class | train | val | test | quarantined | ignored |", "|---|---|---|---|---|---|"]  # fmt: skip
     for name, counts in data["per_class"].items():
         lines.append(f"| {name} | {counts['train']} | {counts['val']} | {counts['test']} | "

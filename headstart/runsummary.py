@@ -32,6 +32,7 @@ def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skippe
             + f" (details: `{report_path.relative_to(root)}`)",
             "",
         ]
+    lines += doctor_lines(root, params)
     lines += candidates_table(root, params)
     lines += exports_table(root, params)
     lines += ["", "| step | status | seconds |", "|---|---|---|"]
@@ -44,6 +45,27 @@ def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skippe
         "release_reliability.png, learning_curve.png)",
     ]
     return "\n".join(lines) + "\n"
+
+
+def doctor_lines(root: Path, params) -> list[str]:
+    """What the data doctor found (headstart/doctor.py) and what the review file changed."""
+    from headstart.doctor import DOCTOR_FILE
+
+    found_path = params.path("plots", root) / DOCTOR_FILE
+    report_path = params.path("data_report", root) / REPORT_FILE
+    if not found_path.is_file() or not report_path.is_file():
+        return []
+    found, report = read_json(found_path), read_json(report_path)
+    near, decided = report.get("near_duplicates", {}), report.get("review", {})
+    return [
+        f"**Data doctor**: {len(found['label_issues'])} likely label errors, "
+        f"{len(found['off_topic'])} off-topic images, {near.get('count', 0)} near-duplicate "
+        f"groups ({len(near.get('label_conflicts', []))} across classes); the review file "
+        f"excluded {len(decided.get('excluded', []))} and relabelled "
+        f"{len(decided.get('relabelled', []))} (`headstart review`; "
+        f"`{params.paths.plots}/suspects.png`)",
+        "",
+    ]
 
 
 def candidates_table(root: Path, params) -> list[str]:
