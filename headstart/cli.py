@@ -281,6 +281,10 @@ def review(
     typer.echo(f"Near-duplicate groups across classes: {len(found['label_conflicts'])}")
     for group in found["label_conflicts"][:top]:
         typer.echo(f"      {', '.join(group['files'])}")
+    leaks = found.get("possible_leaks", [])
+    typer.echo(f"Test images almost identical to a training image (features): {len(leaks)}")
+    for leak in leaks[:top]:
+        typer.echo(f"      {leak['test']} ~ {leak['train']}  (cosine {leak['similarity']:.3f})")
     if accept:
         for s in issues[:accept]:
             decided.relabel[s["file"]] = s["suggested"]

@@ -102,6 +102,7 @@ def examine(prepared: Path, transfer: Path, release: Path, features: Path, repor
         "per-class thresholds, prune by noise rate, ranked by self-confidence",
         "label_issues": suspects,
         "off_topic": _off_topic(prepared, release, features, classes, keep),
+        "possible_leaks": possible_leaks(prepared, features),
         "label_conflicts": read_json(report / REPORT_FILE)["near_duplicates"]["label_conflicts"]
         if (report / REPORT_FILE).is_file()
         else [],
@@ -123,3 +124,32 @@ def _off_topic(prepared: Path, release: Path, features: Path, classes: list[str]
     return [{"file": files[r], "label": classes[int(labels[r])],
              "ood_score": round(float(scores[r]), 3), "threshold": round(detector.threshold, 3)}
             for r in rows if files[r] not in keep]  # fmt: skip
+
+
+LEAK_SIMILARITY = 0.97  # cosine of backbone features above which a test image is reported
+LEAK_ROWS = 512  # test rows compared at a time
+
+
+def possible_leaks(prepared: Path, features: Path) -> list[dict]:
+    """Test images whose frozen-backbone features are almost those of a training image (cosine
+    similarity >= LEAK_SIMILARITY): copies the perceptual hash did not link (a larger crop, a
+    flip, another rendering), reported for a person to check. Highest first."""
+    train, _ = load_features(features, "train")
+    test, _ = load_features(features, "test")
+    images = len(np.load(prepared / "train_labels.npy"))
+    tests = len(np.load(prepared / "test_labels.npy"))
+
+    def unit(rows) -> np.ndarray:
+        rows = np.asarray(rows, np.float32)
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+    base = unit(train[:images])  # first views: the images as they are
+    train_files, test_files = _files(prepared, "train"), _files(prepared, "test")
+    found = []
+    for start in range(0, tests, LEAK_ROWS):
+        similarity = unit(test[start : min(start + LEAK_ROWS, tests)]) @ base.T
+        best = similarity.argmax(axis=1)
+        for row in np.flatnonzero(similarity[np.arange(len(best)), best] >= LEAK_SIMILARITY):
+            found.append({"test": test_files[start + row], "train": train_files[best[row]],
+                          "similarity": round(float(similarity[row, best[row]]), 4)})  # fmt: skip
+    return sorted(found, key=lambda leak: -leak["similarity"])

@@ -60,7 +60,9 @@ def doctor_lines(root: Path, params) -> list[str]:
     return [
         f"**Data doctor**: {len(found['label_issues'])} likely label errors, "
         f"{len(found['off_topic'])} off-topic images, {near.get('count', 0)} near-duplicate "
-        f"groups ({len(near.get('label_conflicts', []))} across classes); the review file "
+        f"groups ({len(near.get('label_conflicts', []))} across classes), "
+        f"{len(found.get('possible_leaks', []))} test images almost identical to a training "
+        "image in the backbone's features; the review file "
         f"excluded {len(decided.get('excluded', []))} and relabelled "
         f"{len(decided.get('relabelled', []))} (`headstart review`; "
         f"`{params.paths.plots}/suspects.png`)",

@@ -75,3 +75,25 @@ def test_an_injected_mislabel_is_ranked_first_and_a_review_relabels_it(trained_c
         {"file": "class_0/odd_one.png", "from": "class_0", "to": "class_1"}
     ]
     assert report["per_class"]["class_1"]["used"] == report["per_class"]["class_0"]["used"] + 1
+
+
+def test_a_test_image_with_a_training_images_features_is_a_possible_leak(tmp_path):
+    from headstart.doctor import LEAK_SIMILARITY, possible_leaks
+
+    prepared, features = tmp_path / "prepared", tmp_path / "features"
+    prepared.mkdir()
+    features.mkdir()
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(20, 64)), rng.normal(size=(6, 64))
+    test[4] = 3.0 * train[7] + rng.normal(scale=0.01, size=64)  # the same image, rescaled
+    rows = [["file", "sha256", "label", "split", "index"]]
+    rows += [[f"a/train_{i}.png", "", "a", "train", i] for i in range(20)]
+    rows += [[f"a/test_{i}.png", "", "a", "test", i] for i in range(6)]
+    (prepared / "manifest.csv").write_text("\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    for split, x in (("train", train), ("test", test)):
+        np.save(prepared / f"{split}_labels.npy", np.zeros(len(x), np.int32))
+        np.save(features / f"{split}_features.npy", x.astype(np.float32))
+        np.save(features / f"{split}_labels.npy", np.zeros(len(x), np.int32))
+    leaks = possible_leaks(prepared, features)
+    assert [(leak["test"], leak["train"]) for leak in leaks] == [("a/test_4.png", "a/train_7.png")]
+    assert leaks[0]["similarity"] >= LEAK_SIMILARITY
