@@ -111,6 +111,7 @@ def workspace_lock(root: Path | str, wait: bool = False, poll: float = 1.0) -> I
         if previous.get("pid") and previous["pid"] != os.getpid() and not _alive(previous["pid"]):
             log.warning("taking over a stale lock: %s ended without releasing it",
                         _describe(previous))  # fmt: skip
+            _repair_dvc_rwlock(root)
         token = secrets.token_hex(16)
         handle.seek(0)
         handle.truncate()
@@ -132,6 +133,21 @@ def workspace_lock(root: Path | str, wait: bool = False, poll: float = 1.0) -> I
             fcntl.flock(handle, fcntl.LOCK_UN)
     finally:
         handle.close()
+
+
+def _repair_dvc_rwlock(root: Path | str) -> None:
+    """DVC's own lock table (.dvc/tmp/rwlock), truncated by a run killed while DVC rewrote it,
+    makes every later DVC call fail with a JSON traceback. With the workspace lock held and no
+    DVC run alive (checked just before), a table that is not JSON is removed: DVC starts a
+    fresh one."""
+    table = Path(root) / ".dvc" / "tmp" / "rwlock"
+    try:
+        json.loads(table.read_text())
+    except FileNotFoundError:
+        return
+    except ValueError:  # empty or cut short
+        table.unlink(missing_ok=True)
+        log.warning("removed DVC's damaged lock table %s (left by the run that ended)", table)
 
 
 def _ancestors(pid: int) -> set[int]:

@@ -502,3 +502,21 @@ def test_a_full_disk_in_a_step_is_one_line_and_keeps_the_previous_output(tmp_pat
     )
     assert (tmp_path / "artifacts/prepared/manifest.csv").read_bytes() == before
     assert not [p for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("table, kept", [("", False), ('{"read": {}, "wr', False),
+                                         ('{"read": {}, "write": {}}', True)])  # fmt: skip
+def test_taking_over_a_stale_lock_removes_dvcs_damaged_lock_table(tmp_path, table, kept):
+    """A run killed while DVC rewrote .dvc/tmp/rwlock leaves it cut short: every later DVC
+    call then fails with a JSON traceback. The run that takes over the stale lock removes it
+    (DVC starts a fresh one); a sound table is left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = tmp_path / ".headstart" / "lock"
+    record.parent.mkdir()
+    record.write_text(json.dumps({"pid": dead.pid, "command": "headstart run", "since": "-"}))
+    rwlock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True)
+    rwlock.write_text(table)
+    with lock.workspace_lock(tmp_path):
+        assert rwlock.exists() == kept
