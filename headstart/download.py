@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from headstart.errors import UserError
+from headstart.files import file_digest
 
 log = logging.getLogger("headstart.download")
 
@@ -30,14 +31,6 @@ def hash_kind(expected: str) -> str:
     if len(expected) not in kinds:
         raise ValueError(f"a pinned hash must be 32 (md5) or 64 (sha256) hex digits: {expected!r}")
     return kinds[len(expected)]
-
-
-def file_digest(path: Path | str, kind: str) -> str:
-    digest = hashlib.new(kind)
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_url(url: str) -> None:

@@ -149,12 +149,17 @@ def write_timings(out_dir: Path | str, seconds: dict[str, float]) -> Path:
     return write_json(timings_path(out_dir), {k: round(v, 3) for k, v in seconds.items()})
 
 
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path | str, kind: str = "sha256") -> str:
+    """The hex digest of a file's bytes (`kind`: a hashlib name), read 1 MiB at a time."""
+    digest = hashlib.new(kind)
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
+        while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path | str) -> str:
+    return file_digest(path, "sha256")
 
 
 def require(path: Path | str, producer: str) -> Path:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from headstart.artifacts import weights_file_name
-from headstart.download import fetch, file_digest, hash_kind
+from headstart.download import fetch, hash_kind
 from headstart.errors import UserError
-from headstart.files import atomic_dir, sha256_file, write_json, write_timings
+from headstart.files import atomic_dir, file_digest, sha256_file, write_json, write_timings
 from headstart.params import Params
 
 if TYPE_CHECKING:  # TensorFlow loads only when the step runs
