@@ -12,6 +12,21 @@ from headstart.artifacts import load_split
 from headstart.files import read_json
 
 
+def macro_f1(labels: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
+    """Macro-F1 per row of (resamples x images) label / prediction arrays (one row: a plain
+    array); per class 2 TP / (2 TP + FP + FN), a class with no true and no predicted image 0."""
+    labels, predicted = np.atleast_2d(labels), np.atleast_2d(predicted)
+    scores = np.zeros(len(labels))
+    for c in range(classes):
+        true, said = labels == c, predicted == c
+        tp = np.sum(true & said, axis=1)
+        wrong = np.sum(true ^ said, axis=1)  # false positives + false negatives
+        denominator = 2 * tp + wrong
+        scores += np.divide(2 * tp, denominator, out=np.zeros(len(labels)),
+                            where=denominator > 0)  # fmt: skip
+    return scores / classes
+
+
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classes: list[str],
                            top_k: int) -> tuple[dict, list[list[int]]]:  # fmt: skip
     """Flat metrics (DVC can diff them) and the confusion matrix (rows: true, columns: predicted)."""
@@ -28,16 +43,14 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classe
         "loss": float(-np.mean(np.log(picked))),
         f"top{k}_accuracy": float(np.mean(np.any(top == labels[:, None], axis=1))),
     }
-    f1s = []
     for i, name in enumerate(classes):
         tp = confusion[i, i]
         precision = tp / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
         recall = tp / confusion[i].sum() if confusion[i].sum() else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        f1s.append(f1)
         metrics.update({f"precision.{name}": float(precision), f"recall.{name}": float(recall),
                         f"f1.{name}": float(f1)})  # fmt: skip
-    metrics["macro_f1"] = float(np.mean(f1s))
+    metrics["macro_f1"] = float(macro_f1(labels, predicted, n)[0])
     return metrics, confusion.tolist()
 
 

@@ -21,6 +21,7 @@ from headstart.artifacts import LABELS_FILE, MODEL_FILE, REPORT_FILE
 from headstart.calibration import CALIBRATION_FILE
 from headstart.errors import UserError
 from headstart.files import read_json, require, sha256_file
+from headstart.metrics import macro_f1
 from headstart.params import Params, to_dict
 
 CARD_FILE = "MODEL_CARD.md"
@@ -30,21 +31,6 @@ LEVEL = 0.95  # confidence level of the intervals
 CONFUSIONS = 5  # most frequent confusions listed
 # written by the pipeline while it runs (after every stage): not a change to the code
 PIPELINE_FILES = ("dvc.lock",)
-
-
-def macro_f1(labels: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
-    """Macro-F1 per row of (resamples x images) label / prediction arrays; a class with no true
-    and no predicted image counts 0 (as headstart.metrics.classification_metrics does)."""
-    labels, predicted = np.atleast_2d(labels), np.atleast_2d(predicted)
-    scores = np.zeros(len(labels))
-    for c in range(classes):
-        true, said = labels == c, predicted == c
-        tp = np.sum(true & said, axis=1)
-        wrong = np.sum(true ^ said, axis=1)  # false positives + false negatives
-        denominator = 2 * tp + wrong
-        scores += np.divide(2 * tp, denominator, out=np.zeros(len(labels)),
-                            where=denominator > 0)  # fmt: skip
-    return scores / classes
 
 
 def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, classes: int, seed: int,
