@@ -41,9 +41,10 @@ def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarr
 
 
 def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Mean -log p(true class) (the probabilities floored at 1e-12)."""
-    picked = np.asarray(probabilities, np.float64)[np.arange(len(labels)), labels]
-    return float(-np.mean(np.log(np.clip(picked, _FLOOR, 1.0))))
+    """Mean -log p(true class) (headstart.metrics.per_image_loss)."""
+    from headstart.metrics import per_image_loss
+
+    return float(np.mean(per_image_loss(probabilities, labels)))
 
 
 def fit_temperature(probabilities: np.ndarray, labels: np.ndarray,

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from headstart.artifacts import Rows
+from headstart.metrics import per_image_loss
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,7 @@ def cross_validate(config: HeadConfig, features: np.ndarray, labels: np.ndarray,
             unseen[r] = probabilities
             right[r] = probabilities.argmax(axis=1) == y_f
             hits[f] = np.sum(right[r])
-            nlls[f] = -np.sum(np.log(np.clip(probabilities[np.arange(len(y_f)), y_f], 1e-7, 1)))
+            nlls[f] = np.sum(per_image_loss(probabilities, y_f))
         image_hits.append(right)
         out_of_fold.append(unseen)
         accuracy.append(hits / np.maximum(held_out, 1))
@@ -346,8 +347,7 @@ def fit_final(config: HeadConfig, features: np.ndarray, labels: np.ndarray, epoc
 
     def after_epoch(epoch: int, heads: _BatchedHeads) -> bool:
         probabilities = heads.probabilities(x_all, tf.constant(0)).numpy()
-        picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
-        history["loss"].append(float(-np.log(picked).mean()))
+        history["loss"].append(float(per_image_loss(probabilities, labels).mean()))
         history["accuracy"].append(float((probabilities.argmax(axis=1) == labels).mean()))
         return False
 

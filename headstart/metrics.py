@@ -34,13 +34,12 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classe
     predicted = np.argmax(probabilities, axis=1)
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
-    picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
     k = min(top_k, n)
     top = np.argsort(-probabilities, axis=1)[:, :k]
     metrics = {
         "test_images": len(labels),
         "accuracy": float(np.mean(predicted == labels)),
-        "loss": float(-np.mean(np.log(picked))),
+        "loss": float(np.mean(per_image_loss(probabilities, labels))),
         f"top{k}_accuracy": float(np.mean(np.any(top == labels[:, None], axis=1))),
     }
     for i, name in enumerate(classes):
@@ -74,8 +73,13 @@ def evaluate_model(
     return metrics, confusion, probabilities
 
 
+LOSS_FLOOR = 1e-7  # Keras's epsilon: the losses match the ones Keras reports in training
+
+
 def per_image_loss(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0))
+    """-log p(true class) of each image (the one cross-entropy every step reports)."""
+    picked = np.asarray(probabilities, np.float64)[np.arange(len(labels)), labels]
+    return -np.log(np.clip(picked, LOSS_FLOOR, 1.0))
 
 
 def paired_standard_error(hits_a: np.ndarray, hits_b: np.ndarray) -> float:
