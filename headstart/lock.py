@@ -59,6 +59,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _held_by(holder: dict) -> str:
+    """The one wording of a refusal, whichever path found the workspace taken."""
+    return f"another headstart run holds this workspace: {_describe(holder)}"
+
+
 def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid', '?')} (`{holder.get('command', '?')}`, since {holder.get('since', '?')})"
 
@@ -92,7 +97,7 @@ def workspace_lock(root: Path | str, wait: bool = False, poll: float = 1.0) -> I
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = f"another headstart run holds this workspace: {_describe(_holder(path))}"
+                holder = _held_by(_holder(path))
             else:
                 repro = dvc_runs(root)  # between its stages, dvc repro holds no lock of ours
                 if not repro:
@@ -273,10 +278,7 @@ def borrowed(root: Path | str, token: str | None) -> Iterator[None]:
             except BlockingIOError:
                 holder = _holder(path)
                 if holder.get("token") != token:
-                    raise LockedError(
-                        f"{Path(root).resolve()}: another headstart run holds this workspace: "
-                        f"{_describe(holder)}"
-                    ) from None
+                    raise LockedError(f"{Path(root).resolve()}: {_held_by(holder)}") from None
             else:
                 fcntl.flock(probe, fcntl.LOCK_UN)
                 raise LockedError(f"{Path(root).resolve()}: the run that handed out this task "

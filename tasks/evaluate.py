@@ -107,7 +107,7 @@ def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], features_dir
     chosen = probabilities[selection["winner"]]
     gap = float(np.max(np.abs(probabilities["release"] - chosen))) if len(chosen) else 0.0
     if gap > RELEASE_TOLERANCE:
-        raise RuntimeError(f"evaluate: the released model differs from {selection['winner']} by "
+        raise UserError(f"evaluate: the released model differs from {selection['winner']} by "
                            f"{gap:.2e} in probability on the test split; rerun select")  # fmt: skip
     extras, tables = release_extras(model_dirs["release"], Path(features_dir), prepared_dir,
                                     probabilities["release"], labels, params)  # fmt: skip
