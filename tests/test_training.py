@@ -14,6 +14,7 @@ from conftest import cli_here, real_lite0_project, run_cli, small_params, steppe
 import tasks
 from headstart import backbones
 from headstart.artifacts import load_features
+from headstart.errors import UserError
 from headstart.files import MARKER, read_json
 from headstart.metrics import classification_metrics
 
@@ -206,7 +207,7 @@ def test_evaluate_fails_when_the_release_is_not_the_candidate_select_named(proje
     selection = json.loads(record.read_text())
     other = next(n for n in ("baseline", "transfer", "ensemble") if n != selection["winner"])
     record.write_text(json.dumps({**selection, "winner": other}))
-    with pytest.raises(RuntimeError, match=f"the released model differs from {other} by"):
+    with pytest.raises(UserError, match=f"the released model differs from {other} by"):
         tasks.get("evaluate").run(params, copy)
 
 
