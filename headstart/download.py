@@ -106,7 +106,7 @@ def fetch(
     )
 
 
-def _HOW_TO(target: Path) -> str:  # noqa: N802 - reads as a sentence
+def _HOW_TO(target: Path) -> str:  # capitals: it reads as a sentence
     return f"offline? copy the file to {target}, or set weights.url to a mirror you can reach"
 
 

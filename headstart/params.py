@@ -394,7 +394,7 @@ def read_raw(path: Path | str = "params.yaml") -> dict[str, Any]:
     if not path.exists():
         raise ParamsError(f"{path}: not found; run from the project folder or pass --project DIR")
     try:
-        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # _StrictLoader is a SafeLoader
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -115,7 +115,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep test output clean
         pass
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):  # http.server's name
         _Handler.hits[self.path] += 1
         if self.path == "/missing.bin":
             self.send_error(404, "Not Found")
