@@ -49,6 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=0.1, help="fraction of labels flipped")
     parser.add_argument("--copies", type=int, default=150, help="near-duplicates injected")
     parser.add_argument("--source", type=Path, default=SOURCE)
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=("clean", "noisy", "copies"),
+        default=["clean", "noisy", "copies"],
+        help="projects to run",
+    )
     return parser.parse_args(argv)
 
 
@@ -102,16 +109,19 @@ def precision_recall(flagged: set[str], truth: set[str]) -> tuple[float, float]:
     return (hits / len(flagged) if flagged else 0.0), (hits / len(truth) if truth else 0.0)
 
 
-def cleanlab_flags(project: Path) -> set[str]:
-    """cleanlab's find_label_issues on the probabilities the doctor read, split by split."""
+def cleanlab_flags(project: Path) -> tuple[set[str], set[str]]:
+    """cleanlab's find_label_issues on the probabilities the doctor read, split by split: as
+    it is, and with the doctor's cut (probability of the given label under 1 %)."""
     import csv
 
     from cleanlab.filter import find_label_issues
 
+    from headstart.doctor import SUSPECT_SELF_CONFIDENCE
+
     prepared, transfer = project / "artifacts/prepared", project / "artifacts/transfer"
     with open(prepared / "manifest.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    flagged = set()
+    flagged, cut = set(), set()
     for split in ("train", "val"):
         files = [r["file"] for r in rows if r["split"] == split]
         labels = np.load(prepared / f"{split}_labels.npy")
@@ -122,7 +132,9 @@ def cleanlab_flags(project: Path) -> set[str]:
         probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
         issues = find_label_issues(labels, probabilities)
         flagged |= {files[i] for i in np.flatnonzero(issues)}
-    return flagged
+        doubtful = probabilities[np.arange(len(labels)), labels] < SUSPECT_SELF_CONFIDENCE
+        cut |= {files[i] for i in np.flatnonzero(issues & doubtful)}
+    return flagged, cut
 
 
 def release_accuracy(project: Path, heldout: Path) -> float:
@@ -149,11 +161,8 @@ def main(argv=None) -> dict:
         write_pngs(pixels, train, folder)
         pairs.extend(add_copies(folder, args.copies, seed=0))
 
-    projects = {
-        "clean": clone_with_data(work / "clean", lambda f: write_pngs(pixels, train, f)),
-        "noisy": clone_with_data(work / "noisy", noisy),
-        "copies": clone_with_data(work / "copies", copied),
-    }
+    makers = {"clean": lambda f: write_pngs(pixels, train, f), "noisy": noisy, "copies": copied}
+    projects = {name: clone_with_data(work / name, makers[name]) for name in args.only}
     sys.path.insert(0, str(ROOT))
     runs: dict[str, dict] = {name: {} for name in (*projects, "reviewed")}
     for seed in args.seeds:
@@ -168,10 +177,11 @@ def main(argv=None) -> dict:
                 seen = {f for f in flipped if split_of.get(f) in ("train", "val")}
                 found = json.loads((project / "artifacts/plots/doctor.json").read_text())
                 ours = {s["file"] for s in found["label_issues"]}
-                theirs = cleanlab_flags(project)
+                theirs, theirs_cut = cleanlab_flags(project)
                 result.update(flipped_seen=len(seen), flagged=len(ours), cleanlab_flagged=len(theirs),
                               doctor=precision_recall(ours, seen),
                               cleanlab=precision_recall(theirs, seen),
+                              cleanlab_cut=precision_recall(theirs_cut, seen),
                               off_topic=len(found["off_topic"]))  # fmt: skip
                 run_child(
                     [str(BIN / "headstart"), "review", "--accept", str(len(ours))], cwd=project
@@ -210,13 +220,17 @@ def _mean_sd(values: list[float]) -> str:
 
 def report_text(runs: dict) -> str:
     rows = [(name, _mean_sd([r["heldout"] for r in runs[name].values()]))
-            for name in ("clean", "noisy", "reviewed", "copies")]  # fmt: skip
+            for name in ("clean", "noisy", "reviewed", "copies") if runs[name]]  # fmt: skip
     lines = [table(rows, ("project", "release held-out accuracy")), ""]
     noisy = list(runs["noisy"].values())
+    if not noisy:
+        return "\n".join(lines)
     rows = [(who, _mean_sd([r[who][0] for r in noisy]), _mean_sd([r[who][1] for r in noisy]))
-            for who in ("doctor", "cleanlab")]  # fmt: skip
+            for who in ("doctor", "cleanlab", "cleanlab_cut")]  # fmt: skip
     lines += [table(rows, ("flagged by", "precision", "recall")), ""]
     copies = list(runs["copies"].values())
+    if not copies:
+        return "\n".join(lines)
     lines.append(f"near-duplicates: {copies[0]['found']} of {copies[0]['pairs']} injected pairs "
                  f"grouped, {copies[0]['straddling']} straddle two splits, "
                  f"{copies[0]['groups']} groups")  # fmt: skip

@@ -31,7 +31,7 @@ def noisy_probabilities(seed: int, images: int = 300, classes: int = 3, flips: i
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_confident_learning_finds_most_flipped_labels_and_suggests_the_true_class(seed):
     probabilities, truth, given, flipped = noisy_probabilities(seed)
-    ranked, suggested = label_issues(probabilities, given)
+    ranked, suggested = label_issues(probabilities, given, below=1.0)  # the algorithm, no cut
     found = set(ranked.tolist())
     assert len(found & flipped) / len(found) >= 0.6  # precision
     assert len(found & flipped) / len(flipped) >= 0.6  # recall
@@ -40,6 +40,18 @@ def test_confident_learning_finds_most_flipped_labels_and_suggests_the_true_clas
     confidence = probabilities[ranked, given[ranked]]
     assert np.all(np.diff(confidence) >= 0)  # lowest self-confidence first
     assert not np.any(probabilities[ranked].argmax(axis=1) == given[ranked])
+
+
+def test_by_default_only_images_whose_given_label_is_nearly_ruled_out_are_flagged():
+    from headstart.doctor import SUSPECT_SELF_CONFIDENCE
+
+    probabilities, _, given, _ = noisy_probabilities(5)
+    probabilities[:40] = 0.001  # 40 images the model all but rules out for their given label
+    probabilities[np.arange(40), (given[:40] + 1) % 3] = 0.998
+    everything, _ = label_issues(probabilities, given, below=1.0)
+    kept, _ = label_issues(probabilities, given)
+    assert set(kept) < set(everything) and set(range(40)) <= set(kept)
+    assert np.all(probabilities[kept, given[kept]] < SUSPECT_SELF_CONFIDENCE)
 
 
 def test_clean_labels_of_a_confident_model_flag_nothing():
