@@ -111,12 +111,12 @@ def precision_recall(flagged: set[str], truth: set[str]) -> tuple[float, float]:
 
 def cleanlab_flags(project: Path) -> tuple[set[str], set[str]]:
     """cleanlab's find_label_issues on the probabilities the doctor read, split by split: as
-    it is, and with the doctor's cut (probability of the given label under 1 %)."""
+    it is, and only where the doctor sees strong evidence (doctor.strong_evidence)."""
     import csv
 
     from cleanlab.filter import find_label_issues
 
-    from headstart.doctor import SUSPECT_SELF_CONFIDENCE
+    from headstart.doctor import strong_evidence
 
     prepared, transfer = project / "artifacts/prepared", project / "artifacts/transfer"
     with open(prepared / "manifest.csv", newline="") as handle:
@@ -132,8 +132,8 @@ def cleanlab_flags(project: Path) -> tuple[set[str], set[str]]:
         probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
         issues = find_label_issues(labels, probabilities)
         flagged |= {files[i] for i in np.flatnonzero(issues)}
-        doubtful = probabilities[np.arange(len(labels)), labels] < SUSPECT_SELF_CONFIDENCE
-        cut |= {files[i] for i in np.flatnonzero(issues & doubtful)}
+        strong = strong_evidence(probabilities, labels)
+        cut |= {files[i] for i in np.flatnonzero(issues & strong)}
     return flagged, cut
 
 
@@ -176,16 +176,16 @@ def main(argv=None) -> dict:
                 split_of = manifest(project)
                 seen = {f for f in flipped if split_of.get(f) in ("train", "val")}
                 found = json.loads((project / "artifacts/plots/doctor.json").read_text())
-                ours = {s["file"] for s in found["label_issues"]}
+                every = {s["file"] for s in found["label_issues"]}
+                ours = {s["file"] for s in found["label_issues"] if s["strong"]}
                 theirs, theirs_cut = cleanlab_flags(project)
                 result.update(flipped_seen=len(seen), flagged=len(ours), cleanlab_flagged=len(theirs),
                               doctor=precision_recall(ours, seen),
+                              doctor_all=precision_recall(every, seen),
                               cleanlab=precision_recall(theirs, seen),
                               cleanlab_cut=precision_recall(theirs_cut, seen),
                               off_topic=len(found["off_topic"]))  # fmt: skip
-                run_child(
-                    [str(BIN / "headstart"), "review", "--accept", str(len(ours))], cwd=project
-                )
+                run_child([str(BIN / "headstart"), "review", "--accept-strong"], cwd=project)
                 reviewed = headstart_run(project, seed, OVERRIDES)
                 runs["reviewed"][seed] = {"seconds": reviewed["seconds"],
                                           "heldout": release_accuracy(project, work / "heldout")}  # fmt: skip
@@ -226,7 +226,7 @@ def report_text(runs: dict) -> str:
     if not noisy:
         return "\n".join(lines)
     rows = [(who, _mean_sd([r[who][0] for r in noisy]), _mean_sd([r[who][1] for r in noisy]))
-            for who in ("doctor", "cleanlab", "cleanlab_cut")]  # fmt: skip
+            for who in ("doctor", "cleanlab_cut", "doctor_all", "cleanlab")]  # fmt: skip
     lines += [table(rows, ("flagged by", "precision", "recall")), ""]
     copies = list(runs["copies"].values())
     if not copies:

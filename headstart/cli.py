@@ -248,6 +248,10 @@ def review(
             "(the next `headstart run` applies them).",
         ),
     ] = 0,
+    accept_strong: Annotated[
+        bool,
+        typer.Option("--accept-strong", help="Write every suggestion marked * (strong evidence)."),
+    ] = False,
     project: ProjectOption = Path("."),
 ) -> None:
     """List the images the data doctor doubts (likely label errors, off-topic images,
@@ -269,11 +273,12 @@ def review(
     except UserError as err:
         raise _fail(err) from None
     issues = [s for s in found["label_issues"] if s["file"] not in decided.named()]
-    typer.echo(f"Likely label errors: {len(issues)} (confident learning on out-of-sample "
-               "probabilities; lowest self-confidence first)")  # fmt: skip
+    strong = [s for s in issues if s["strong"]]
+    typer.echo(f"Likely label errors: {len(issues)}, {len(strong)} with strong evidence (*) "
+               "(confident learning on out-of-sample probabilities; lowest p(given) first)")  # fmt: skip
     for n, s in enumerate(issues[:top], 1):
-        typer.echo(f"{n:4d}. {s['file']}  [{s['split']}]  {s['given']} -> {s['suggested']}  "
-                   f"(p(given) {s['self_confidence']:.3f})")  # fmt: skip
+        typer.echo(f"{n:4d}.{'*' if s['strong'] else ' '} {s['file']}  [{s['split']}]  "
+                   f"{s['given']} -> {s['suggested']}  (p(given) {s['self_confidence']:.3f})")  # fmt: skip
     off_topic = [s for s in found["off_topic"] if s["file"] not in decided.named()]
     typer.echo(f"Off-topic (unlike every class): {len(off_topic)}")
     for s in off_topic[:top]:
@@ -285,13 +290,14 @@ def review(
     typer.echo(f"Test images almost identical to a training image (features): {len(leaks)}")
     for leak in leaks[:top]:
         typer.echo(f"      {leak['test']} ~ {leak['train']}  (cosine {leak['similarity']:.3f})")
-    if accept:
-        for s in issues[:accept]:
+    accepted = strong if accept_strong else issues[:accept]
+    if accepted:
+        for s in accepted:
             decided.relabel[s["file"]] = s["suggested"]
         review_module.save(decided, review_file)
-        typer.echo(f"wrote {min(accept, len(issues))} relabel decision(s) to {review_file}; "
+        typer.echo(f"wrote {len(accepted)} relabel decision(s) to {review_file}; "
                    "check them, then `headstart run`")  # fmt: skip
-    elif issues or off_topic:
+    elif issues or off_topic:  # nothing accepted: say how
         typer.echo(f"Decide in {review_module.REVIEW_FILE} (relabel / exclude / keep), or "
                    "`headstart review --accept N`; the next run applies it.")  # fmt: skip
 

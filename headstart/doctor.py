@@ -11,8 +11,8 @@ training image's from the cross-validation head that was not fed it (the head st
    probable such j when several do), calibrated so that row i sums to the images labelled i.
 3. Prune by noise rate: for each i != j, the round(C[i, j]) images labelled i with the largest
    margin p_j - p_i are flagged; an image whose most probable class is its label is not.
-4. Kept where the probability of the given label is under SUSPECT_SELF_CONFIDENCE, ranked by
-   it (self-confidence), lowest first.
+4. Ranked by self-confidence (the probability of the given label), lowest first; marked
+   `strong` where it is far under its class's threshold (`strong_evidence`).
 
 Off-topic images: the training images the release's OOD detector scores above its threshold
 (headstart/ood.py), highest first.
@@ -34,19 +34,11 @@ log = logging.getLogger("headstart.doctor")
 DOCTOR_FILE = "doctor.json"  # in the plots folder: every finding, for `headstart review`
 
 
-SUSPECT_SELF_CONFIDENCE = 0.01  # flagged only below this probability of the given label
+STRONG = 0.02  # strong evidence: p(given) under this fraction of its class's mean p(given)
 
 
-def label_issues(probabilities: np.ndarray, labels: np.ndarray,
-                 below: float = SUSPECT_SELF_CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(flagged rows ranked by self-confidence, lowest first; each one's suggested class).
-
-    Confident learning's set, kept where the out-of-sample probability of the given label is
-    below `below` (1: all of it). On Fashion-MNIST with 10 % of the labels flipped, its set
-    alone had precision 0.39 (as cleanlab's find_label_issues on the same probabilities): a
-    head that is 72 % right on its held-out folds counts the real shirt / T-shirt / pullover
-    confusions as noise. Its ranking was good (0.97 precision in its top 60); the cut at 1 %
-    kept precision 0.63 at recall 0.79 there (bench/RESULTS.md, *Data doctor*)."""
+def label_issues(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(flagged rows ranked by self-confidence, lowest first; each one's suggested class)."""
     probabilities = np.asarray(probabilities, np.float64)
     labels = np.asarray(labels)
     images, classes = probabilities.shape
@@ -70,13 +62,29 @@ def label_issues(probabilities: np.ndarray, labels: np.ndarray,
                 margin = probabilities[members, other] - probabilities[members, given]
                 flagged[members[np.argsort(-margin, kind="stable")[:take]]] = True
     flagged &= probabilities.argmax(axis=1) != labels
-    flagged &= probabilities[np.arange(images), labels] < below
     rows_flagged = np.flatnonzero(flagged)
     order = np.argsort(probabilities[rows_flagged, labels[rows_flagged]], kind="stable")
     ranked = rows_flagged[order]
     others = probabilities[ranked].copy()
     others[np.arange(len(ranked)), labels[ranked]] = -1.0
     return ranked, others.argmax(axis=1)
+
+
+def strong_evidence(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per image: is the probability of its given label under STRONG times the mean that its
+    class's images give it (the confident-learning threshold)? Relative, so it holds for a
+    cautious head as for a confident one. Confident learning's own set had precision 0.39 on
+    Fashion-MNIST with 10 % of the labels flipped (as cleanlab's find_label_issues): a head
+    72 % right on its held-out folds counts the real shirt / T-shirt / pullover confusions as
+    noise; its ranking was good (0.97 precision in its top 60), and this cut kept precision
+    0.62 at recall 0.80 there (bench/RESULTS.md, *Data doctor*)."""
+    probabilities = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels)
+    given = probabilities[np.arange(len(labels)), labels]
+    classes = probabilities.shape[1]
+    means = np.array([given[labels == j].mean() if np.any(labels == j) else 0.0
+                      for j in range(classes)])  # fmt: skip
+    return given < STRONG * means[labels]
 
 
 def _files(prepared: Path, split: str) -> list[str]:
@@ -103,17 +111,18 @@ def examine(prepared: Path, transfer: Path, release: Path, features: Path, repor
                 probabilities = recorded["val"]
         files = _files(prepared, split)
         ranked, suggested = label_issues(probabilities, labels)
+        strong = strong_evidence(probabilities, labels)
         suspects += [
             {"file": files[row], "split": split, "given": classes[labels[row]],
-             "suggested": classes[other],
+             "suggested": classes[other], "strong": bool(strong[row]),
              "self_confidence": round(float(probabilities[row, labels[row]]), 4)}
             for row, other in zip(ranked, suggested, strict=True) if files[row] not in keep
         ]  # fmt: skip
     suspects.sort(key=lambda s: s["self_confidence"])
     return {
         "method": "confident learning (Northcutt et al. 2021): out-of-fold probabilities, "
-        "per-class thresholds, prune by noise rate; kept below self-confidence "
-        f"{SUSPECT_SELF_CONFIDENCE}, ranked by it",
+        "per-class thresholds, prune by noise rate, ranked by self-confidence; strong: "
+        f"self-confidence under {STRONG} x its class's threshold",
         "label_issues": suspects,
         "off_topic": _off_topic(prepared, release, features, classes, keep),
         "possible_leaks": possible_leaks(prepared, features),

@@ -58,7 +58,8 @@ def doctor_lines(root: Path, params) -> list[str]:
     found, report = read_json(found_path), read_json(report_path)
     near, decided = report.get("near_duplicates", {}), report.get("review", {})
     return [
-        f"**Data doctor**: {len(found['label_issues'])} likely label errors, "
+        f"**Data doctor**: {len(found['label_issues'])} likely label errors "
+        f"({sum(s['strong'] for s in found['label_issues'])} with strong evidence), "
         f"{len(found['off_topic'])} off-topic images, {near.get('count', 0)} near-duplicate "
         f"groups ({len(near.get('label_conflicts', []))} across classes), "
         f"{len(found.get('possible_leaks', []))} test images almost identical to a training "

@@ -31,7 +31,7 @@ def noisy_probabilities(seed: int, images: int = 300, classes: int = 3, flips: i
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_confident_learning_finds_most_flipped_labels_and_suggests_the_true_class(seed):
     probabilities, truth, given, flipped = noisy_probabilities(seed)
-    ranked, suggested = label_issues(probabilities, given, below=1.0)  # the algorithm, no cut
+    ranked, suggested = label_issues(probabilities, given)
     found = set(ranked.tolist())
     assert len(found & flipped) / len(found) >= 0.6  # precision
     assert len(found & flipped) / len(flipped) >= 0.6  # recall
@@ -42,16 +42,16 @@ def test_confident_learning_finds_most_flipped_labels_and_suggests_the_true_clas
     assert not np.any(probabilities[ranked].argmax(axis=1) == given[ranked])
 
 
-def test_by_default_only_images_whose_given_label_is_nearly_ruled_out_are_flagged():
-    from headstart.doctor import SUSPECT_SELF_CONFIDENCE
+def test_strong_evidence_is_a_given_label_far_under_its_classes_mean():
+    from headstart.doctor import STRONG, strong_evidence
 
-    probabilities, _, given, _ = noisy_probabilities(5)
-    probabilities[:40] = 0.001  # 40 images the model all but rules out for their given label
-    probabilities[np.arange(40), (given[:40] + 1) % 3] = 0.998
-    everything, _ = label_issues(probabilities, given, below=1.0)
-    kept, _ = label_issues(probabilities, given)
-    assert set(kept) < set(everything) and set(range(40)) <= set(kept)
-    assert np.all(probabilities[kept, given[kept]] < SUSPECT_SELF_CONFIDENCE)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    given = np.array([0.9, 0.9, 0.03, 0.5, 0.5, 0.004])  # class means 0.61 and 0.335
+    probabilities = np.stack([given, 1 - given], axis=1)
+    probabilities[labels == 1] = probabilities[labels == 1][:, ::-1]  # column 1 = class 1
+    # 0.03 > 0.02 x 0.61 = 0.0122: not strong; 0.004 < 0.02 x 0.335 = 0.0067: strong
+    assert STRONG == 0.02
+    assert strong_evidence(probabilities, labels).tolist() == [False] * 5 + [True]
 
 
 def test_clean_labels_of_a_confident_model_flag_nothing():
