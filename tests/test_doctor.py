@@ -5,6 +5,7 @@ suggestion is applied by the next prepare."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_an_injected_mislabel_is_ranked_first_and_a_review_relabels_it(trained_c
     )
     assert (root / "artifacts/plots/suspects.png").stat().st_size > 5_000
     listed = run_in(root, "headstart", "review").stdout
-    assert "1. class_0/odd_one.png" in listed and "class_0 -> class_1" in listed
+    assert re.search(r"\n +1\.[ *] class_0/odd_one\.png +\[train\] +class_0 -> class_1", listed)
     run_in(root, "headstart", "review", "--accept", "1")
     decided = yaml.safe_load((root / "data-review.yaml").read_text())
     assert decided == {"relabel": {"class_0/odd_one.png": "class_1"}}
