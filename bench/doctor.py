@@ -189,6 +189,9 @@ def main(argv=None) -> dict:
                 reviewed = headstart_run(project, seed, OVERRIDES)
                 runs["reviewed"][seed] = {"seconds": reviewed["seconds"],
                                           "heldout": release_accuracy(project, work / "heldout")}  # fmt: skip
+                print(
+                    f"[seed {seed}] reviewed: {runs['reviewed'][seed]}", file=sys.stderr, flush=True
+                )
                 subprocess.run(
                     ["git", "checkout", "-q", "data-review.yaml"], cwd=project, check=True
                 )
@@ -220,15 +223,15 @@ def _mean_sd(values: list[float]) -> str:
 
 def report_text(runs: dict) -> str:
     rows = [(name, _mean_sd([r["heldout"] for r in runs[name].values()]))
-            for name in ("clean", "noisy", "reviewed", "copies") if runs[name]]  # fmt: skip
+            for name in ("clean", "noisy", "reviewed", "copies") if runs.get(name)]  # fmt: skip
     lines = [table(rows, ("project", "release held-out accuracy")), ""]
-    noisy = list(runs["noisy"].values())
+    noisy = list(runs.get("noisy", {}).values())
     if not noisy:
         return "\n".join(lines)
     rows = [(who, _mean_sd([r[who][0] for r in noisy]), _mean_sd([r[who][1] for r in noisy]))
             for who in ("doctor", "cleanlab_cut", "doctor_all", "cleanlab")]  # fmt: skip
     lines += [table(rows, ("flagged by", "precision", "recall")), ""]
-    copies = list(runs["copies"].values())
+    copies = list(runs.get("copies", {}).values())
     if not copies:
         return "\n".join(lines)
     lines.append(f"near-duplicates: {copies[0]['found']} of {copies[0]['pairs']} injected pairs "
