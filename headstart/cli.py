@@ -297,7 +297,7 @@ def review(
         review_module.save(decided, review_file)
         typer.echo(f"wrote {len(accepted)} relabel decision(s) to {review_file}; "
                    "check them, then `headstart run`")  # fmt: skip
-    elif issues or off_topic:  # nothing accepted: say how
+    elif issues or off_topic or found["label_conflicts"] or leaks:  # nothing accepted: say how
         typer.echo(f"Decide in {review_module.REVIEW_FILE} (relabel / exclude / keep), or "
                    "`headstart review --accept N`; the next run applies it.")  # fmt: skip
 
