@@ -461,3 +461,17 @@ def test_a_run_prints_one_line_per_step_and_the_summary_and_nothing_on_stderr(tr
     verbose = run_in(trained_copy, "headstart", "-v", "run", "-S", "plots.samples=4",
                      api_url=prefect_harness)  # fmt: skip
     assert "Finished in state Completed()" in verbose.stderr
+
+
+def test_how_the_weights_are_fetched_retrains_nothing(trained_copy):
+    """weights.retries and weights.cache_dir say how the checksum-verified file is fetched, not
+    what it is: changing them leaves every step up to date (they made freeze and everything
+    after it run again)."""
+    params_module.write_overrides(trained_copy / "params.yaml",
+                                  ["weights.retries=7", "weights.cache_dir=~/elsewhere"])  # fmt: skip
+    status = run_in(trained_copy, "headstart", "status").stdout
+    assert "stale" not in status, status
+    params_module.write_overrides(
+        trained_copy / "params.yaml", ["base.backbone=efficientnet_lite2"]
+    )
+    assert "weights    stale" in run_in(trained_copy, "headstart", "status").stdout
