@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from common import ROOT, machine, table
-from heldout import CLASSES, SOURCE, data_per_class, draw_images, read_idx, write_pngs
+from heldout import SOURCE, fashion_images, write_pngs
 
 ARCHS = ("seed", "pooled")
 
@@ -61,10 +61,7 @@ def main(argv=None) -> dict:
     from tasks.baseline import fit_baseline
 
     work = Path(tempfile.mkdtemp(prefix="baseline-"))
-    labels = read_idx(args.source / "train-labels-idx1-ubyte.gz")
-    pixels = read_idx(args.source / "train-images-idx3-ubyte.gz")
-    train, heldout = draw_images(labels, pixels, data_per_class(args.per_class, []),
-                                 args.heldout // len(CLASSES), seed=0)  # fmt: skip
+    pixels, train, heldout = fashion_images(args.source, args.per_class, args.heldout)
     write_pngs(pixels, train, work / "data")
     write_pngs(pixels, heldout, work / "heldout")
     defaults = params_module.load(ROOT / "params.yaml")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from common import BIN, ROOT, clone_with_data, headstart_run, run_child, table
-from heldout import CLASSES, SOURCE, data_per_class, draw_images, read_idx, score, write_pngs
+from heldout import CLASSES, SOURCE, fashion_images, score, write_pngs
 from PIL import Image, ImageEnhance
 
 OVERRIDES = ["export.formats=[]"]
@@ -145,10 +145,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     work = Path(tempfile.mkdtemp(prefix="doctor-"))
-    labels = read_idx(args.source / "train-labels-idx1-ubyte.gz")
-    pixels = read_idx(args.source / "train-images-idx3-ubyte.gz")
-    train, heldout = draw_images(labels, pixels, data_per_class(args.per_class, []),
-                                 args.heldout // len(CLASSES), seed=0)  # fmt: skip
+    pixels, train, heldout = fashion_images(args.source, args.per_class, args.heldout)
     write_pngs(pixels, heldout, work / "heldout")
     flipped: set[str] = set()
     pairs: list[tuple[str, str]] = []

@@ -85,6 +85,18 @@ def draw_images(labels: np.ndarray, pixels: np.ndarray, per_class: int, heldout_
     return train, heldout
 
 
+def fashion_images(source: Path, per_class: int, heldout: int, overrides: list[str] = (),
+                   seed: int = 0) -> tuple[np.ndarray, dict, dict]:  # fmt: skip
+    """(pixels, training rows, held-out rows) from the IDX files in `source`: as many images
+    per class in data/ as give prepare's training split `per_class` (`overrides`: its split
+    fractions), and `heldout` others, class balanced."""
+    labels = read_idx(source / "train-labels-idx1-ubyte.gz")
+    pixels = read_idx(source / "train-images-idx3-ubyte.gz")
+    train, held = draw_images(labels, pixels, data_per_class(per_class, list(overrides)),
+                              heldout // len(CLASSES), seed)  # fmt: skip
+    return pixels, train, held
+
+
 def data_per_class(per_class: int, overrides: list[str]) -> int:
     """Images per class in data/ so that prepare's training split holds `per_class` on average."""
     import yaml
