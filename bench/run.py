@@ -44,9 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes (CI-friendly)")
     parser.add_argument("--images", type=int, help="N training images (default: all demo train)")
     parser.add_argument("--epochs", type=int, help="E epochs for recipe and head (default 20)")
-    parser.add_argument(
-        "--size", type=int, help="image size (default: params.yaml base.image_size)"
-    )
+    parser.add_argument("--size", type=int, help="image size (default: base.image_size auto)")
     parser.add_argument("--repeats", type=int, help="repeats for short timings (median)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="default: all")
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="image folder")
@@ -64,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- data -----------------------------------------------------------------------------------
 
 
-def base_params(size: int, epochs: int, backbone_cache: Path):
+def base_params(size: int | str, epochs: int, backbone_cache: Path):
     from headstart import params as params_module
 
     raw = params_module.read_raw(ROOT / "params.yaml")
@@ -98,9 +96,9 @@ def subset(prepared: Path, out: Path, n_train: int) -> Path:
 def setup(args) -> dict:
     """Prepared data, frozen backbone and params for the benchmark, under args.work."""
     import tasks
-    from headstart.params import load
+    from headstart.artifacts import image_size
 
-    size = args.size or load(ROOT / "params.yaml").base.image_size
+    size = args.size or "auto"
     params = base_params(size, args.epochs, args.work / "weights-cache")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -112,6 +110,7 @@ def setup(args) -> dict:
     for name in ("prepare", "weights", "freeze"):
         tasks.get(name).run(params, work)
     prepared = params.path("prepared", work)
+    size = image_size(prepared)  # what auto chose, or --size
     n_available = len(np.load(prepared / "train_labels.npy"))
     n = args.images or n_available
     return {"params": params, "size": size, "prepared": prepared, "n": n,

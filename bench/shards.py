@@ -83,7 +83,7 @@ def one_process(prepared: Path, backbone: Path, work: Path) -> dict:
     del batches
     training._COMPILED.clear()  # the feature step pays its own trace, as in a real run
     started = time.perf_counter()
-    features.cache_features(extractor, "bench", prepared, work / "features", views=1, seed=0)
+    features.cache_features(extractor, "bench", prepared, work / "features", views=("none",), seed=0)
     step = len(x) / (time.perf_counter() - started)
     return {"images": len(x), "bare_images_per_s": round(bare, 1),
             "feature_step_images_per_s": round(step, 1), "ratio": round(step / bare, 3)}  # fmt: skip
@@ -118,7 +118,7 @@ def on_dask(project: Path, workers: int) -> dict:
     prepared, backbone = params.path("prepared", project), params.path("backbone", project)
     shutil.rmtree(params.path("features", project), ignore_errors=True)
     shards = 2 * workers
-    plan = features.plan(prepared, params.head.views, shards)
+    plan = features.plan(prepared, features.params_views(params), shards)
     started = time.perf_counter()
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip

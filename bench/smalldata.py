@@ -168,7 +168,7 @@ def centroid_hits(project: Path, files: list[str], y: np.ndarray) -> tuple[np.nd
     import keras
 
     from headstart import images, params
-    from headstart.artifacts import load_features, load_split
+    from headstart.artifacts import image_size, load_features, load_split
     from headstart.training import predict
 
     p = params.load(project / "params.yaml")
@@ -178,7 +178,7 @@ def centroid_hits(project: Path, files: list[str], y: np.ndarray) -> tuple[np.nd
     cached, cached_y = load_features(project / "artifacts" / "features", "train")
     same = np.array_equal(cached_y[: len(y_train)], y_train)
     gap = float(np.max(np.abs(cached[: len(y_train)] - f_train))) if same else float("nan")
-    size, resize = p.base.image_size, p.prepare.resize
+    size, resize = image_size(project / "artifacts" / "prepared"), p.prepare.resize
     held = np.stack([images.load(f, size, resize, p.prepare.max_pixels) for f in files])
     f_held = predict(backbone, held)
     mean, sd = f_train.mean(axis=0), np.maximum(f_train.std(axis=0), 1e-6)

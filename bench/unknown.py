@@ -112,7 +112,7 @@ def choose_method(project: Path, heldout: int = 2000) -> dict:
     from sklearn.datasets import load_digits
 
     from headstart import images, ood
-    from headstart.artifacts import load_features
+    from headstart.artifacts import image_size, load_features
     from headstart.params import OOD_METHODS, load
     from headstart.training import predict
 
@@ -120,7 +120,7 @@ def choose_method(project: Path, heldout: int = 2000) -> dict:
     from make_demo_data import SOURCE, read_idx
 
     params = load(project / "params.yaml")
-    size = params.base.image_size
+    size = image_size(project / "artifacts" / "prepared")
     backbone = keras.saving.load_model(project / "artifacts" / "release" / "backbone.keras")
 
     def features(arrays) -> np.ndarray:  # decoded as prepare and predict decode a PNG file

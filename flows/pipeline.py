@@ -217,7 +217,7 @@ def _features_on_dask(run: _Run, submit, shards: int) -> None:
         return
     futures = [submit(extract_features, split=shard.split, view=shard.view, start=shard.start,
                       stop=shard.stop, key=key)
-               for shard in features.plan(prepared, params.head.views, shards)]  # fmt: skip
+               for shard in features.plan(prepared, features.params_views(params), shards)]  # fmt: skip
     for future in futures:
         future.result()  # a shard that failed twice fails the run: never a short cache
     submit(assemble_features, shards=shards).result()

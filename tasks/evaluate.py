@@ -57,7 +57,8 @@ def release_extras(release_dir: Path, features_dir: Path, prepared_dir: Path,
     after = calibration.reliability(calibrated, labels)
     detector, _ = ood.load(release_dir)
     require(release_dir / BACKBONE_FILE, "select")
-    key = features.cache_key(prepared_dir, release_dir, params.head.views, params.base.seed)
+    views = features.params_views(params)
+    key = features.cache_key(prepared_dir, release_dir, views, params.base.seed)
     if not features.is_current(features_dir, key):
         raise UserError(f"{features_dir}: the feature cache was not computed by the release's "
                         "backbone from these prepared images; run `headstart step head`, then "

@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from headstart import exporting, modelcard, ood
-from headstart.artifacts import BACKBONE_FILE, EXPORT_RECORD_FILE, LABELS_FILE, MODEL_FILE
+from headstart.artifacts import (
+    BACKBONE_FILE,
+    EXPORT_RECORD_FILE,
+    LABELS_FILE,
+    MODEL_FILE,
+    image_size,
+)
 from headstart.calibration import CALIBRATION_FILE
 from headstart.errors import UserError
 from headstart.files import atomic_dir, require, sha256_file, write_json, write_text
@@ -37,13 +43,13 @@ def export_release(root: Path | str, params: Params,
     starts no TensorFlow."""
     root = Path(root)
     release_dir, out_dir = params.path("release", root), params.path("export", root)
-    size = params.base.image_size
+    size = image_size(params.path("prepared", root))
     images_file = require(params.path("prepared", root) / "test_images.npy", "prepare")
     images = np.load(images_file, mmap_mode="r")
     if images.shape[1:] != (size, size, 3) or not len(images):
         raise UserError(f"{params.paths.prepared}/test_images.npy: holds {images.shape[0]} images "
                         f"of {images.shape[1:]}, expected some of ({size}, {size}, 3) "
-                        "(base.image_size); rerun `headstart step prepare`")  # fmt: skip
+                        "(labels.json); rerun `headstart step prepare`")  # fmt: skip
     model_file = require(release_dir / MODEL_FILE, "select")
     source = {"release_sha256": sha256_file(model_file),
               "test_images_sha256": sha256_file(images_file)}  # fmt: skip
@@ -103,7 +109,7 @@ def _convert(model_file: Path, images: np.ndarray, out_dir: Path, params: Params
     call = inference_fn(model)
     keras_latency = exporting.latency_ms(lambda batch: np.asarray(call(batch)), images[0],
                                          params.export.latency_runs)  # fmt: skip
-    results = exporting.export_all(model, params.base.image_size, out_dir, params.export.formats,
+    results = exporting.export_all(model, images.shape[1], out_dir, params.export.formats,
                                    images, reference, params.export.latency_runs, converters)  # fmt: skip
     return results, keras_latency
 
@@ -122,7 +128,7 @@ def _convert_backbone(release_dir: Path, images: np.ndarray, out_dir: Path,
 
     backbone = keras.saving.load_model(release_dir / BACKBONE_FILE)
     detector, _ = ood.load(release_dir)
-    return exporting.export_features(backbone, detector, params.base.image_size, out_dir, images)
+    return exporting.export_features(backbone, detector, images.shape[1], out_dir, images)
 
 
 def run(params: Params, root: Path) -> Path:

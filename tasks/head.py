@@ -21,6 +21,7 @@ from headstart.artifacts import (
     OUT_OF_FOLD_FILE,
     PROBABILITIES_FILE,
     Rows,
+    image_size,
     load_features,
     load_split,
 )
@@ -32,6 +33,7 @@ from headstart.features import (
     compute_shard,
     load_backbone,
     params_key,
+    params_views,
     shards_dir,
 )
 from headstart.files import atomic_dir, read_json, require, save_keras, write_json, write_timings
@@ -51,9 +53,10 @@ def extract_shard(params: Params, root: Path | str, split: str, view: int, start
     cache's `params_key`, when the caller has it (it hashes the manifest and the backbone: once
     per run, not once per shard)."""
     prepared, backbone = params.path("prepared", root), params.path("backbone", root)
+    policies = params_views(params)
     return compute_shard(
         load_backbone(require(backbone, "freeze")), prepared,
-        Shard(split, view, start, stop),
+        Shard(split, view, start, stop, policies[view] if split == "train" else "none"),
         shards_dir(params.path("features", root), key or params_key(params, root)),
         params.base.seed,
     )  # fmt: skip
@@ -62,8 +65,13 @@ def extract_shard(params: Params, root: Path | str, split: str, view: int, start
 def assemble_features(params: Params, root: Path | str, shards: int) -> Path:
     """The cache from the files of `headstart.features.plan(..., shards)` (run it as the head
     step, `pipeline.run_step`, so the cache is stamped as when head computes it alone)."""
-    return assemble(params_key(params, root), params.path("prepared", root),
-                    params.path("features", root), params.head.views, shards)  # fmt: skip
+    return assemble(
+        params_key(params, root),
+        params.path("prepared", root),
+        params.path("features", root),
+        params_views(params),
+        shards,
+    )
 
 
 def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir: Path | str,
@@ -80,8 +88,9 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
     extractor = keras.saving.load_model(require(backbone_dir / BACKBONE_FILE, "freeze"))
     timings = {}
     started = time.perf_counter()
-    key = cache_key(prepared_dir, backbone_dir, p.views, seed)
-    cache_features(extractor, key, prepared_dir, features_dir, p.views, seed)
+    views = params_views(params)
+    key = cache_key(prepared_dir, backbone_dir, views, seed)
+    cache_features(extractor, key, prepared_dir, features_dir, views, seed)
     timings["features"] = time.perf_counter() - started
     with atomic_dir(out_dir) as tmp, training.live_logger(tmp / LIVE_DIR) as live:
         started = time.perf_counter()
@@ -90,7 +99,7 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
         else:
             head, record = _chosen_head(features_dir, len(classes), params, tmp, live)
         timings["head"] = time.perf_counter() - started
-        transfer = models.end_to_end(extractor, head, params.base.image_size)
+        transfer = models.end_to_end(extractor, head, image_size(prepared_dir))
         f_val, y_val = load_features(features_dir, "val")
         record["val_accuracy_head_only"] = _accuracy(head, f_val, y_val)
         live.log_metric("head/val_accuracy", record["val_accuracy_head_only"], plot=False)
@@ -100,7 +109,7 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
             timings["finetune"] = time.perf_counter() - started
             # a fresh, uncompiled wrapper around the same (tuned) layers: the saved model then
             # carries no optimizer state from fine-tuning
-            transfer = models.end_to_end(extractor, head, params.base.image_size)
+            transfer = models.end_to_end(extractor, head, image_size(prepared_dir))
         _record_probabilities(transfer, head, record, prepared_dir, features_dir, tmp)
         save_keras(transfer, tmp / MODEL_FILE)
         save_keras(head, tmp / "head.keras")
@@ -134,6 +143,9 @@ def _seed_head(features_dir: Path, classes: int, params: Params, tmp: Path, live
 
     p, seed = params.head, params.base.seed
     f_train, y_train = load_features(features_dir, "train")
+    if p.augment == "auto":  # the seed's recipe: plain images only, unless a policy is pinned
+        images = len(y_train) // len(params_views(params))
+        f_train, y_train = f_train[:images], y_train[:images]
     f_val, y_val = load_features(features_dir, "val")
     head = models.dense_head(f_train.shape[1], classes, p.units, p.dropout)
     training.compile_classifier(head, models.optimizer(p.optimizer, p.learning_rate),
@@ -163,19 +175,36 @@ def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path, li
     p, seed = params.head, params.base.seed
     features, labels = load_features(features_dir, "train")  # memory-mapped: heads reads it
     labels = np.asarray(labels)
-    images = len(labels) // p.views
+    views = params_views(params)
+    images = len(labels) // len(views)
+    folds = min(p.folds, int(np.bincount(labels[:images], minlength=classes).max()))
+    common = {
+        "folds": folds,
+        "batch_size": p.batch_size,
+        "learning_rate": p.learning_rate,
+        "seed": seed,
+        "classes": classes,
+        "epochs": p.epochs,
+        "patience": p.patience,
+    }
+    rows, augmentation, linear_cv = choose_augmentation(
+        features, labels, images, views, params, common
+    )
+    if rows is not None:
+        features, labels = Rows(features)[rows], labels[rows]
     sample_weight = None
     if p.class_weight == "balanced":
         table = training.balanced_class_weight(labels, classes)
         sample_weight = np.array([table[int(y)] for y in labels], np.float32)
-    folds = min(p.folds, int(np.bincount(labels[:images], minlength=classes).max()))
-    common = {"folds": folds, "batch_size": p.batch_size, "learning_rate": p.learning_rate,
-              "seed": seed, "classes": classes}  # fmt: skip
     configs = [c for c in heads.candidates(p.units, p.dropout) if p.config in ("auto", c.name)]
     results = []
     for config in configs:
-        result = heads.cross_validate(config, features, labels, images, epochs=p.epochs,
-                                      patience=p.patience, sample_weight=sample_weight, **common)  # fmt: skip
+        if config.name == "linear" and linear_cv is not None and sample_weight is None:
+            result = linear_cv  # the augmentation choice already cross-validated it
+        else:
+            result = heads.cross_validate(
+                config, features, labels, images, sample_weight=sample_weight, **common
+            )
         log.info("head: %s: %d-fold CV accuracy %.4f at %d epochs", config.name, folds,
                  result.score, result.best_epochs)  # fmt: skip
         results.append(result)
@@ -193,13 +222,56 @@ def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path, li
         live.log_metric(f"head/{key}", value, plot=False)
     write_json(tmp / "head_selection.json", {
         "chosen": chosen.config.name, "reason": reason, "folds": folds,
-        "candidates": [r.record() for r in results],
+        "candidates": [r.record() for r in results], "augment": augmentation,
     })  # fmt: skip
-    linear = next((r for r in results if r.config.name == "linear" and p.views == 1), None)
+    plain = len(labels) == images  # the learning curve is on plain views only
+    linear = next((r for r in results if r.config.name == "linear" and plain), None)
     write_json(tmp / "learning_curve.json", learning_curve(
         features[:images], labels[:images], classes, params, linear))  # fmt: skip
     log.info("head: chose %s", reason)
-    return head, {"config": chosen.config.name, "selection": reason, "epochs": chosen.best_epochs}
+    return head, {
+        "config": chosen.config.name,
+        "selection": reason,
+        "epochs": chosen.best_epochs,
+        "augment": augmentation["chosen"],
+        "augment_reason": augmentation["reason"],
+    }
+
+
+def choose_augmentation(
+    features, labels, images: int, views: tuple[str, ...], params: Params, common: dict
+):
+    """Which augmented views the head learns from: (rows of the training features, None for
+    all; the record; the linear head's CV on those rows when computed). Under `head.augment:
+    auto` each policy's rows (the plain views plus that policy's) are cross-validated with the
+    linear head and the best pooled CV accuracy wins, a tie going to the simpler policy (order
+    of augment.POLICIES). Only plain views are scored, so a policy that changes labels (a flip
+    of left/right arrows) teaches the head wrong answers and scores lower."""
+    from headstart import augment, heads
+
+    p = params.head
+    if p.augment != "auto" or len(views) == 1:
+        why = "pinned by head.augment" if p.augment != "auto" else "head.views 1: no augmented view"
+        return None, {"chosen": views[-1], "reason": why, "policies": []}, None
+    linear = heads.candidates(p.units, p.dropout)[0]
+    scored = []
+    for policy in augment.POLICIES:
+        rows = augment.rows_of(views, policy, images)
+        result = heads.cross_validate(linear, Rows(features)[rows], labels[rows], images, **common)
+        log.info("head: augment %s: linear CV accuracy %.4f", policy, result.score)
+        scored.append((policy, rows, result))
+    policy, rows, result = max(scored, key=lambda s: (s[2].score, -augment.POLICIES.index(s[0])))
+    others = ", ".join(f"{name} {r.score:.4f}" for name, _, r in scored if name != policy)
+    record = {
+        "chosen": policy,
+        "reason": f"{common['folds']}-fold CV of the linear head, plain views scored: "
+        f"{policy} {result.score:.4f} (others: {others})",
+        "policies": [
+            {"policy": name, "cv_accuracy": round(r.score, 6), "cv_loss": round(r.best_loss, 6)}
+            for name, _, r in scored
+        ],
+    }
+    return rows, record, result
 
 
 def learning_curve(features: np.ndarray, labels: np.ndarray, classes: int, params: Params,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart import images, neardup, review
+from headstart import backbones, images, neardup, review, sizing
 from headstart.artifacts import LABELS_FILE, REPORT_FILE, SPLIT_RECORD, SPLITS
 from headstart.errors import UserError
 from headstart.files import atomic_dir, write_json, write_text
@@ -274,8 +274,28 @@ def write_split_record(
         write_text(path, text)
 
 
-def _scan(data_dir: Path, params: Params, raw_file, entries: int) -> list[_Seen]:
-    size, p = params.base.image_size, params.prepare
+def image_size(data_dir: Path, params: Params) -> sizing.Choice:
+    """The training size: `base.image_size` when it is a number, else chosen from the images'
+    sides within `base.budget` (headstart/sizing.py)."""
+    if params.base.image_size != "auto":
+        return sizing.Choice(int(params.base.image_size), "pinned by base.image_size", 0, 0.0)
+    backbone = backbones.REGISTRY[params.base.backbone]
+    paths = [
+        data_dir / rel
+        for rel, label, hidden in _walk(data_dir)
+        if label is not None and not hidden and not (data_dir / rel).is_symlink()
+    ]
+    return sizing.choose(
+        sizing.image_sides(paths, params.prepare.resize),
+        native=backbone.default_size,
+        floor=sizing.FLOOR,
+        relative_cost=backbone.relative_cost,
+        budget_minutes=params.base.budget,
+    )
+
+
+def _scan(data_dir: Path, params: Params, raw_file, entries: int, size: int) -> list[_Seen]:
+    p = params.prepare
     seen: list[_Seen] = []
     rows = 0
     with progress(entries, "prepare", log, unit="files") as shown:
@@ -499,11 +519,12 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
         d.name for d in data_dir.iterdir()
         if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")
     )  # fmt: skip
-    size = params.base.image_size
+    chosen = image_size(data_dir, params)
+    size = chosen.size
     with tempfile.TemporaryFile(dir=out_dir.parent if out_dir.parent.exists() else None) as raw:
         buffered = io.BufferedWriter(raw, buffer_size=1 << 22)  # type: ignore[arg-type]
         entries = count_entries(data_dir)
-        seen = _scan(data_dir, params, buffered, entries)
+        seen = _scan(data_dir, params, buffered, entries, size)
         buffered.flush()
         conflicts = _resolve_duplicates(seen)
         relabelled = _apply_review(seen, decisions, review_file, folders)
@@ -527,6 +548,12 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
                 )
         near = near_duplicate_report(used_items, found, placement)
         report = _report(seen, classes, empty, conflicts, params, entries, near)
+        report["image_size"] = {
+            "size": size,
+            "setting": params.base.image_size,
+            "reason": chosen.reason,
+            "estimate_s": chosen.estimate_s,
+        }
         report["review"] = {"file": review.REVIEW_FILE, "relabelled": relabelled,
                             "excluded": [i.path for i in seen if i.status == "excluded"],
                             "kept": sorted(decisions.keep)}  # fmt: skip

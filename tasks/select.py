@@ -27,6 +27,7 @@ from headstart.artifacts import (
     BACKBONE_FILE,
     MODEL_FILE,
     PROBABILITIES_FILE,
+    image_size,
     load_features,
     load_probabilities,
     load_split,
@@ -153,7 +154,7 @@ def select(prepared_dir: Path | str, baseline_dir: Path | str, transfer_dir: Pat
     calibrated = calibration.fit(probabilities[winner], y_val)
     detector, detector_record = fit_detector(features_dir, prepared_dir, len(classes), params)
     finetuned = read_json(transfer_dir / "transfer.json").get("finetune", {}).get("kept", False)
-    model = release_model(winner, baseline, transfer, params.base.image_size, weight)
+    model = release_model(winner, baseline, transfer, image_size(prepared_dir), weight)
     with atomic_dir(out_dir) as tmp:
         save_keras(model, tmp / MODEL_FILE)
         shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")

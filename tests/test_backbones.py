@@ -232,7 +232,7 @@ def test_download_backbones_end_to_end_from_a_loopback_server(name, size, server
         np.array_equal(a, b)
         for a, b in zip(rebuilt.get_weights(), stock.get_weights(), strict=True)
     )
-    frozen = freeze_backbone(weights, tmp_path / "backbone", params)
+    frozen = freeze_backbone(weights, tmp_path / "backbone", params, size)
     assert_frozen(keras.saving.load_model(frozen / "backbone.keras"))
 
 
@@ -249,7 +249,7 @@ def test_freeze_step_on_real_lite_weights(lite_weights, tmp_path):
     import keras
 
     params = small_params(base={"backbone": lite_name(lite_weights)})
-    out = freeze_backbone(lite_weights, tmp_path / "backbone", params)
+    out = freeze_backbone(lite_weights, tmp_path / "backbone", params, 32)
     extractor = keras.saving.load_model(out / "backbone.keras")
     assert extractor.output_shape == (None, 1280)
     assert_frozen(extractor)

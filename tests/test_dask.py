@@ -28,6 +28,7 @@ from headstart import params as params_module
 from headstart.errors import UserError
 
 BATCH = 4  # tiny batches: several batches per shard on a few dozen images
+VIEWS = ("none", "flip_shift")  # view 1 augmented
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +45,16 @@ def extraction(tmp_path_factory):
     write_random_backbone(root / "backbone", seed=3)
     extractor = keras.saving.load_model(root / "backbone" / "backbone.keras")
     single = root / "single"
-    features.cache_features(extractor, "key", prepared, single, views=2, seed=7, batch_size=BATCH)
+    features.cache_features(
+        extractor, "key", prepared, single, views=VIEWS, seed=7, batch_size=BATCH
+    )
     return root, prepared, extractor, single
 
 
 def sharded(extraction, shards: int, target: Path, skip: int | None = None) -> list[Path]:
     """The cache in `shards` shards (all but number `skip`), each computed as a worker would."""
     root, prepared, extractor, _ = extraction
-    plan = features.plan(prepared, 2, shards, BATCH)
+    plan = features.plan(prepared, VIEWS, shards, BATCH)
     out = features.shards_dir(target, "key")
     return [features.compute_shard(extractor, prepared, shard, out, 7, BATCH)
             for n, shard in enumerate(plan) if n != skip]  # fmt: skip
@@ -81,7 +84,7 @@ def test_shards_assemble_into_the_one_process_cache(extraction, tmp_path, shards
     root, prepared, _, single = extraction
     files = sharded(extraction, shards, tmp_path / "features")
     assert len(files) >= min(shards, 4)  # 4 pieces at least: train views 0 and 1, val, test
-    features.assemble("key", prepared, tmp_path / "features", 2, shards, BATCH)
+    features.assemble("key", prepared, tmp_path / "features", VIEWS, shards, BATCH)
     assert_same(load_cache(single), load_cache(tmp_path / "features"))
     assert not (tmp_path / "features-shards").exists()  # shards are deleted once assembled
 
@@ -105,7 +108,7 @@ def test_a_missing_or_short_shard_fails_naming_it_and_writes_no_cache(extraction
     else:
         np.save(broken, np.load(broken)[:-1])
     with pytest.raises(UserError, match=f"{broken.name}: feature shard (missing|holds)"):
-        features.assemble("key", prepared, tmp_path / "features", 2, 3, BATCH)
+        features.assemble("key", prepared, tmp_path / "features", VIEWS, 3, BATCH)
     assert not (tmp_path / "features").exists()
 
 

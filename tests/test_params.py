@@ -12,7 +12,7 @@ from headstart import params as P
 
 def test_project_params_file_is_valid_and_frozen():
     params = P.load(ROOT / "params.yaml")
-    assert params.base.image_size >= 32
+    assert params.base.image_size == "auto" and params.head.augment == "auto"
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.base.seed = 1  # type: ignore[misc]
 
@@ -26,6 +26,8 @@ def test_project_params_file_is_valid_and_frozen():
         ({"prepare": {"val_fraction": 0.5, "test_fraction": 0.5}}, "must be < 1"),
         ({"prepare": {"val_fraction": 1.2}}, "prepare.val_fraction must be between 0 and 1"),
         ({"base": {"image_size": 16}}, "base.image_size must be >= 32"),
+        ({"base": {"image_size": "big"}}, "base.image_size must be a number of pixels or auto"),
+        ({"head": {"augment": "mirror"}}, "head.augment must be auto or one of none, flip"),
         ({"base": {"backbone": "resnet"}}, "base.backbone must be one of"),
         ({"baseline": {"epochs": "many"}}, "baseline.epochs must be an integer"),
         ({"baseline": {"arch": "resnet"}}, "baseline.arch must be one of pooled, seed"),

@@ -278,7 +278,7 @@ def test_feature_extraction_in_a_prefect_task_keeps_a_progress_artifact(prefect_
 
     @task
     def extract() -> None:
-        cache_features(extractor, "key", prepared, tmp_path / "features", views=2, seed=7,
+        cache_features(extractor, "key", prepared, tmp_path / "features", views=("none", "shift"), seed=7,
                        batch_size=4)  # fmt: skip
 
     @flow

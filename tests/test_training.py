@@ -122,10 +122,10 @@ def test_the_feature_cache_is_stale_when_prepare_decodes_differently(project, tm
     copy = Path(shutil.copytree(root, tmp_path / "copy"))
     prepared, backbone = params.path("prepared", copy), params.path("backbone", copy)
     manifest = (prepared / "manifest.csv").read_bytes()
-    before = features.cache_key(prepared, backbone, 1, params.base.seed)
+    before = features.cache_key(prepared, backbone, ("none",), params.base.seed)
     tasks.get("prepare").run(small_params(prepare={"resize": "stretch"}), copy)
     assert (prepared / "manifest.csv").read_bytes() == manifest
-    assert features.cache_key(prepared, backbone, 1, params.base.seed) != before
+    assert features.cache_key(prepared, backbone, ("none",), params.base.seed) != before
 
 
 def test_metrics_files_have_flat_keys_and_the_headline_is_the_release_as_shipped(project):
