@@ -83,7 +83,9 @@ def one_process(prepared: Path, backbone: Path, work: Path) -> dict:
     del batches
     training._COMPILED.clear()  # the feature step pays its own trace, as in a real run
     started = time.perf_counter()
-    features.cache_features(extractor, "bench", prepared, work / "features", views=("none",), seed=0)
+    features.cache_features(
+        extractor, "bench", prepared, work / "features", views=("none",), seed=0
+    )
     step = len(x) / (time.perf_counter() - started)
     return {"images": len(x), "bare_images_per_s": round(bare, 1),
             "feature_step_images_per_s": round(step, 1), "ratio": round(step / bare, 3)}  # fmt: skip
