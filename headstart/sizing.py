@@ -19,6 +19,21 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+# Each backbone's native input size (its ImageNet training size: headstart/backbones.py builds
+# them from here) and its inference cost per pixel relative to EfficientNet-Lite0 (FACTS.md:
+# speeds on 2 CPU cores). Kept here, free of Keras, because prepare chooses the size.
+NATIVE_SIZE = {
+    "efficientnet_lite0": 224,
+    "efficientnet_lite2": 260,
+    "efficientnetb0": 224,
+    "inceptionv3": 299,
+}
+RELATIVE_COST = {
+    "efficientnet_lite0": 1.0,
+    "efficientnet_lite2": 2.2,
+    "efficientnetb0": 1.8,
+    "inceptionv3": 2.5,
+}
 SIZE_STEP = 32
 FLOOR = 96  # below this the backbones' 32x downsampling leaves under 3x3 cells
 # Seconds per image per pass on this kind of machine (2 CPU cores) at 96 px, for the cost

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart import backbones, images, neardup, review, sizing
+from headstart import images, neardup, review, sizing
 from headstart.artifacts import LABELS_FILE, REPORT_FILE, SPLIT_RECORD, SPLITS
 from headstart.errors import UserError
 from headstart.files import atomic_dir, write_json, write_text
@@ -279,7 +279,7 @@ def image_size(data_dir: Path, params: Params) -> sizing.Choice:
     sides within `base.budget` (headstart/sizing.py)."""
     if params.base.image_size != "auto":
         return sizing.Choice(int(params.base.image_size), "pinned by base.image_size", 0, 0.0)
-    backbone = backbones.REGISTRY[params.base.backbone]
+    name = params.base.backbone
     paths = [
         data_dir / rel
         for rel, label, hidden in _walk(data_dir)
@@ -287,9 +287,9 @@ def image_size(data_dir: Path, params: Params) -> sizing.Choice:
     ]
     return sizing.choose(
         sizing.image_sides(paths, params.prepare.resize),
-        native=backbone.default_size,
+        native=sizing.NATIVE_SIZE[name],
         floor=sizing.FLOOR,
-        relative_cost=backbone.relative_cost,
+        relative_cost=sizing.RELATIVE_COST[name],
         budget_minutes=params.base.budget,
     )
 
