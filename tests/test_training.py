@@ -105,12 +105,14 @@ def test_feature_cache_is_reused_when_only_head_settings_change(project, tmp_pat
     changed = small_params(head={"epochs": 1, "units": 16})
     tasks.get("head").run(changed, copy)
     assert read_json(record) == before
-    views = small_params(head={"views": 2, "epochs": 1})
+    views = small_params(head={"augment": "shift", "views": 3, "epochs": 1})
     tasks.get("head").run(views, copy)
-    train_images = np.load(params.path("prepared", copy) / "train_labels.npy")
+    n = len(np.load(params.path("prepared", copy) / "train_labels.npy"))
     features, labels = load_features(params.path("features", copy), "train")
-    assert len(features) == len(labels) == 2 * len(train_images)
-    assert not np.allclose(features[: len(train_images)], features[len(train_images) :], atol=0)
+    assert len(features) == len(labels) == 3 * n
+    assert read_json(record)["views"] == ["none", "shift", "shift"]
+    for view in (1, 2):
+        assert not np.allclose(features[:n], features[view * n : (view + 1) * n], atol=0)
 
 
 def test_the_feature_cache_is_stale_when_prepare_decodes_differently(project, tmp_path):
