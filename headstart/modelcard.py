@@ -98,6 +98,32 @@ def _test_predictions(metrics_dir: Path, classes: list[str]) -> tuple[np.ndarray
             np.array([index[row["predicted"]] for row in rows], dtype=np.int64))  # fmt: skip
 
 
+def training_choices(root: Path, params) -> list[tuple[str, str]]:
+    """(setting, what was chosen and why) for the choices made from the data: the image size
+    (prepare's report), the head's augmentation and fine-tuning (the head step's record)."""
+    choices = []
+    report_path = params.path("data_report", root) / REPORT_FILE
+    if report_path.is_file() and "image_size" in (report := read_json(report_path)):
+        size = report["image_size"]
+        choices.append(("image size", f"{size['size']} px ({size['reason']})"))
+    transfer_path = params.path("transfer", root) / "transfer.json"
+    if transfer_path.is_file():
+        record = read_json(transfer_path)
+        if "augment" in record:
+            choices.append(("augmentation", f"{record['augment']} ({record['augment_reason']})"))
+        tuned = record.get("finetune")
+        if tuned:
+            kept = "kept" if tuned["kept"] else "discarded"
+            choices.append(
+                (
+                    "fine-tuning",
+                    f"{kept} (validation accuracy "
+                    f"{tuned['val_accuracy_before']:.4f} -> {tuned['val_accuracy_after']:.4f})",
+                )
+            )
+    return choices
+
+
 def collect(root: Path | str, params: Params, exports: dict) -> dict:
     """Every fact of the card, from the pipeline's files under `root` (paths from params) and the
     export record (export.json's content)."""
@@ -141,6 +167,7 @@ def collect(root: Path | str, params: Params, exports: dict) -> dict:
             "relabelled": len(report.get("review", {}).get("relabelled", [])),
         },
         "backbone": read_json(require(weights / "weights.json", "weights")),
+        "choices": training_choices(root, params),
         "parameters": to_dict(params),
         "code": code_revision(root),
         "test": bootstrap_intervals(labels, predicted, len(classes), params.base.seed),
@@ -172,6 +199,9 @@ def render(facts: dict) -> str:
         state = ("with uncommitted changes to " + ", ".join(f"`{f}`" for f in code["changed"])
                  if code["dirty"] else "clean: no uncommitted changes to tracked files")  # fmt: skip
         lines.append(f"- Code revision: `{code['revision']}` ({state})")
+    lines += [
+        f"- Chosen for this data: {name}: {value}" for name, value in facts.get("choices", [])
+    ]
     lines += ["", facts["notes"].strip(), "", "## Data", ""]
     dvc = data["dvc"]
     lines.append(f"- Version: md5 `{dvc['md5']}` ({dvc['files']} files, {dvc['bytes']} bytes; "

@@ -9,7 +9,7 @@ from pathlib import Path
 from headstart.artifacts import EXPORT_RECORD_FILE, REPORT_FILE
 from headstart.calibration import CALIBRATION_FILE
 from headstart.files import read_json
-from headstart.modelcard import CARD_FILE, NOTES_FILE
+from headstart.modelcard import CARD_FILE, NOTES_FILE, training_choices
 
 
 def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skipped: list[str],
@@ -32,6 +32,9 @@ def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skippe
             + f" (details: `{report_path.relative_to(root)}`)",
             "",
         ]
+    choices = training_choices(root, params)
+    if choices:
+        lines += ["**Chosen for this data**: " + "; ".join(f"{k}: {v}" for k, v in choices), ""]
     lines += doctor_lines(root, params)
     lines += candidates_table(root, params)
     lines += exports_table(root, params)
