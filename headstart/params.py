@@ -92,6 +92,7 @@ class Head:
     epochs: int = 40
     batch_size: int = 64
     patience: int = 5
+    loss_patience: int = 0
     target_accuracy: float = 0.999
     class_weight: str = "none"
     augment: str = "auto"
@@ -306,7 +307,7 @@ def _check(name: str, key: str, value: Any) -> None:
         problem = "must be > 0"
     elif key in _FRACTIONS and not 0 < value < 1:
         problem = "must be between 0 and 1 (exclusive)"
-    elif key == "patience" and value < 0:
+    elif key in ("patience", "loss_patience") and value < 0:
         problem = "must be >= 0"
     if problem:
         raise ParamsError(f"params: {name} {problem} (got {value!r})")

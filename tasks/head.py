@@ -186,6 +186,7 @@ def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path, li
         "classes": classes,
         "epochs": p.epochs,
         "patience": p.patience,
+        "loss_patience": p.loss_patience,
     }
     rows, augmentation, linear_cv = choose_augmentation(
         features, labels, images, views, params, common
@@ -198,15 +199,28 @@ def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path, li
         sample_weight = np.array([table[int(y)] for y in labels], np.float32)
     configs = [c for c in heads.candidates(p.units, p.dropout) if p.config in ("auto", c.name)]
     results = []
-    for config in configs:
+    for config in configs:  # cheapest first: a costlier one clearly behind them is dropped early
         if config.name == "linear" and linear_cv is not None and sample_weight is None:
             result = linear_cv  # the augmentation choice already cross-validated it
         else:
+            leader = heads.choose(results)[0] if results else None
             result = heads.cross_validate(
-                config, features, labels, images, sample_weight=sample_weight, **common
+                config,
+                features,
+                labels,
+                images,
+                sample_weight=sample_weight,
+                leader=leader,
+                **common,
             )
-        log.info("head: %s: %d-fold CV accuracy %.4f at %d epochs", config.name, folds,
-                 result.score, result.best_epochs)  # fmt: skip
+        log.info(
+            "head: %s: %d-fold CV accuracy %.4f at %d epochs%s",
+            config.name,
+            folds,
+            result.score,
+            result.best_epochs,
+            f" ({result.dropped})" * bool(result.dropped),
+        )
         results.append(result)
     chosen, reason = heads.choose(results)
     np.save(tmp / OUT_OF_FOLD_FILE, chosen.best_out_of_fold)
@@ -296,11 +310,20 @@ def learning_curve(features: np.ndarray, labels: np.ndarray, classes: int, param
             points["100%"] = {"images": images, "cv_accuracy": round(full.score, 6)}
             continue
         folds = min(p.folds, int(np.bincount(labels[rows], minlength=classes).max()))
-        part = heads.cross_validate(linear, Rows(features)[rows], labels[rows], len(rows),
-                                    folds=folds,
-                                    epochs=p.epochs, batch_size=p.batch_size,
-                                    learning_rate=p.learning_rate, seed=seed, classes=classes,
-                                    patience=p.patience)  # fmt: skip
+        part = heads.cross_validate(
+            linear,
+            Rows(features)[rows],
+            labels[rows],
+            len(rows),
+            folds=folds,
+            epochs=p.epochs,
+            batch_size=p.batch_size,
+            learning_rate=p.learning_rate,
+            seed=seed,
+            classes=classes,
+            patience=p.patience,
+            loss_patience=p.loss_patience,
+        )
         points[f"{round(fraction * 100)}%"] = {"images": int(len(rows)),
                                                "cv_accuracy": round(part.score, 6)}  # fmt: skip
     return {"head": linear.name, "points": points}

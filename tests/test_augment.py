@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import small_params
 from PIL import Image, ImageDraw
 
 import tasks
-from conftest import small_params
 from headstart import augment
 from tasks.weights import fetch_weights
 

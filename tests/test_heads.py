@@ -3,6 +3,8 @@ release rule."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -147,3 +149,78 @@ def test_tied_cv_epochs_are_broken_by_the_pooled_loss_not_taken_earliest():
     assert len(perfect) >= 4
     assert np.all(np.diff(result.pooled_loss[perfect]) < 0)  # ... while the loss still falls
     assert result.best_epochs > perfect[0] + 2  # so the tie goes to a later, surer epoch
+
+
+def test_a_configuration_that_cannot_learn_is_dropped_early_and_recorded_as_such():
+    x, y = blobs()
+    common = {
+        "folds": 3,
+        "epochs": 20,
+        "batch_size": 16,
+        "learning_rate": 1e-2,
+        "seed": 1,
+        "classes": 3,
+        "patience": 20,
+    }
+    linear, small = heads.candidates(32, 0.2)[:2]
+    leader = heads.cross_validate(linear, x, y, len(y), **common)
+    stuck = heads.HeadConfig("stuck", 0, 0.0, 0.0, 3, learning_rate_scale=0.0)  # never moves
+    dropped = heads.cross_validate(stuck, x, y, len(y), leader=leader, **common)
+    assert len(dropped.curve) == heads.DROP_FROM  # stopped at the first check
+    assert dropped.dropped.startswith(f"dropped after {heads.DROP_FROM} epochs")
+    assert "for linear" in dropped.dropped and dropped.record()["dropped"] == dropped.dropped
+    kept = heads.cross_validate(small, x, y, len(y), leader=leader, **common)  # as good: runs on
+    assert not kept.dropped and len(kept.curve) == 20 and kept.record()["dropped"] is None
+    chosen, reason = heads.choose([leader, dropped, kept])
+    assert chosen is not dropped and "stuck" in reason and "(dropped early)" in reason
+
+
+def test_a_dropped_configuration_is_never_chosen_even_with_a_higher_score():
+    finished = cv_result("finished", 1, [0.70, 0.80])
+    early = dataclasses.replace(cv_result("early", 0, [0.90, 0.90]), dropped="dropped after 2")
+    chosen, reason = heads.choose([early, finished])
+    assert chosen is finished and "early 0.9000 (dropped early)" in reason
+
+
+def test_the_cv_stops_once_the_pooled_loss_has_not_fallen_for_loss_patience_epochs():
+    x, y = blobs(per_class=15, features=60, spread=3.0)  # few, noisy images: it overfits soon
+    small = heads.candidates(32, 0.2)[1]
+    common = {
+        "folds": 3,
+        "epochs": 40,
+        "batch_size": 16,
+        "learning_rate": 1e-2,
+        "seed": 1,
+        "classes": 3,
+        "patience": 40,
+    }
+    full = heads.cross_validate(small, x, y, len(y), **common)
+    stopped = heads.cross_validate(small, x, y, len(y), loss_patience=4, **common)
+    lowest = int(np.argmin(full.pooled_loss))
+    assert lowest + 1 + 4 < 40  # the loss turned up well before the last epoch ...
+    assert len(stopped.curve) == lowest + 1 + 4  # ... and the run stopped 4 epochs after its low
+    assert np.array_equal(stopped.accuracy, full.accuracy[: len(stopped.curve)])  # same epochs
+
+
+def test_cross_validation_is_deterministic_for_a_seed():
+    x, y = blobs()
+    dense = heads.candidates(32, 0.3)[2]
+    runs = [
+        heads.cross_validate(
+            dense,
+            x,
+            y,
+            len(y),
+            folds=3,
+            epochs=4,
+            batch_size=16,
+            learning_rate=1e-2,
+            seed=seed,
+            classes=3,
+            patience=4,
+        )
+        for seed in (7, 7, 8)
+    ]
+    assert np.array_equal(runs[0].loss, runs[1].loss)
+    assert np.array_equal(runs[0].out_of_fold, runs[1].out_of_fold)
+    assert not np.array_equal(runs[0].loss, runs[2].loss)

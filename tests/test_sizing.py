@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from conftest import small_params
 from PIL import Image
 
 import tasks
-from conftest import small_params
 from headstart import sizing
 
 

@@ -163,6 +163,8 @@ def test_every_head_configuration_is_scored_and_the_choice_recorded(project):
     assert selection["chosen"] in names and selection["reason"].startswith("3-fold CV")
     assert all(0 <= c["cv_accuracy"] <= 1 and 1 <= c["best_epochs"] <= c["epochs_run"]
                for c in selection["candidates"])  # fmt: skip
+    finished = [c for c in selection["candidates"] if c["dropped"] is None]
+    assert selection["chosen"] in [c["name"] for c in finished]
     dense = selection["candidates"][2]
     assert (dense["units"], dense["dropout"]) == (params.head.units, params.head.dropout)
     curve = read_json(out / "learning_curve.json")["points"]
