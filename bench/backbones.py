@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-from common import machine, median_time, table  # noqa: E402
+import numpy as np
+from common import machine, median_time, table
 
-from headstart.files import write_json  # noqa: E402
+from headstart.files import write_json
 
 
 def main() -> None:
@@ -36,8 +36,9 @@ def main() -> None:
 
     results = {"machine": machine(), "backbone": args.backbone, "batch": args.batch}
     with tempfile.TemporaryDirectory() as tmp:
-        params = from_dict({"base": {"backbone": args.backbone},
-                            "weights": {"cache_dir": f"{tmp}/cache"}})  # fmt: skip
+        params = from_dict(
+            {"base": {"backbone": args.backbone}, "weights": {"cache_dir": f"{tmp}/cache"}}
+        )
         started = time.perf_counter()
         weights = fetch_weights(Path(tmp) / "weights", params)
         results["fetch_and_convert_s"] = round(time.perf_counter() - started, 3)
@@ -65,8 +66,10 @@ def main() -> None:
             )
             throughput = args.batch * args.batches / per_pass
             rows.append((size, round(build_s, 2), round(throughput, 1)))
-            results[f"size_{size}"] = {"build_and_load_s": round(build_s, 3),
-                                       "images_per_s": round(throughput, 1)}  # fmt: skip
+            results[f"size_{size}"] = {
+                "build_and_load_s": round(build_s, 3),
+                "images_per_s": round(throughput, 1),
+            }
     print(f"machine: {results['machine']}")
     print(f"{args.backbone}: weights fetch + conversion {results['fetch_and_convert_s']} s")
     print(table(rows, ("size px", "build+load s", f"forward img/s (batch {args.batch})")))

@@ -84,24 +84,44 @@ def main(argv=None) -> dict:
                 fit_baseline(params.path("prepared", work), out, run)
                 seconds = time.perf_counter() - started
                 model = keras.saving.load_model(out / "model.keras")
-                found.append({"seconds": round(seconds, 1),
-                              "weights": model.count_params(),
-                              "mib": round((out / "model.keras").stat().st_size / 2**20, 2),
-                              "heldout": heldout_accuracy(model, read_json(out / "labels.json")["classes"],
-                                                          work / "heldout", size)})  # fmt: skip
+                found.append(
+                    {
+                        "seconds": round(seconds, 1),
+                        "weights": model.count_params(),
+                        "mib": round((out / "model.keras").stat().st_size / 2**20, 2),
+                        "heldout": heldout_accuracy(
+                            model, read_json(out / "labels.json")["classes"], work / "heldout", size
+                        ),
+                    }
+                )
                 print(f"[{size} px {arch} seed {seed}] {found[-1]}", file=sys.stderr, flush=True)
                 shutil.rmtree(out)
             accuracies = [f["heldout"] for f in found]
             runs[f"{size}-{arch}"] = found
-            rows.append((size, arch, found[0]["weights"], found[0]["mib"],
-                         round(statistics.median(f["seconds"] for f in found), 1),
-                         f"{statistics.mean(accuracies):.3f} ± "
-                         f"{statistics.stdev(accuracies) if len(accuracies) > 1 else 0:.3f}"))  # fmt: skip
-    header = ("px", "baseline.arch", "weights", "model.keras MiB", "step s (median)",
-              f"held-out accuracy ({len(args.seeds)} seeds)")  # fmt: skip
+            rows.append(
+                (
+                    size,
+                    arch,
+                    found[0]["weights"],
+                    found[0]["mib"],
+                    round(statistics.median(f["seconds"] for f in found), 1),
+                    f"{statistics.mean(accuracies):.3f} ± "
+                    f"{statistics.stdev(accuracies) if len(accuracies) > 1 else 0:.3f}",
+                )
+            )
+    header = (
+        "px",
+        "baseline.arch",
+        "weights",
+        "model.keras MiB",
+        "step s (median)",
+        f"held-out accuracy ({len(args.seeds)} seeds)",
+    )
     print(table(rows, header))
-    out = write_json(ROOT / "bench" / "out" / "baseline.json",
-                     {"machine": machine(), "argv": sys.argv[1:], "runs": runs})  # fmt: skip
+    out = write_json(
+        ROOT / "bench" / "out" / "baseline.json",
+        {"machine": machine(), "argv": sys.argv[1:], "runs": runs},
+    )
     print(f"wrote {out}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     return runs

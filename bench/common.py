@@ -43,16 +43,22 @@ def run_child(command: list[str], cwd: Path | str = ROOT, env: dict | None = Non
     Peak memory comes from GNU time, which forks from a small process: a child forked straight
     from this (TensorFlow-sized) process would report this process's size as its own peak.
     """
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                "TF_CPP_MIN_LOG_LEVEL": "2", "DVC_NO_ANALYTICS": "1", **(env or {})}  # fmt: skip
+    full_env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "DVC_NO_ANALYTICS": "1",
+        **(env or {}),
+    }
     timer = shutil.which("time") or "/usr/bin/time"
     with tempfile.NamedTemporaryFile("r", suffix=".txt") as peak_file:
         wrapped = (
             [timer, "-f", "%M", "-o", peak_file.name, *command] if Path(timer).exists() else command
         )
         started = time.perf_counter()
-        result = subprocess.run(wrapped, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        result = subprocess.run(
+            wrapped, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         seconds = time.perf_counter() - started
         output = result.stdout.decode(errors="replace")
         if result.returncode != 0:
@@ -75,8 +81,9 @@ def table(rows: list[tuple], header: tuple) -> str:
     return "\n".join(lines)
 
 
-def clone_with_data(target: Path, write_data, commit: str | None = None,
-                    who: str = "bench") -> Path:  # fmt: skip
+def clone_with_data(
+    target: Path, write_data, commit: str | None = None, who: str = "bench"
+) -> Path:
     """A clone of this repository (at `commit`; default: its committed HEAD) whose data/ is what
     `write_data(folder)` writes there, `dvc add`-ed and committed."""
     subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
@@ -85,8 +92,20 @@ def clone_with_data(target: Path, write_data, commit: str | None = None,
     write_data(target / "data")
     run_child([str(BIN / "dvc"), "add", "-q", "data"], cwd=target)
     subprocess.run(["git", "add", "data.dvc", ".gitignore"], cwd=target, check=True)
-    subprocess.run(["git", "-c", f"user.name={who}", "-c", f"user.email={who}@localhost",
-                    "commit", "-qm", f"{who} benchmark data"], cwd=target, check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "git",
+            "-c",
+            f"user.name={who}",
+            "-c",
+            f"user.email={who}@localhost",
+            "commit",
+            "-qm",
+            f"{who} benchmark data",
+        ],
+        cwd=target,
+        check=True,
+    )
     return target
 
 
@@ -95,5 +114,6 @@ def headstart_run(project: Path, seed: int, overrides: list[str]) -> dict:
     folder first on PYTHONPATH): run_child's seconds and peak memory."""
     sets = [arg for item in [*overrides, f"base.seed={seed}"] for arg in ("-S", item)]
     pythonpath = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
-    return run_child([str(BIN / "headstart"), "run", *sets], cwd=project,
-                     env={"PYTHONPATH": pythonpath})  # fmt: skip
+    return run_child(
+        [str(BIN / "headstart"), "run", *sets], cwd=project, env={"PYTHONPATH": pythonpath}
+    )

@@ -176,16 +176,22 @@ def main(argv=None) -> dict:
                 every = {s["file"] for s in found["label_issues"]}
                 ours = {s["file"] for s in found["label_issues"] if s["strong"]}
                 theirs, theirs_cut = cleanlab_flags(project)
-                result.update(flipped_seen=len(seen), flagged=len(ours), cleanlab_flagged=len(theirs),
-                              doctor=precision_recall(ours, seen),
-                              doctor_all=precision_recall(every, seen),
-                              cleanlab=precision_recall(theirs, seen),
-                              cleanlab_cut=precision_recall(theirs_cut, seen),
-                              off_topic=len(found["off_topic"]))  # fmt: skip
+                result.update(
+                    flipped_seen=len(seen),
+                    flagged=len(ours),
+                    cleanlab_flagged=len(theirs),
+                    doctor=precision_recall(ours, seen),
+                    doctor_all=precision_recall(every, seen),
+                    cleanlab=precision_recall(theirs, seen),
+                    cleanlab_cut=precision_recall(theirs_cut, seen),
+                    off_topic=len(found["off_topic"]),
+                )
                 run_child([str(BIN / "headstart"), "review", "--accept-strong"], cwd=project)
                 reviewed = headstart_run(project, seed, OVERRIDES)
-                runs["reviewed"][seed] = {"seconds": reviewed["seconds"],
-                                          "heldout": release_accuracy(project, work / "heldout")}  # fmt: skip
+                runs["reviewed"][seed] = {
+                    "seconds": reviewed["seconds"],
+                    "heldout": release_accuracy(project, work / "heldout"),
+                }
                 print(
                     f"[seed {seed}] reviewed: {runs['reviewed'][seed]}", file=sys.stderr, flush=True
                 )
@@ -199,9 +205,13 @@ def main(argv=None) -> dict:
                 result.update(
                     pairs=len(pairs),
                     found=sum(a in grouped and b in grouped for a, b in pairs),
-                    straddling=sum(split_of.get(a) != split_of.get(b) for a, b in pairs
-                                   if a in split_of and b in split_of),
-                    groups=report["near_duplicates"]["count"])  # fmt: skip
+                    straddling=sum(
+                        split_of.get(a) != split_of.get(b)
+                        for a, b in pairs
+                        if a in split_of and b in split_of
+                    ),
+                    groups=report["near_duplicates"]["count"],
+                )
             runs[name][seed] = result
             print(f"[seed {seed}] {name}: {result}", file=sys.stderr, flush=True)
     print(report_text(runs))
@@ -219,21 +229,28 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def report_text(runs: dict) -> str:
-    rows = [(name, _mean_sd([r["heldout"] for r in runs[name].values()]))
-            for name in ("clean", "noisy", "reviewed", "copies") if runs.get(name)]  # fmt: skip
+    rows = [
+        (name, _mean_sd([r["heldout"] for r in runs[name].values()]))
+        for name in ("clean", "noisy", "reviewed", "copies")
+        if runs.get(name)
+    ]
     lines = [table(rows, ("project", "release held-out accuracy")), ""]
     noisy = list(runs.get("noisy", {}).values())
     if not noisy:
         return "\n".join(lines)
-    rows = [(who, _mean_sd([r[who][0] for r in noisy]), _mean_sd([r[who][1] for r in noisy]))
-            for who in ("doctor", "cleanlab_cut", "doctor_all", "cleanlab")]  # fmt: skip
+    rows = [
+        (who, _mean_sd([r[who][0] for r in noisy]), _mean_sd([r[who][1] for r in noisy]))
+        for who in ("doctor", "cleanlab_cut", "doctor_all", "cleanlab")
+    ]
     lines += [table(rows, ("flagged by", "precision", "recall")), ""]
     copies = list(runs.get("copies", {}).values())
     if not copies:
         return "\n".join(lines)
-    lines.append(f"near-duplicates: {copies[0]['found']} of {copies[0]['pairs']} injected pairs "
-                 f"grouped, {copies[0]['straddling']} straddle two splits, "
-                 f"{copies[0]['groups']} groups")  # fmt: skip
+    lines.append(
+        f"near-duplicates: {copies[0]['found']} of {copies[0]['pairs']} injected pairs "
+        f"grouped, {copies[0]['straddling']} straddle two splits, "
+        f"{copies[0]['groups']} groups"
+    )
     return "\n".join(lines)
 
 

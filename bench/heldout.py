@@ -37,22 +37,34 @@ from common import ROOT, clone_with_data, headstart_run, table
 from PIL import Image
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_demo_data import CLASSES, SOURCE, read_idx  # noqa: E402
+from make_demo_data import CLASSES, SOURCE, read_idx
 
 DEMO_PER_CLASS = 150  # the demo data: make_demo_data.py --per-class 150 (README, data.dvc)
 MODELS = ("baseline", "transfer", "release")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
-    parser.add_argument("--per-class", type=int, default=100,
-                        help="images per class in the training split (data/ holds more: val, test)")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        default=100,
+        help="images per class in the training split (data/ holds more: val, test)",
+    )
     parser.add_argument("--heldout", type=int, default=3000, help="held-out images in total")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="base.seed values")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="parameter override (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="parameter override (repeatable)",
+    )
     parser.add_argument("--data-seed", type=int, default=0, help="which images are drawn")
     parser.add_argument("--source", type=Path, default=SOURCE, help="Fashion-MNIST IDX folder")
     parser.add_argument("--work", type=Path, help="new or empty folder to keep (default: temp)")
@@ -60,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def draw_images(labels: np.ndarray, pixels: np.ndarray, per_class: int, heldout_per_class: int,
-                seed: int) -> tuple[dict, dict]:  # fmt: skip
+def draw_images(
+    labels: np.ndarray, pixels: np.ndarray, per_class: int, heldout_per_class: int, seed: int
+) -> tuple[dict, dict]:
     """Row numbers per class for training and held-out: outside the demo subset, never an exact
     pixel copy of a demo image or of each other (Fashion-MNIST has a few duplicates)."""
     demo = {
@@ -85,15 +98,17 @@ def draw_images(labels: np.ndarray, pixels: np.ndarray, per_class: int, heldout_
     return train, heldout
 
 
-def fashion_images(source: Path, per_class: int, heldout: int, overrides: list[str] = (),
-                   seed: int = 0) -> tuple[np.ndarray, dict, dict]:  # fmt: skip
+def fashion_images(
+    source: Path, per_class: int, heldout: int, overrides: list[str] = (), seed: int = 0
+) -> tuple[np.ndarray, dict, dict]:
     """(pixels, training rows, held-out rows) from the IDX files in `source`: as many images
     per class in data/ as give prepare's training split `per_class` (`overrides`: its split
     fractions), and `heldout` others, class balanced."""
     labels = read_idx(source / "train-labels-idx1-ubyte.gz")
     pixels = read_idx(source / "train-images-idx3-ubyte.gz")
-    train, held = draw_images(labels, pixels, data_per_class(per_class, list(overrides)),
-                              heldout // len(CLASSES), seed)  # fmt: skip
+    train, held = draw_images(
+        labels, pixels, data_per_class(per_class, list(overrides)), heldout // len(CLASSES), seed
+    )
     return pixels, train, held
 
 
@@ -186,8 +201,11 @@ def summarize(runs: dict[int, dict]) -> dict[str, dict]:
         present = [v for v in values if v is not None]
         if present:
             sd = statistics.stdev(present) if len(present) > 1 else None
-            summary[name] = {"per_seed": values, "mean": round(statistics.mean(present), 4),
-                             "sd": None if sd is None else round(sd, 4)}  # fmt: skip
+            summary[name] = {
+                "per_seed": values,
+                "mean": round(statistics.mean(present), 4),
+                "sd": None if sd is None else round(sd, 4),
+            }
     return summary
 
 
@@ -215,13 +233,19 @@ def main(argv=None) -> dict:
     labels = read_idx(args.source / "train-labels-idx1-ubyte.gz")
     pixels = read_idx(args.source / "train-images-idx3-ubyte.gz")
     in_data = data_per_class(args.per_class, args.overrides)
-    train, heldout = draw_images(labels, pixels, in_data,
-                                 args.heldout // len(CLASSES), args.data_seed)  # fmt: skip
+    train, heldout = draw_images(
+        labels, pixels, in_data, args.heldout // len(CLASSES), args.data_seed
+    )
     project = make_project(work / "project", pixels, train)
     write_pngs(pixels, heldout, work / "heldout")
     sys.path.insert(0, str(project))  # score with the clone's code, like the pipeline runs
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD~1"], cwd=project, check=True,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD~1"],
+        cwd=project,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     runs = {}
     for seed in args.seeds:
         print(f"[seed {seed}] headstart run in {project}", file=sys.stderr, flush=True)
@@ -230,12 +254,22 @@ def main(argv=None) -> dict:
         print(f"[seed {seed}] {runs[seed]}", file=sys.stderr, flush=True)
     summary = summarize(runs)
     print(report(runs, summary))
-    result = {"tag": args.tag or commit, "commit": commit, "argv": sys.argv[1:],
-              "settings": {"per_class": args.per_class, "data_per_class": in_data,
-                           "heldout": args.heldout,
-                           "seeds": args.seeds, "overrides": args.overrides,
-                           "data_seed": args.data_seed, "classes": CLASSES},
-              "runs": runs, "summary": summary}  # fmt: skip
+    result = {
+        "tag": args.tag or commit,
+        "commit": commit,
+        "argv": sys.argv[1:],
+        "settings": {
+            "per_class": args.per_class,
+            "data_per_class": in_data,
+            "heldout": args.heldout,
+            "seeds": args.seeds,
+            "overrides": args.overrides,
+            "data_seed": args.data_seed,
+            "classes": CLASSES,
+        },
+        "runs": runs,
+        "summary": summary,
+    }
     from headstart.files import write_json
 
     out = write_json(ROOT / "bench" / "out" / f"heldout-{result['tag']}.json", result)

@@ -29,18 +29,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-from common import ROOT, machine, median_time, run_child, table  # noqa: E402
+import numpy as np
+from common import ROOT, machine, median_time, run_child, table
 
-from headstart.files import timings_path, write_json  # noqa: E402
+from headstart.files import timings_path, write_json
 
 SECTIONS = ("floor", "recipe", "headstart", "scaling", "startup", "pipeline")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes (CI-friendly)")
     parser.add_argument("--images", type=int, help="N training images (default: all demo train)")
     parser.add_argument("--epochs", type=int, help="E epochs for recipe and head (default 20)")
@@ -66,10 +68,16 @@ def base_params(size: int | str, epochs: int, backbone_cache: Path):
     from headstart import params as params_module
 
     raw = params_module.read_raw(ROOT / "params.yaml")
-    raw = params_module.apply_overrides(raw, [
-        f"base.image_size={size}", f"head.epochs={epochs}", f"head.patience={epochs}",
-        "head.target_accuracy=0.9999", f"weights.cache_dir={backbone_cache}",
-    ])  # fmt: skip
+    raw = params_module.apply_overrides(
+        raw,
+        [
+            f"base.image_size={size}",
+            f"head.epochs={epochs}",
+            f"head.patience={epochs}",
+            "head.target_accuracy=0.9999",
+            f"weights.cache_dir={backbone_cache}",
+        ],
+    )
     return params_module.from_dict(raw)
 
 
@@ -113,8 +121,14 @@ def setup(args) -> dict:
     size = image_size(prepared)  # what auto chose, or --size
     n_available = len(np.load(prepared / "train_labels.npy"))
     n = args.images or n_available
-    return {"params": params, "size": size, "prepared": prepared, "n": n,
-            "backbone": params.path("backbone", work), "n_available": n_available}  # fmt: skip
+    return {
+        "params": params,
+        "size": size,
+        "prepared": prepared,
+        "n": n,
+        "backbone": params.path("backbone", work),
+        "n_available": n_available,
+    }
 
 
 def split_counts(prepared: Path) -> dict:
@@ -141,8 +155,11 @@ def bench_floor(ctx, args) -> dict:
             call(images[start : start + 32].astype("float32"))
 
     seconds = median_time(one_pass, args.repeats)
-    return {"images": len(images), "seconds": round(seconds, 3),
-            "images_per_s": round(len(images) / seconds, 1)}  # fmt: skip
+    return {
+        "images": len(images),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(images) / seconds, 1),
+    }
 
 
 def test_accuracy(model, prepared: Path) -> float:
@@ -160,12 +177,17 @@ def with_seed(params, seed: int):
 def bench_recipe(ctx, args) -> dict:
     """The Keras guide's recipe: frozen base inside the model, fit on images every epoch.
     Repeated with seeds seed, seed+1, ...: median time, mean test accuracy."""
-    runs = [_recipe_once(ctx, args, with_seed(ctx["params"], ctx["params"].base.seed + r))
-            for r in range(args.repeats)]  # fmt: skip
-    return {"epochs": args.epochs, "seconds": round(statistics.median(r[0] for r in runs), 3),
-            "val_accuracy": round(float(np.mean([r[1] for r in runs])), 4),
-            "test_accuracy": round(float(np.mean([r[2] for r in runs])), 4),
-            "test_accuracies": [round(r[2], 4) for r in runs]}  # fmt: skip
+    runs = [
+        _recipe_once(ctx, args, with_seed(ctx["params"], ctx["params"].base.seed + r))
+        for r in range(args.repeats)
+    ]
+    return {
+        "epochs": args.epochs,
+        "seconds": round(statistics.median(r[0] for r in runs), 3),
+        "val_accuracy": round(float(np.mean([r[1] for r in runs])), 4),
+        "test_accuracy": round(float(np.mean([r[2] for r in runs])), 4),
+        "test_accuracies": [round(r[2], 4) for r in runs],
+    }
 
 
 def _recipe_once(ctx, args, params) -> tuple[float, float, float]:
@@ -185,20 +207,27 @@ def _recipe_once(ctx, args, params) -> tuple[float, float, float]:
     classes = read_json(prepared / "labels.json")["classes"]
     outputs = keras.layers.Dense(len(classes), activation="softmax")(x)
     model = keras.Model(inputs, outputs)
-    model.compile(keras.optimizers.Adam(params.head.learning_rate),
-                  "sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
+    model.compile(
+        keras.optimizers.Adam(params.head.learning_rate),
+        "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
 
     def images(split, shuffle):
         data = tf.data.Dataset.from_tensor_slices(
-            (np.load(prepared / f"{split}_images.npy").astype("float32"),
-             np.load(prepared / f"{split}_labels.npy")))  # fmt: skip
+            (
+                np.load(prepared / f"{split}_images.npy").astype("float32"),
+                np.load(prepared / f"{split}_labels.npy"),
+            )
+        )
         if shuffle:
             data = data.shuffle(1000, seed=params.base.seed)
         return data.batch(32).prefetch(tf.data.AUTOTUNE)
 
     started = time.perf_counter()
-    history = model.fit(images("train", True), validation_data=images("val", False),
-                        epochs=args.epochs, verbose=0)  # fmt: skip
+    history = model.fit(
+        images("train", True), validation_data=images("val", False), epochs=args.epochs, verbose=0
+    )
     seconds = time.perf_counter() - started
     return seconds, float(history.history["val_accuracy"][-1]), test_accuracy(model, prepared)
 
@@ -224,11 +253,15 @@ def bench_headstart(ctx, args) -> dict:
         model = keras.saving.load_model(out / "model.keras")
         runs.append((seconds, record, test_accuracy(model, prepared)))
     record = runs[len(runs) // 2][1]
-    return {"epochs": args.epochs, "seconds": round(statistics.median(r[0] for r in runs), 3),
-            "features_s": record["seconds"]["features"], "head_fit_s": record["seconds"]["head"],
-            "val_accuracy": round(float(np.mean([r[1]["val_accuracy_head_only"] for r in runs])), 4),
-            "test_accuracy": round(float(np.mean([r[2] for r in runs])), 4),
-            "test_accuracies": [round(r[2], 4) for r in runs]}  # fmt: skip
+    return {
+        "epochs": args.epochs,
+        "seconds": round(statistics.median(r[0] for r in runs), 3),
+        "features_s": record["seconds"]["features"],
+        "head_fit_s": record["seconds"]["head"],
+        "val_accuracy": round(float(np.mean([r[1]["val_accuracy_head_only"] for r in runs])), 4),
+        "test_accuracy": round(float(np.mean([r[2] for r in runs])), 4),
+        "test_accuracies": [round(r[2], 4) for r in runs],
+    }
 
 
 def _head_command_params(ctx, args, n: int) -> Path:
@@ -243,12 +276,19 @@ def _head_command_params(ctx, args, n: int) -> Path:
     link = folder / "backbone"  # paths must lie inside the project folder: link the backbone in
     if not link.exists():
         link.symlink_to(Path(ctx["backbone"]).resolve(), target_is_directory=True)
-    params_module.write_overrides(target, [
-        f"base.image_size={ctx['size']}", f"head.epochs={args.epochs}",
-        f"head.patience={args.epochs}", "head.target_accuracy=0.9999",
-        f"paths.prepared={Path(prepared).relative_to(folder)}", "paths.backbone=backbone",
-        "paths.features=features", "paths.transfer=transfer",
-    ])  # fmt: skip
+    params_module.write_overrides(
+        target,
+        [
+            f"base.image_size={ctx['size']}",
+            f"head.epochs={args.epochs}",
+            f"head.patience={args.epochs}",
+            "head.target_accuracy=0.9999",
+            f"paths.prepared={Path(prepared).relative_to(folder)}",
+            "paths.backbone=backbone",
+            "paths.features=features",
+            "paths.transfer=transfer",
+        ],
+    )
     return target
 
 
@@ -259,12 +299,22 @@ def bench_scaling(ctx, args) -> dict:
     for factor in (1,) if args.quick else (1, 2, 4):
         n = ctx["n"] * factor
         params_file = _head_command_params(ctx, args, n)
-        child = run_child([str(Path(sys.executable).with_name("headstart")), "step", "head",
-                           "--project", str(params_file.parent)])  # fmt: skip
+        child = run_child(
+            [
+                str(Path(sys.executable).with_name("headstart")),
+                "step",
+                "head",
+                "--project",
+                str(params_file.parent),
+            ]
+        )
         record = {"seconds": read_json(timings_path(params_file.parent / "transfer"))}
-        rows[n] = {"seconds": child["seconds"], "peak_mib": child["peak_mib"],
-                   "features_s": record["seconds"]["features"],
-                   "head_fit_s": record["seconds"]["head"]}  # fmt: skip
+        rows[n] = {
+            "seconds": child["seconds"],
+            "peak_mib": child["peak_mib"],
+            "features_s": record["seconds"]["features"],
+            "head_fit_s": record["seconds"]["head"],
+        }
     return rows
 
 
@@ -308,26 +358,39 @@ def bench_pipeline(ctx, args) -> dict:
         run_child([headstart, "status"], cwd=flow_root)["seconds"] for _ in range(args.repeats)
     ]
     predict = _predict_times(flow_root, args.repeats)
-    artifacts_mib = round(sum(f.stat().st_size for f in (flow_root / "artifacts").rglob("*")
-                              if f.is_file()) / 2**20, 1)  # fmt: skip
+    artifacts_mib = round(
+        sum(f.stat().st_size for f in (flow_root / "artifacts").rglob("*") if f.is_file()) / 2**20,
+        1,
+    )
     epochs = params_module.load(flow_root / "params.yaml").head.epochs
     params_module.write_overrides(flow_root / "params.yaml", [f"head.epochs={epochs + 5}"])
     repro = run_child([dvc, "repro"], cwd=flow_root)
-    ran = [line.split("'")[1] for line in repro["output"].splitlines()
-           if line.startswith("Running stage")]  # fmt: skip
+    ran = [
+        line.split("'")[1]
+        for line in repro["output"].splitlines()
+        if line.startswith("Running stage")
+    ]
     return {
         "steps": steps,
         "features_s": transfer["seconds"]["features"],
-        "metrics": {m: {k: round(v, 4) for k, v in metrics[m].items()
-                        if k in ("accuracy", "macro_f1", "loss", "top3_accuracy")}
-                    for m in metrics},  # fmt: skip
-        "flow_fresh_s": fresh["seconds"], "flow_fresh_peak_mib": fresh["peak_mib"],
+        "metrics": {
+            m: {
+                k: round(v, 4)
+                for k, v in metrics[m].items()
+                if k in ("accuracy", "macro_f1", "loss", "top3_accuracy")
+            }
+            for m in metrics
+        },
+        "flow_fresh_s": fresh["seconds"],
+        "flow_fresh_peak_mib": fresh["peak_mib"],
         "flow_noop_s": round(statistics.median(noop), 3),
         "status_s": round(statistics.median(status), 3),
         "prefect_overhead_s": round(statistics.median(noop) - statistics.median(status), 3),
-        "repro_after_head_epochs_s": repro["seconds"], "repro_ran": ran,
-        "predict": predict, "artifacts_mib": artifacts_mib,
-    }  # fmt: skip
+        "repro_after_head_epochs_s": repro["seconds"],
+        "repro_ran": ran,
+        "predict": predict,
+        "artifacts_mib": artifacts_mib,
+    }
 
 
 def _predict_times(project: Path, repeats: int) -> dict:
@@ -344,7 +407,8 @@ def _predict_times(project: Path, repeats: int) -> dict:
             answer = json.loads(runs[-1]["output"][runs[-1]["output"].index("[\n") :])
             assert answer[0]["runtime"] == name, answer
             times[name + (" --reject" if reject else "")] = round(
-                statistics.median(r["seconds"] for r in runs), 3)  # fmt: skip
+                statistics.median(r["seconds"] for r in runs), 3
+            )
     return times
 
 
@@ -356,15 +420,32 @@ def report(results: dict) -> str:
     floor, recipe, hs = (results.get(k) for k in ("floor", "recipe", "headstart"))
     rows = []
     if floor:
-        rows.append(("floor: backbone forward pass", f"{floor['seconds']:.2f}",
-                     f"{floor['images_per_s']} img/s over {floor['images']} images", ""))  # fmt: skip
+        rows.append(
+            (
+                "floor: backbone forward pass",
+                f"{floor['seconds']:.2f}",
+                f"{floor['images_per_s']} img/s over {floor['images']} images",
+                "",
+            )
+        )
     if recipe:
-        rows.append((f"recipe: fit through frozen base, E={recipe['epochs']}", f"{recipe['seconds']:.2f}",
-                     f"val {recipe['val_accuracy']}", f"{recipe['test_accuracies']} mean {recipe['test_accuracy']}"))  # fmt: skip
+        rows.append(
+            (
+                f"recipe: fit through frozen base, E={recipe['epochs']}",
+                f"{recipe['seconds']:.2f}",
+                f"val {recipe['val_accuracy']}",
+                f"{recipe['test_accuracies']} mean {recipe['test_accuracy']}",
+            )
+        )
     if hs:
-        rows.append((f"headstart head step, E={hs['epochs']}", f"{hs['seconds']:.2f}",
-                     f"features {hs['features_s']} s + head {hs['head_fit_s']} s",
-                     f"{hs['test_accuracies']} mean {hs['test_accuracy']}"))  # fmt: skip
+        rows.append(
+            (
+                f"headstart head step, E={hs['epochs']}",
+                f"{hs['seconds']:.2f}",
+                f"features {hs['features_s']} s + head {hs['head_fit_s']} s",
+                f"{hs['test_accuracies']} mean {hs['test_accuracy']}",
+            )
+        )
     if rows:
         lines += [table(rows, ("what", "seconds (median)", "detail", "test accuracy per seed")), ""]
     ratios = results.get("ratios", {})
@@ -374,10 +455,14 @@ def report(results: dict) -> str:
             "",
         ]
     if "scaling" in results:
-        rows = [(n, r["seconds"], r["features_s"], r["head_fit_s"], r["peak_mib"])
-                for n, r in results["scaling"].items()]  # fmt: skip
-        lines += [table(rows, ("train images", "command s", "features s", "head fit s",
-                               "peak MiB")), ""]  # fmt: skip
+        rows = [
+            (n, r["seconds"], r["features_s"], r["head_fit_s"], r["peak_mib"])
+            for n, r in results["scaling"].items()
+        ]
+        lines += [
+            table(rows, ("train images", "command s", "features s", "head fit s", "peak MiB")),
+            "",
+        ]
     if "startup" in results:
         lines += [f"startup: headstart --help {results['startup']['help_s']} s", ""]
     if "pipeline" in results:
@@ -398,7 +483,7 @@ def report(results: dict) -> str:
             table(
                 list(p["predict"].items()),
                 ("headstart predict, one image, cold (runtime)", "seconds (median)"),
-            ),  # fmt: skip
+            ),
         ]
     return "\n".join(lines)
 
@@ -409,12 +494,26 @@ def main(argv=None) -> dict:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     ctx = setup(args)
-    results = {"machine": machine(), "settings": {
-        "size": ctx["size"], "train_images": ctx["n"], "epochs": args.epochs,
-        "repeats": args.repeats, "backbone": ctx["params"].base.backbone,
-        "quick": args.quick, "sections": args.sections}}  # fmt: skip
-    runners = {"floor": bench_floor, "recipe": bench_recipe, "headstart": bench_headstart,
-               "scaling": bench_scaling, "startup": bench_startup, "pipeline": bench_pipeline}  # fmt: skip
+    results = {
+        "machine": machine(),
+        "settings": {
+            "size": ctx["size"],
+            "train_images": ctx["n"],
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "backbone": ctx["params"].base.backbone,
+            "quick": args.quick,
+            "sections": args.sections,
+        },
+    }
+    runners = {
+        "floor": bench_floor,
+        "recipe": bench_recipe,
+        "headstart": bench_headstart,
+        "scaling": bench_scaling,
+        "startup": bench_startup,
+        "pipeline": bench_pipeline,
+    }
     for section in args.sections:
         started = time.perf_counter()
         results[section] = runners[section](ctx, args)
@@ -434,8 +533,12 @@ def main(argv=None) -> dict:
             ">= 8 at E=20",
         )
         results["ratios"]["test accuracy headstart - recipe (points)"] = (
-            round(100 * (results["headstart"]["test_accuracy"]
-                         - results["recipe"]["test_accuracy"]), 2), "within 1")  # fmt: skip
+            round(
+                100 * (results["headstart"]["test_accuracy"] - results["recipe"]["test_accuracy"]),
+                2,
+            ),
+            "within 1",
+        )
     text = report(results)
     print(text)
     write_json(args.out, results)

@@ -33,7 +33,7 @@ from common import BIN, ROOT, table
 from PIL import Image
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_demo_data import CLASSES, SOURCE, read_idx  # noqa: E402
+from make_demo_data import CLASSES, SOURCE, read_idx
 
 STEPS = ("prepare", "baseline", "weights", "freeze", "head", "select", "evaluate")
 REPORTED = ("prepare", "baseline", "head", "select", "evaluate")
@@ -41,19 +41,31 @@ DEFAULT_SETS = ["baseline.epochs=1", "export.formats=[saved_model]"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1500, 20000, 60000])
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help=f"parameter override (repeatable; always: {' '.join(DEFAULT_SETS)})")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"parameter override (repeatable; always: {' '.join(DEFAULT_SETS)})",
+    )
     parser.add_argument("--source", type=Path, default=SOURCE, help="Fashion-MNIST IDX folder")
     parser.add_argument("--work", type=Path, help="folder to keep the projects in (default: temp)")
     parser.add_argument("--tag", default="scaling", help="output: bench/out/TAG.json")
-    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
-                        help="run only these steps (the earlier ones must have run in the "
-                             "project kept under --work)")  # fmt: skip
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        choices=STEPS,
+        default=list(STEPS),
+        help="run only these steps (the earlier ones must have run in the "
+        "project kept under --work)",
+    )
     return parser.parse_args(argv)
 
 
@@ -73,12 +85,17 @@ def _status(pid: int) -> dict[str, int]:
 
 def measure(command: list[str], cwd: Path, interval: float = 0.02) -> dict:
     """Run a command: wall seconds, peak total RSS (VmHWM) and sampled peak RssAnon/RssFile, MiB."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "TF_CPP_MIN_LOG_LEVEL": "2", "DVC_NO_ANALYTICS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "DVC_NO_ANALYTICS": "1",
+    }
     peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
     started = time.perf_counter()
-    child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)  # fmt: skip
+    child = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     output: list[bytes] = []
     reader = threading.Thread(target=lambda: output.append(child.stdout.read()))
     reader.start()
@@ -91,13 +108,17 @@ def measure(command: list[str], cwd: Path, interval: float = 0.02) -> dict:
     text = b"".join(output).decode(errors="replace")
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}):\n{text[-3000:]}")
-    return {"seconds": round(seconds, 1), "peak_mib": round(peaks["VmHWM"] / 1024),
-            "anon_mib": round(peaks["RssAnon"] / 1024),
-            "file_mib": round(peaks["RssFile"] / 1024)}  # fmt: skip
+    return {
+        "seconds": round(seconds, 1),
+        "peak_mib": round(peaks["VmHWM"] / 1024),
+        "anon_mib": round(peaks["RssAnon"] / 1024),
+        "file_mib": round(peaks["RssFile"] / 1024),
+    }
 
 
-def make_project(folder: Path, pixels: np.ndarray, labels: np.ndarray, size: int,
-                 overrides: list[str]) -> Path:  # fmt: skip
+def make_project(
+    folder: Path, pixels: np.ndarray, labels: np.ndarray, size: int, overrides: list[str]
+) -> Path:
     """A project folder: params.yaml (with the overrides) and data/ of the first `size` images."""
     sys.path.insert(0, str(ROOT))
     from headstart.params import write_overrides
@@ -132,16 +153,29 @@ def main(argv=None) -> None:
                 results[size][step] = measure([str(BIN / "headstart"), "step", step], project)
                 print(size, step, results[size][step], flush=True)
     rows = [
-        (f"{size:,}", step, r[step]["seconds"], r[step]["peak_mib"], r[step]["anon_mib"],
-         r[step]["file_mib"])
-        for size, r in results.items() for step in REPORTED if step in r
-    ]  # fmt: skip
-    print(table(rows, ("images", "step", "seconds", "peak MiB (VmHWM)", "peak anon MiB",
-                       "peak file MiB")))  # fmt: skip
+        (
+            f"{size:,}",
+            step,
+            r[step]["seconds"],
+            r[step]["peak_mib"],
+            r[step]["anon_mib"],
+            r[step]["file_mib"],
+        )
+        for size, r in results.items()
+        for step in REPORTED
+        if step in r
+    ]
+    print(
+        table(
+            rows,
+            ("images", "step", "seconds", "peak MiB (VmHWM)", "peak anon MiB", "peak file MiB"),
+        )
+    )
     out = ROOT / "bench" / "out" / f"{args.tag}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"overrides": [*DEFAULT_SETS, *args.overrides],
-                               "results": results}, indent=1))  # fmt: skip
+    out.write_text(
+        json.dumps({"overrides": [*DEFAULT_SETS, *args.overrides], "results": results}, indent=1)
+    )
     print(f"wrote {out}")
 
 

@@ -52,11 +52,18 @@ def fashion_prepared(out: Path, images: int, size: int) -> Path:
     pixels = read_idx(SOURCE / "train-images-idx3-ubyte.gz")[:images]
     labels = read_idx(SOURCE / "train-labels-idx1-ubyte.gz")[:images].astype(np.int32)
     out.mkdir(parents=True)
-    cuts = {"train": (0, int(0.8 * images)), "val": (int(0.8 * images), int(0.9 * images)),
-            "test": (int(0.9 * images), images)}  # fmt: skip
+    cuts = {
+        "train": (0, int(0.8 * images)),
+        "val": (int(0.8 * images), int(0.9 * images)),
+        "test": (int(0.9 * images), images),
+    }
     for split, (start, stop) in cuts.items():
-        x = np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8,
-                                      shape=(stop - start, size, size, 3))  # fmt: skip
+        x = np.lib.format.open_memmap(
+            out / f"{split}_images.npy",
+            mode="w+",
+            dtype=np.uint8,
+            shape=(stop - start, size, size, 3),
+        )
         for row in range(start, stop):
             image = Image.fromarray(pixels[row]).convert("RGB").resize((size, size), Image.BILINEAR)
             x[row - start] = np.asarray(image)
@@ -87,8 +94,12 @@ def one_process(prepared: Path, backbone: Path, work: Path) -> dict:
         extractor, "bench", prepared, work / "features", views=("none",), seed=0
     )
     step = len(x) / (time.perf_counter() - started)
-    return {"images": len(x), "bare_images_per_s": round(bare, 1),
-            "feature_step_images_per_s": round(step, 1), "ratio": round(step / bare, 3)}  # fmt: skip
+    return {
+        "images": len(x),
+        "bare_images_per_s": round(bare, 1),
+        "feature_step_images_per_s": round(step, 1),
+        "ratio": round(step / bare, 3),
+    }
 
 
 def _warm(backbone: str, prepared: str) -> int:
@@ -122,25 +133,37 @@ def on_dask(project: Path, workers: int) -> dict:
     shards = 2 * workers
     plan = features.plan(prepared, features.params_views(params), shards)
     started = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         cluster_s = time.perf_counter() - started
         started = time.perf_counter()
         client.run(_warm, str(backbone), str(prepared))
         warm_s = time.perf_counter() - started
         started = time.perf_counter()
-        futures = [client.submit(_shard, str(project), s.split, s.view, s.start, s.stop,
-                                 pure=False) for s in plan]  # fmt: skip
+        futures = [
+            client.submit(_shard, str(project), s.split, s.view, s.start, s.stop, pure=False)
+            for s in plan
+        ]
         client.gather(futures)
         extract_s = time.perf_counter() - started
     started = time.perf_counter()
     head.assemble_features(params, project, shards)
     assemble_s = time.perf_counter() - started
     images = sum(s.stop - s.start for s in plan)
-    return {"workers": workers, "shards": len(plan), "images": images,
-            "cluster_start_s": round(cluster_s, 1), "warm_up_s": round(warm_s, 1),
-            "extract_s": round(extract_s, 2), "images_per_s": round(images / extract_s, 1),
-            "assemble_s": round(assemble_s, 2)}  # fmt: skip
+    return {
+        "workers": workers,
+        "shards": len(plan),
+        "images": images,
+        "cluster_start_s": round(cluster_s, 1),
+        "warm_up_s": round(warm_s, 1),
+        "extract_s": round(extract_s, 2),
+        "images_per_s": round(images / extract_s, 1),
+        "assemble_s": round(assemble_s, 2),
+    }
 
 
 def main(argv=None) -> None:
@@ -160,9 +183,10 @@ def main(argv=None) -> None:
             fashion_prepared(artifacts / "prepared", args.fashion, size)
         else:
             shutil.copytree(args.prepared, artifacts / "prepared")
-        results = {"load_average": os.getloadavg(),
-                   "one_process": one_process(artifacts / "prepared", artifacts / "backbone",
-                                              work)}  # fmt: skip
+        results = {
+            "load_average": os.getloadavg(),
+            "one_process": one_process(artifacts / "prepared", artifacts / "backbone", work),
+        }
         print(json.dumps(results["one_process"]))
         results["dask"] = []
         for workers in args.workers:
@@ -170,8 +194,9 @@ def main(argv=None) -> None:
             print(json.dumps(results["dask"][-1]), flush=True)
         results["load_average_after"] = os.getloadavg()
         if results["dask"]:
-            print(table([tuple(row.values()) for row in results["dask"]],
-                        tuple(results["dask"][0])))  # fmt: skip
+            print(
+                table([tuple(row.values()) for row in results["dask"]], tuple(results["dask"][0]))
+            )
         if args.out:
             args.out.write_text(json.dumps(results, indent=2) + "\n")
     finally:

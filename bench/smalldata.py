@@ -47,12 +47,16 @@ from heldout import data_per_class, draw_images
 from PIL import Image
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_demo_data import CLASSES, SOURCE, read_idx  # noqa: E402
+from make_demo_data import CLASSES, SOURCE, read_idx
 
 EASY, HARD = ("trouser", "bag", "sneaker"), ("tshirt_top", "pullover", "shirt")
-FMNIST = {"fmnist-easy-20": (EASY, 20), "fmnist-easy-40": (EASY, 40),
-          "fmnist-hard-20": (HARD, 20), "fmnist-hard-40": (HARD, 40),
-          "fmnist-100": (tuple(CLASSES), None)}  # fmt: skip
+FMNIST = {
+    "fmnist-easy-20": (EASY, 20),
+    "fmnist-easy-40": (EASY, 40),
+    "fmnist-hard-20": (HARD, 20),
+    "fmnist-hard-40": (HARD, 40),
+    "fmnist-100": (tuple(CLASSES), None),
+}
 SETS = (*FMNIST, "faces", "digits")
 FMNIST_HELDOUT = 300  # per class
 CANDIDATES = ("baseline", "transfer", "ensemble")
@@ -62,13 +66,21 @@ COLUMNS = ("baseline", "transfer", "centroid", "mean2", "release", *RULES)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     parser.add_argument("--sets", nargs="+", choices=SETS, help="data sets (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="base.seed values")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="parameter override (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="parameter override (repeatable)",
+    )
     parser.add_argument("--commit", default="HEAD", help="the project's code to run")
     parser.add_argument("--tag", help="output name: bench/out/smalldata-TAG.json (default: commit)")
     parser.add_argument("--data-seed", type=int, default=0, help="which images are drawn")
@@ -80,8 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @functools.cache
 def fmnist_arrays(source: Path) -> tuple[np.ndarray, np.ndarray]:
-    return (read_idx(source / "train-labels-idx1-ubyte.gz"),
-            read_idx(source / "train-images-idx3-ubyte.gz"))  # fmt: skip
+    return (
+        read_idx(source / "train-labels-idx1-ubyte.gz"),
+        read_idx(source / "train-images-idx3-ubyte.gz"),
+    )
 
 
 def split_groups(pixels: np.ndarray, groups: dict, per_class: int, seed: int, prefix: str):
@@ -105,8 +119,10 @@ def make_data(name: str, args) -> tuple[dict, dict]:
         per_class = per_class or data_per_class(100, args.overrides)
         labels, pixels = fmnist_arrays(args.source)
         data, heldout = draw_images(labels, pixels, per_class, FMNIST_HELDOUT, args.data_seed)
-        return tuple({c: [(f"fmnist-train-{r:05d}.png", pixels[r]) for r in rows[c]]
-                      for c in classes} for rows in (data, heldout))  # fmt: skip
+        return tuple(
+            {c: [(f"fmnist-train-{r:05d}.png", pixels[r]) for r in rows[c]] for c in classes}
+            for rows in (data, heldout)
+        )
     if name == "faces":
         from skimage.data import lfw_subset
 
@@ -117,8 +133,9 @@ def make_data(name: str, args) -> tuple[dict, dict]:
 
     digits = load_digits()
     small = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    pixels = np.stack([np.asarray(Image.fromarray(a).resize((32, 32), Image.Resampling.BILINEAR))
-                       for a in small])  # fmt: skip
+    pixels = np.stack(
+        [np.asarray(Image.fromarray(a).resize((32, 32), Image.Resampling.BILINEAR)) for a in small]
+    )
     groups = {str(k): np.flatnonzero(digits.target == k) for k in range(10)}
     return split_groups(pixels, groups, 40, args.data_seed, "digits")
 
@@ -140,13 +157,19 @@ def run_pipeline(project: Path, seed: int, overrides: list[str]) -> dict:
     released candidate and the chosen head."""
     child = headstart_run(project, seed, overrides)
     art = project / "artifacts"
-    report = next(p for p in (art / "data-report" / "report.json",
-                              art / "prepared" / "report.json") if p.is_file())  # fmt: skip
+    report = next(
+        p
+        for p in (art / "data-report" / "report.json", art / "prepared" / "report.json")
+        if p.is_file()
+    )
     totals = json.loads(report.read_text())["totals"]
-    return {"seconds": child["seconds"], "peak_mib": child["peak_mib"],
-            "counts": {s: totals[s] for s in ("train", "val", "test")},
-            "released": json.loads((art / "release" / "selection.json").read_text())["winner"],
-            "head": json.loads((art / "transfer" / "transfer.json").read_text())["config"]}  # fmt: skip
+    return {
+        "seconds": child["seconds"],
+        "peak_mib": child["peak_mib"],
+        "counts": {s: totals[s] for s in ("train", "val", "test")},
+        "released": json.loads((art / "release" / "selection.json").read_text())["winner"],
+        "head": json.loads((art / "transfer" / "transfer.json").read_text())["config"],
+    }
 
 
 def heldout_probabilities(model: Path, folder: Path) -> tuple[np.ndarray, list[str], list[str]]:
@@ -195,8 +218,12 @@ def simpler_within_noise(losses: dict[str, np.ndarray]) -> str:
 
     mean = {n: float(np.mean(v)) for n, v in losses.items()}
     best = min(mean, key=lambda n: (mean[n], COMPLEXITY[n]))
-    tied = [n for n in mean if COMPLEXITY[n] < COMPLEXITY[best]
-            and mean[n] - mean[best] <= paired_standard_error(losses[best], losses[n])]  # fmt: skip
+    tied = [
+        n
+        for n in mean
+        if COMPLEXITY[n] < COMPLEXITY[best]
+        and mean[n] - mean[best] <= paired_standard_error(losses[best], losses[n])
+    ]
     return min(tied, key=lambda n: (COMPLEXITY[n], mean[n])) if tied else best
 
 
@@ -209,13 +236,19 @@ def pick_rules(val: dict, y_val: np.ndarray, held: dict) -> tuple[dict, dict]:
     acc = {n: float(np.mean(p.argmax(axis=1) == y_val)) for n, p in val.items()}
     from tasks.select import choose  # what select does at the clone's commit
 
-    better = [m for m in ("baseline", "transfer") if loss["ensemble"] - loss[m]
-              > paired_standard_error(losses["ensemble"], losses[m])]  # fmt: skip
-    picks = {"select": choose(val, y_val)[0], "old": simpler_within_noise(losses),
-             "lowest-loss": min(loss, key=loss.get),
-             "best-acc": min(CANDIDATES, key=lambda n: (-acc[n], loss[n])),
-             "ensemble-unless": min(better, key=loss.get) if better else "ensemble",
-             "oracle": max(CANDIDATES, key=lambda n: (held[n], -COMPLEXITY[n]))}  # fmt: skip
+    better = [
+        m
+        for m in ("baseline", "transfer")
+        if loss["ensemble"] - loss[m] > paired_standard_error(losses["ensemble"], losses[m])
+    ]
+    picks = {
+        "select": choose(val, y_val)[0],
+        "old": simpler_within_noise(losses),
+        "lowest-loss": min(loss, key=loss.get),
+        "best-acc": min(CANDIDATES, key=lambda n: (-acc[n], loss[n])),
+        "ensemble-unless": min(better, key=loss.get) if better else "ensemble",
+        "oracle": max(CANDIDATES, key=lambda n: (held[n], -COMPLEXITY[n])),
+    }
     return picks, {"loss": loss, "accuracy": acc}
 
 
@@ -240,28 +273,44 @@ def score(project: Path, heldout: Path) -> dict:
     accuracy = {n: round(float(np.mean(h)), 4) for n, h in hits.items()}
     t = probs["transfer"]
     top, wrong = t.max(axis=1), ~hits["transfer"]
-    transfer = {"top_p_errors": round(float(top[wrong].mean()), 4) if wrong.any() else None,
-                "top_p_all": round(float(top.mean()), 4),
-                "log_loss": round(float(-np.mean(np.log(np.clip(t[np.arange(len(y)), y],
-                                                                1e-7, 1)))), 4)}  # fmt: skip
+    transfer = {
+        "top_p_errors": round(float(top[wrong].mean()), 4) if wrong.any() else None,
+        "top_p_all": round(float(top.mean()), 4),
+        "log_loss": round(float(-np.mean(np.log(np.clip(t[np.arange(len(y)), y], 1e-7, 1)))), 4),
+    }
     x_val, y_val = load_split(art / "prepared", "val")
-    val = {"baseline": predict(keras.saving.load_model(art / "baseline" / "model.keras"), x_val),
-           "transfer": load_probabilities(art / "transfer", "val")}  # fmt: skip
+    val = {
+        "baseline": predict(keras.saving.load_model(art / "baseline" / "model.keras"), x_val),
+        "transfer": load_probabilities(art / "transfer", "val"),
+    }
     val["ensemble"] = 0.5 * val["transfer"] + 0.5 * val["baseline"]
-    held = {"baseline": accuracy["baseline"], "transfer": accuracy["transfer"],
-            "ensemble": accuracy["mean2"]}  # fmt: skip
+    held = {
+        "baseline": accuracy["baseline"],
+        "transfer": accuracy["transfer"],
+        "ensemble": accuracy["mean2"],
+    }
     picks, val_metrics = pick_rules(val, y_val, held)
     accuracy.update({rule: held[pick] for rule, pick in picks.items()})
     keras.utils.clear_session()
     as_list = lambda a: np.round(a, 5).tolist()  # noqa: E731
-    return {"accuracy": accuracy, "transfer": transfer, "picks": picks,
-            "feature_cache_max_gap": gap,
-            "val": {**val_metrics, "labels": y_val.tolist(),
-                    "probabilities": {n: as_list(p) for n, p in val.items()}},
-            "heldout": {"classes": classes, "labels": y.tolist(),
-                        "files": [Path(f).name for f in files],
-                        "probabilities": {n: as_list(probs[n]) for n in ("baseline", "transfer")},
-                        "correct": {n: h.astype(int).tolist() for n, h in hits.items()}}}  # fmt: skip
+    return {
+        "accuracy": accuracy,
+        "transfer": transfer,
+        "picks": picks,
+        "feature_cache_max_gap": gap,
+        "val": {
+            **val_metrics,
+            "labels": y_val.tolist(),
+            "probabilities": {n: as_list(p) for n, p in val.items()},
+        },
+        "heldout": {
+            "classes": classes,
+            "labels": y.tolist(),
+            "files": [Path(f).name for f in files],
+            "probabilities": {n: as_list(probs[n]) for n in ("baseline", "transfer")},
+            "correct": {n: h.astype(int).tolist() for n, h in hits.items()},
+        },
+    }
 
 
 def spread(values: list[float]) -> str:
@@ -270,15 +319,48 @@ def spread(values: list[float]) -> str:
 
 
 def report(results: dict) -> str:
-    rows = [(name, *(spread([r["accuracy"][c] for r in runs.values()]) for c in COLUMNS))
-            for name, runs in results.items() if runs]  # fmt: skip
-    per_run = [(name, seed, r["accuracy"]["transfer"], r["accuracy"]["centroid"], r["released"],
-                r["head"], *(r["picks"][rule] for rule in RULES), r["transfer"]["top_p_errors"],
-                r["transfer"]["log_loss"], "/".join(str(v) for v in r["counts"].values()),
-                r["seconds"]) for name, runs in results.items() for seed, r in runs.items()]  # fmt: skip
-    return (table(rows, ("data set", *COLUMNS)) + "\n\n" + table(per_run, (
-        "data set", "seed", "transfer", "centroid", "released", "head", *RULES,
-        "top p on errors", "log-loss", "train/val/test", "seconds")))  # fmt: skip
+    rows = [
+        (name, *(spread([r["accuracy"][c] for r in runs.values()]) for c in COLUMNS))
+        for name, runs in results.items()
+        if runs
+    ]
+    per_run = [
+        (
+            name,
+            seed,
+            r["accuracy"]["transfer"],
+            r["accuracy"]["centroid"],
+            r["released"],
+            r["head"],
+            *(r["picks"][rule] for rule in RULES),
+            r["transfer"]["top_p_errors"],
+            r["transfer"]["log_loss"],
+            "/".join(str(v) for v in r["counts"].values()),
+            r["seconds"],
+        )
+        for name, runs in results.items()
+        for seed, r in runs.items()
+    ]
+    return (
+        table(rows, ("data set", *COLUMNS))
+        + "\n\n"
+        + table(
+            per_run,
+            (
+                "data set",
+                "seed",
+                "transfer",
+                "centroid",
+                "released",
+                "head",
+                *RULES,
+                "top p on errors",
+                "log-loss",
+                "train/val/test",
+                "seconds",
+            ),
+        )
+    )
 
 
 def main(argv=None) -> dict:
@@ -286,8 +368,13 @@ def main(argv=None) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before scoring imports TensorFlow
     names = args.sets or [s for s in SETS if not (args.quick and s == "fmnist-100")]
     overrides = ["export.formats=[]", *args.overrides]  # later overrides win
-    commit = subprocess.run(["git", "rev-parse", "--short", args.commit], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", args.commit],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     work = args.work or Path(tempfile.mkdtemp(prefix="smalldata-"))
     if work.exists() and any(work.iterdir()):
         sys.exit(f"{work}: not empty; give a new or empty --work folder")
@@ -297,8 +384,10 @@ def main(argv=None) -> dict:
     results, sizes = {}, {}
     for name in names:
         data, heldout = make_data(name, args)
-        sizes[name] = {"data": sum(map(len, data.values())),
-                       "heldout": sum(map(len, heldout.values()))}  # fmt: skip
+        sizes[name] = {
+            "data": sum(map(len, data.values())),
+            "heldout": sum(map(len, heldout.values())),
+        }
         project = make_project(work / name / "project", commit, data)
         write_images(heldout, work / name / "heldout")
         if str(project) not in sys.path:  # score with the clone's code (every clone: `commit`)
@@ -309,13 +398,26 @@ def main(argv=None) -> dict:
             run = run_pipeline(project, seed, overrides)
             run.update(score(project, work / name / "heldout"))
             results[name][seed] = run
-            print(f"[{name} seed {seed}] {run['seconds']:.0f}s {run['counts']} "
-                  f"released {run['released']} head {run['head']} {run['accuracy']} "
-                  f"picks {run['picks']} transfer {run['transfer']}", file=sys.stderr, flush=True)  # fmt: skip
-            result = {"tag": args.tag or commit, "commit": commit, "argv": sys.argv[1:],
-                      "settings": {"sets": names, "seeds": args.seeds, "overrides": overrides,
-                                   "data_seed": args.data_seed},
-                      "sizes": sizes, "results": results}  # fmt: skip
+            print(
+                f"[{name} seed {seed}] {run['seconds']:.0f}s {run['counts']} "
+                f"released {run['released']} head {run['head']} {run['accuracy']} "
+                f"picks {run['picks']} transfer {run['transfer']}",
+                file=sys.stderr,
+                flush=True,
+            )
+            result = {
+                "tag": args.tag or commit,
+                "commit": commit,
+                "argv": sys.argv[1:],
+                "settings": {
+                    "sets": names,
+                    "seeds": args.seeds,
+                    "overrides": overrides,
+                    "data_seed": args.data_seed,
+                },
+                "sizes": sizes,
+                "results": results,
+            }
             out.write_text(json.dumps(result))  # after every run: a crash keeps what was measured
     print(report(results))
     print(f"wrote {out}" + ("" if args.work else f"; removing {work}"), file=sys.stderr)

@@ -37,9 +37,26 @@ from PIL import Image
 
 # scikit-image's bundled photographs (synthetic images, drawings, silhouettes and data sets that
 # need a download are left out) and scikit-learn's two sample images
-SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins",
-                  "grass", "gravel", "hubble_deep_field", "immunohistochemistry",
-                  "microaneurysms", "moon", "page", "retina", "rocket", "text")  # fmt: skip
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "brick",
+    "camera",
+    "cell",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+)
 SKLEARN_PHOTOS = ("china", "flower")
 DEMO_PER_CLASS = 150  # the demo data: the first 150 train images of each class
 
@@ -69,10 +86,20 @@ def check(project: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         photos = write_photos(Path(tmp) / "photos")
         result = subprocess.run(
-            [str(BIN / "headstart"), "predict", "--reject", "--json", "--project", str(project),
-             *map(str, photos), *test_files],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            [
+                str(BIN / "headstart"),
+                "predict",
+                "--reject",
+                "--json",
+                "--project",
+                str(project),
+                *map(str, photos),
+                *test_files,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if result.returncode != 0:
             sys.exit(f"headstart predict failed:\n{result.stderr[-3000:]}")
         answers = {row["file"]: row for row in json.loads(result.stdout)}
@@ -86,12 +113,24 @@ def check(project: Path) -> dict:
         "test_images": len(test_rows),
         "test_kept": float(np.mean([not r["unknown"] for r in test_rows])),
         "threshold": photo_rows[0]["ood_threshold"],
-        "method": json.loads((project / "artifacts" / "release" / "ood.json").read_text())["method"],
+        "method": json.loads((project / "artifacts" / "release" / "ood.json").read_text())[
+            "method"
+        ],
         "calibrated": all(r["calibrated"] for r in photo_rows + test_rows),
         "scores": {Path(r["file"]).stem: round(r["ood_score"], 3) for r in photo_rows},
-        **{key: metrics[key] for key in ("accuracy", "loss", "loss_calibrated", "ece",
-                                         "ece_calibrated", "temperature", "ood_kept")},
-    }  # fmt: skip
+        **{
+            key: metrics[key]
+            for key in (
+                "accuracy",
+                "loss",
+                "loss_calibrated",
+                "ece",
+                "ece_calibrated",
+                "temperature",
+                "ood_kept",
+            )
+        },
+    }
 
 
 def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
@@ -103,8 +142,10 @@ def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     for value in np.unique(scores):  # average ranks of ties
         tied = scores == value
         ranks[tied] = ranks[tied].mean()
-    return float((ranks[len(inside):].sum() - len(outside) * (len(outside) + 1) / 2)
-                 / (len(inside) * len(outside)))  # fmt: skip
+    return float(
+        (ranks[len(inside) :].sum() - len(outside) * (len(outside) + 1) / 2)
+        / (len(inside) * len(outside))
+    )
 
 
 def choose_method(project: Path, heldout: int = 2000) -> dict:
@@ -178,16 +219,19 @@ def choose_method(project: Path, heldout: int = 2000) -> dict:
             s_in, s_out = part.score(f_in[known]), part.score(f_in[~known])
             near.append((_auroc(s_in, s_out), np.mean(s_in <= t), np.mean(s_out > t)))
         near = np.mean(near, axis=0)
-        record.update(near_auroc=float(near[0]), near_kept=float(near[1]),
-                      near_rejected=float(near[2]))  # fmt: skip
+        record.update(
+            near_auroc=float(near[0]), near_kept=float(near[1]), near_rejected=float(near[2])
+        )
         results[method] = record
     return {"heldout_images": len(rows), "digits": len(digits), "noise": 100, "methods": results}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     parser.add_argument("--project", type=Path, default=ROOT, help="a trained project")
     parser.add_argument("--choose-method", action="store_true", help="compare the OOD methods")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -197,25 +241,60 @@ def main(argv=None) -> None:
     project = args.project.resolve()
     if args.choose_method:
         results = choose_method(project)
-        rows = [(name, f"{r['heldout_kept']:.3f}", f"{r['digits_rejected']:.3f}",
-                 f"{r['digits_auroc']:.3f}", f"{r['noise_rejected']:.3f}",
-                 f"{r['near_auroc']:.3f}", f"{r['near_kept']:.3f}", f"{r['near_rejected']:.3f}")
-                for name, r in results["methods"].items()]  # fmt: skip
-        print(table(rows, ("method", "held-out FMNIST kept", "digits rejected", "digits AUROC",
-                           "noise rejected", "2-left-out AUROC", "kept", "left-out rejected")))  # fmt: skip
+        rows = [
+            (
+                name,
+                f"{r['heldout_kept']:.3f}",
+                f"{r['digits_rejected']:.3f}",
+                f"{r['digits_auroc']:.3f}",
+                f"{r['noise_rejected']:.3f}",
+                f"{r['near_auroc']:.3f}",
+                f"{r['near_kept']:.3f}",
+                f"{r['near_rejected']:.3f}",
+            )
+            for name, r in results["methods"].items()
+        ]
+        print(
+            table(
+                rows,
+                (
+                    "method",
+                    "held-out FMNIST kept",
+                    "digits rejected",
+                    "digits AUROC",
+                    "noise rejected",
+                    "2-left-out AUROC",
+                    "kept",
+                    "left-out rejected",
+                ),
+            )
+        )
     else:
         results = check(project)
-        print(table([
-            ("sample photos rejected (`predict --reject`)",
-             f"{results['photos_rejected']:.3f} of {results['photos']}"),
-            ("test images kept (`predict --reject`)",
-             f"{results['test_kept']:.3f} of {results['test_images']}"),
-            ("photos answered with a class", ", ".join(results["photos_kept"]) or "none"),
-            ("ECE on test, before -> after (T)",
-             f"{results['ece']:.4f} -> {results['ece_calibrated']:.4f} (T = {results['temperature']:.3f})"),
-            ("log-loss on test, before -> after",
-             f"{results['loss']:.4f} -> {results['loss_calibrated']:.4f}"),
-        ], ("what", f"value ({results['method']}, threshold {results['threshold']:.4g})")))  # fmt: skip
+        print(
+            table(
+                [
+                    (
+                        "sample photos rejected (`predict --reject`)",
+                        f"{results['photos_rejected']:.3f} of {results['photos']}",
+                    ),
+                    (
+                        "test images kept (`predict --reject`)",
+                        f"{results['test_kept']:.3f} of {results['test_images']}",
+                    ),
+                    ("photos answered with a class", ", ".join(results["photos_kept"]) or "none"),
+                    (
+                        "ECE on test, before -> after (T)",
+                        f"{results['ece']:.4f} -> {results['ece_calibrated']:.4f} (T = {results['temperature']:.3f})",
+                    ),
+                    (
+                        "log-loss on test, before -> after",
+                        f"{results['loss']:.4f} -> {results['loss_calibrated']:.4f}",
+                    ),
+                ],
+                ("what", f"value ({results['method']}, threshold {results['threshold']:.4g})"),
+            )
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -44,8 +44,15 @@ SHARDS_PER_WORKER = 2  # a little slack for uneven shards
 
 
 @flow(name="headstart-pipeline", log_prints=True)
-def pipeline_flow(root: str = ".", force: bool = False, wait: bool = False, workers: int = 1,
-                  dask_address: str = "", data: str = "auto", echo: bool = False) -> dict:  # fmt: skip
+def pipeline_flow(
+    root: str = ".",
+    force: bool = False,
+    wait: bool = False,
+    workers: int = 1,
+    dask_address: str = "",
+    data: str = "auto",
+    echo: bool = False,
+) -> dict:
     """Run every stale step in order (all of them with `force`), then record each step's outputs
     in dvc.lock so `dvc status` is clean and `dvc push` has everything. Holds the workspace lock
     throughout (`wait`: queue behind a run that holds it, instead of failing at once).
@@ -85,13 +92,17 @@ def check_scale(workers: int, dask_address: str) -> None:
     except ValueError:
         host = port = None
     if url.scheme not in ("tcp", "tls") or not host or not port:
-        raise UserError(f"--dask-address {dask_address}: expected tcp://HOST:PORT, the address "
-                        "`dask scheduler` prints")  # fmt: skip
+        raise UserError(
+            f"--dask-address {dask_address}: expected tcp://HOST:PORT, the address "
+            "`dask scheduler` prints"
+        )
     try:
         socket.create_connection((host, port), timeout=5).close()
     except OSError as err:
-        raise UserError(f"--dask-address {dask_address}: no Dask scheduler answers there "
-                        f"({err.strerror or err}); start one or fix the address") from None  # fmt: skip
+        raise UserError(
+            f"--dask-address {dask_address}: no Dask scheduler answers there "
+            f"({err.strerror or err}); start one or fix the address"
+        ) from None
 
 
 class _Run:
@@ -111,8 +122,9 @@ class _Run:
             self._say(f"{name:9s} up to date")
             self.skipped.append(name)
             return
-        logger.info("%s: running (%s)", name, "forced" if self.force and not changes else
-                    _describe(changes))  # fmt: skip
+        logger.info(
+            "%s: running (%s)", name, "forced" if self.force and not changes else _describe(changes)
+        )
         started = time.perf_counter()
         try:
             call(self.root)
@@ -146,12 +158,14 @@ class _Run:
 
     def finish(self) -> dict:
         ran = sorted(self.ran, key=STEP_NAMES.index)
-        summary = run_summary(Path(self.root), self.params, STEP_NAMES, ran, self.skipped,
-                              self.seconds)  # fmt: skip
+        summary = run_summary(
+            Path(self.root), self.params, STEP_NAMES, ran, self.skipped, self.seconds
+        )
         if self.unrecorded:
             summary += f"\n**Not recorded in dvc.lock**: {'; '.join(self.unrecorded)}\n"
-        create_markdown_artifact(markdown=summary, key="headstart-run-summary",
-                                 description="headstart pipeline run")  # fmt: skip
+        create_markdown_artifact(
+            markdown=summary, key="headstart-run-summary", description="headstart pipeline run"
+        )
         return {"ran": ran, "skipped": self.skipped, "seconds": self.seconds, "summary": summary}
 
 
@@ -163,9 +177,19 @@ def _run_on_dask(run: _Run, workers: int, dask_address: str) -> None:
 
     run.root = str(Path(run.root).resolve())  # workers may run elsewhere
     token = handoff_token(run.root)
-    runner = DaskTaskRunner(address=dask_address) if dask_address else DaskTaskRunner(
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None, "env": _plain_threads()})  # fmt: skip
+    runner = (
+        DaskTaskRunner(address=dask_address)
+        if dask_address
+        else DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+                "env": _plain_threads(),
+            }
+        )
+    )
 
     def submit(task, **parameters):
         return runner.submit(task, {"root": run.root, "token": token, **parameters})
@@ -193,8 +217,9 @@ def _run_on_dask(run: _Run, workers: int, dask_address: str) -> None:
         get_run_logger().info("running on Dask: %s, %d feature shards", runner.client, shards)
         in_order(STEP_NAMES[:first])
         with ThreadPoolExecutor(len(BRANCHES)) as pool:
-            branches = [pool.submit(contextvars.copy_context().run, in_order, branch)
-                        for branch in BRANCHES]  # fmt: skip
+            branches = [
+                pool.submit(contextvars.copy_context().run, in_order, branch) for branch in BRANCHES
+            ]
             for branch in branches:
                 branch.result()
         in_order([name for name in STEP_NAMES[first:] if name not in parallel])
@@ -204,8 +229,10 @@ def _plain_threads() -> dict:
     """Dask's nanny starts workers with OMP/MKL/OPENBLAS_NUM_THREADS=1, and numpy then sums in
     another order than in a plain run (last-bit differences in the metrics): local workers get
     this process's settings, or the libraries' default (one thread per core)."""
-    return {name: os.environ.get(name, str(os.cpu_count()))
-            for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}  # fmt: skip
+    return {
+        name: os.environ.get(name, str(os.cpu_count()))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    }
 
 
 def _features_on_dask(run: _Run, submit, shards: int) -> None:
@@ -215,9 +242,17 @@ def _features_on_dask(run: _Run, submit, shards: int) -> None:
     key = features.params_key(params, root)
     if features.is_current(features_dir, key):
         return
-    futures = [submit(extract_features, split=shard.split, view=shard.view, start=shard.start,
-                      stop=shard.stop, key=key)
-               for shard in features.plan(prepared, features.params_views(params), shards)]  # fmt: skip
+    futures = [
+        submit(
+            extract_features,
+            split=shard.split,
+            view=shard.view,
+            start=shard.start,
+            stop=shard.stop,
+            key=key,
+        )
+        for shard in features.plan(prepared, features.params_views(params), shards)
+    ]
     for future in futures:
         future.result()  # a shard that failed twice fails the run: never a short cache
     submit(assemble_features, shards=shards).result()
@@ -227,8 +262,10 @@ def headline(name: str, params, root: Path) -> str:
     """A step's headline figure, from the output it just wrote ("" for steps without one)."""
     if name == "prepare":
         totals = read_json(params.path("data_report", root) / REPORT_FILE)["totals"]
-        return (f"{totals['used']} images ({totals['train']} train / {totals['val']} val / "
-                f"{totals['test']} test), {totals['quarantined']} quarantined")  # fmt: skip
+        return (
+            f"{totals['used']} images ({totals['train']} train / {totals['val']} val / "
+            f"{totals['test']} test), {totals['quarantined']} quarantined"
+        )
     if name == "select":
         selection = read_json(params.path("release", root) / "selection.json")
         return f"released {selection['winner']}"

@@ -70,8 +70,10 @@ def _retrain(root: str, data: str) -> dict:
         and champion.exists()
         and (pair[0] == pair[1] or (last.is_file() and read_json(last).get("pair") == list(pair)))
     ):
-        logger.info("data, parameters and code unchanged, and the release already compared "
-                    "with the current model: no retraining")  # fmt: skip
+        logger.info(
+            "data, parameters and code unchanged, and the release already compared "
+            "with the current model: no retraining"
+        )
         return {"retrained": False, "promotion": None}
     result = pipeline_flow.fn(root=root, wait=True, data="keep") if stale else None
     quiet.start_tensorflow()  # promotion scores both models: TensorFlow without its start-up lines
@@ -80,12 +82,17 @@ def _retrain(root: str, data: str) -> dict:
         dvcstate.track(root, params.paths.champion)
     write_json(last, {"pair": list(_pair(release, champion)), "promoted": decision["promoted"]})
     verdict = "replaced the current model" if decision["promoted"] else "kept the current model"
-    text = (result["summary"] if result else "No step was stale; the release (built by an "
-            "earlier run) was compared with the current model.\n")  # fmt: skip
+    text = (
+        result["summary"]
+        if result
+        else "No step was stale; the release (built by an "
+        "earlier run) was compared with the current model.\n"
+    )
     text += f"\n**Promotion**: {verdict} ({decision['reason']})\n"
     logger.info("retraining summary:\n%s", text)
-    create_markdown_artifact(markdown=text, key="headstart-retrain-summary",
-                             description="headstart scheduled retraining")  # fmt: skip
+    create_markdown_artifact(
+        markdown=text, key="headstart-retrain-summary", description="headstart scheduled retraining"
+    )
     return {"retrained": result is not None, "promotion": decision, "summary": text}
 
 
@@ -135,8 +142,9 @@ def _tie_to(parent: int):
     return tie if sys.platform.startswith("linux") else None
 
 
-def start_local_server(state_dir: Path, port: int | None = None,
-                       tied: bool = True) -> tuple[subprocess.Popen, str]:  # fmt: skip
+def start_local_server(
+    state_dir: Path, port: int | None = None, tied: bool = True
+) -> tuple[subprocess.Popen, str]:
     """Start `prefect server start` on 127.0.0.1 with a SQLite database in `state_dir`, in a
     session of its own (a Ctrl-C at the terminal reaches the command that owns it, which stops
     it, not the server first); `tied`: it dies with this process."""
@@ -150,12 +158,26 @@ def start_local_server(state_dir: Path, port: int | None = None,
     }
     env.pop("PREFECT_API_URL", None)
     prefect = Path(sys.executable).with_name("prefect")
-    command = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-               "--analytics-off", "--no-ui"]  # fmt: skip
+    command = [
+        str(prefect),
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--analytics-off",
+        "--no-ui",
+    ]
     with open(state_dir / "server.log", "ab") as server_log:
-        process = subprocess.Popen(command, env=env, stdout=server_log, stderr=subprocess.STDOUT,
-                                   start_new_session=True,
-                                   preexec_fn=_tie_to(os.getpid()) if tied else None)  # fmt: skip
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_tie_to(os.getpid()) if tied else None,
+        )
     api_url = f"http://127.0.0.1:{port}/api"
     try:
         wait_healthy(api_url, process=process)
@@ -177,8 +199,13 @@ def stop_server(process: subprocess.Popen, timeout: float = 8.0) -> None:
             continue
 
 
-def serve(root: Path, name: str = "scheduled-retraining", cron: str | None = "0 3 * * *",
-          interval: float | None = None, data: str = "auto") -> None:  # fmt: skip
+def serve(
+    root: Path,
+    name: str = "scheduled-retraining",
+    cron: str | None = "0 3 * * *",
+    interval: float | None = None,
+    data: str = "auto",
+) -> None:
     """Serve the retraining deployment until SIGINT (Ctrl-C) or SIGTERM, which stop it within
     seconds: a run in progress is cancelled (Prefect's runner), the local server stopped.
 
@@ -197,9 +224,11 @@ def serve(root: Path, name: str = "scheduled-retraining", cron: str | None = "0 
         wait_healthy(api_url, timeout=15)
     else:
         server, api_url = start_local_server(root / ".prefect")
-        print(f"started a local Prefect server at {api_url} (database in {root / '.prefect'}); "
-              "it stops with this command. Set PREFECT_API_URL to use your own server.",
-              flush=True)  # fmt: skip
+        print(
+            f"started a local Prefect server at {api_url} (database in {root / '.prefect'}); "
+            "it stops with this command. Set PREFECT_API_URL to use your own server.",
+            flush=True,
+        )
     schedule = {"interval": interval} if interval else {"cron": cron}
     received: list[int] = []
     wake = threading.Event()
@@ -208,20 +237,27 @@ def serve(root: Path, name: str = "scheduled-retraining", cron: str | None = "0 
         received.append(number)
         wake.set()
 
-    previous = {number: signal.signal(number, on_signal)
-                for number in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    previous = {
+        number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             runner = Runner(name=name, limit=1)
-            runner.add_flow(retrain_flow, name=name, parameters={"root": str(root), "data": data},
-                            **schedule)  # fmt: skip
+            runner.add_flow(
+                retrain_flow, name=name, parameters={"root": str(root), "data": data}, **schedule
+            )
             context = contextvars.copy_context()  # the settings, in the runner's thread too
-            thread = threading.Thread(target=context.run, name="prefect-runner", daemon=True,
-                                      args=(asyncio.run, runner.start()))  # fmt: skip
+            thread = threading.Thread(
+                target=context.run,
+                name="prefect-runner",
+                daemon=True,
+                args=(asyncio.run, runner.start()),
+            )
             thread.start()
             when = f"every {interval:g} s" if interval else f"on cron '{cron}'"
-            print(f"serving {retrain_flow.name}/{name} {when}; Ctrl-C or SIGTERM stops it",
-                  flush=True)  # fmt: skip
+            print(
+                f"serving {retrain_flow.name}/{name} {when}; Ctrl-C or SIGTERM stops it", flush=True
+            )
             while thread.is_alive() and not wake.wait(0.5):
                 pass
             if thread.is_alive() and runner.started:

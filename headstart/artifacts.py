@@ -91,8 +91,10 @@ class Rows:
 def load_features(features_dir: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(backbone features float32 memory-mapped, labels) of one split from the feature cache."""
     features_dir = Path(features_dir)
-    return (np.load(features_dir / f"{split}_features.npy", mmap_mode="r"),
-            np.load(features_dir / f"{split}_labels.npy"))  # fmt: skip
+    return (
+        np.load(features_dir / f"{split}_features.npy", mmap_mode="r"),
+        np.load(features_dir / f"{split}_labels.npy"),
+    )
 
 
 def load_probabilities(model_dir: Path | str, split: str) -> np.ndarray:

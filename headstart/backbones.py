@@ -76,10 +76,15 @@ def lite_stages(variant: str) -> tuple[tuple[int, int, int, int, int], ...]:
         raise UserError(f"unknown EfficientNet-Lite variant '{variant}'") from None
     last = len(_EFFICIENTNET_STAGES) - 1
     return tuple(
-        (kernel, stride, expand, _round_channels(out, width),
-         repeats if i in (0, last) else math.ceil(repeats * depth))
+        (
+            kernel,
+            stride,
+            expand,
+            _round_channels(out, width),
+            repeats if i in (0, last) else math.ceil(repeats * depth),
+        )
         for i, (kernel, stride, expand, out, repeats) in enumerate(_EFFICIENTNET_STAGES)
-    )  # fmt: skip
+    )
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, activation: bool = True):
@@ -193,7 +198,7 @@ def _lite(
             file_name=file_name,
             file_hash=file_hash,
             size=size,
-        ),  # fmt: skip
+        ),
         block_starts=_lite_block_starts(variant),
     )
 
@@ -205,14 +210,14 @@ REGISTRY = {
         "efficientnet-lite0-57934424.pth",
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
         18_826_032,
-    ),  # fmt: skip
+    ),
     "efficientnet_lite2": _lite(
         "efficientnet_lite2",
         NATIVE_SIZE["efficientnet_lite2"],
         "efficientnet-lite2-9656183e.pth",
         "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
         24_666_229,
-    ),  # fmt: skip
+    ),
     "efficientnetb0": Backbone(
         name="efficientnetb0",
         default_size=NATIVE_SIZE["efficientnetb0"],

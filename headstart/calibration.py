@@ -47,8 +47,7 @@ def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> fl
     return float(np.mean(per_image_loss(probabilities, labels)))
 
 
-def fit_temperature(probabilities: np.ndarray, labels: np.ndarray,
-                    iterations: int = 80) -> float:  # fmt: skip
+def fit_temperature(probabilities: np.ndarray, labels: np.ndarray, iterations: int = 80) -> float:
     """The T in TEMPERATURE_RANGE that minimises the NLL of softmax(log(p) / T) on (p, labels).
 
     The NLL is convex in 1/T (a log-sum-exp of a linear function minus a linear term), so it has
@@ -63,8 +62,9 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray,
     def loss(log_t: float) -> float:
         logits = log_p / math.exp(log_t)
         top = logits.max(axis=1)
-        return float(np.mean(top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-                             - logits[rows, labels]))  # fmt: skip
+        return float(
+            np.mean(top + np.log(np.exp(logits - top[:, None]).sum(axis=1)) - logits[rows, labels])
+        )
 
     low, high = (math.log(t) for t in TEMPERATURE_RANGE)
     ratio = (math.sqrt(5) - 1) / 2
@@ -89,8 +89,11 @@ def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_B
     images/total * |accuracy - confidence|. Empty bins hold 0 images and None values."""
     probabilities = np.asarray(probabilities, np.float64)
     confidence = probabilities.max(axis=1) if len(probabilities) else np.zeros(0)
-    correct = (probabilities.argmax(axis=1) == np.asarray(labels)) if len(probabilities) \
-        else np.zeros(0, bool)  # fmt: skip
+    correct = (
+        (probabilities.argmax(axis=1) == np.asarray(labels))
+        if len(probabilities)
+        else np.zeros(0, bool)
+    )
     index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
     counts, mean_confidence, accuracy = [], [], []
     ece = 0.0
@@ -106,12 +109,19 @@ def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_B
         else:
             mean_confidence.append(None)
             accuracy.append(None)
-    return {"bins": bins, "edges": [b / bins for b in range(bins + 1)], "counts": counts,
-            "confidence": mean_confidence, "accuracy": accuracy, "ece": float(ece)}  # fmt: skip
+    return {
+        "bins": bins,
+        "edges": [b / bins for b in range(bins + 1)],
+        "counts": counts,
+        "confidence": mean_confidence,
+        "accuracy": accuracy,
+        "ece": float(ece),
+    }
 
 
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
-                               bins: int = ECE_BINS) -> float:  # fmt: skip
+def expected_calibration_error(
+    probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> float:
     return reliability(probabilities, labels, bins)["ece"]
 
 
@@ -123,16 +133,21 @@ def fit(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     errors = int(np.sum(np.argmax(probabilities, axis=1) != np.asarray(labels)))
     if errors < MIN_ERRORS:
         temperature = 1.0
-        note = (f"kept at 1: {errors} wrong validation image(s): a perfectly separated split "
-                "has nothing to fit a temperature on")  # fmt: skip
+        note = (
+            f"kept at 1: {errors} wrong validation image(s): a perfectly separated split "
+            "has nothing to fit a temperature on"
+        )
     else:
         temperature = fit_temperature(probabilities, labels)
         low, high = TEMPERATURE_RANGE
         bound = not low * 1.001 < temperature < high / 1.001
         note = "fitted" + (" (at the bound of its range)" if bound else "")
     before = negative_log_likelihood(probabilities, labels)
-    after = (before if temperature == 1.0
-             else negative_log_likelihood(apply_temperature(probabilities, temperature), labels))  # fmt: skip
+    after = (
+        before
+        if temperature == 1.0
+        else negative_log_likelihood(apply_temperature(probabilities, temperature), labels)
+    )
     return {
         "method": "temperature scaling of log-probabilities, fitted on the validation split",
         "temperature": temperature,
@@ -152,9 +167,13 @@ def read_temperature(model_dir: Path | str) -> float | None:
     try:
         temperature = float(read_json(path)["temperature"])
     except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{path}: unreadable ({type(err).__name__}: {err}); rerun "
-                        "`headstart step select` or delete the file") from None  # fmt: skip
+        raise UserError(
+            f"{path}: unreadable ({type(err).__name__}: {err}); rerun "
+            "`headstart step select` or delete the file"
+        ) from None
     if not (math.isfinite(temperature) and temperature > 0):
-        raise UserError(f"{path}: temperature must be a positive number (got {temperature}); "
-                        "rerun `headstart step select`")  # fmt: skip
+        raise UserError(
+            f"{path}: temperature must be a positive number (got {temperature}); "
+            "rerun `headstart step select`"
+        )
     return temperature

@@ -24,10 +24,11 @@ app = typer.Typer(
 ProjectOption = Annotated[
     Path,
     typer.Option(
-        "--project", "-C",
+        "--project",
+        "-C",
         help="Project folder (its params.yaml, dvc.yaml and artifacts); default: this folder.",
     ),
-]  # fmt: skip
+]
 
 
 def _quiet_environment() -> None:
@@ -94,7 +95,7 @@ def step(
         typer.Argument(
             help="prepare | baseline | weights | freeze | head | select | evaluate | plots | export"
         ),
-    ],  # fmt: skip
+    ],
     project: ProjectOption = Path("."),
     wait: WaitOption = False,
 ) -> None:
@@ -184,15 +185,21 @@ def run(
 
                 quiet.hide_user_error_tracebacks()
                 quiet.console_to_file(root / STATE_DIR / "run.log")
-                result = pipeline_flow(root=str(root), force=force, workers=workers,
-                                       dask_address=dask_address, data="keep",
-                                       echo=not quiet.verbose())  # fmt: skip
+                result = pipeline_flow(
+                    root=str(root),
+                    force=force,
+                    workers=workers,
+                    dask_address=dask_address,
+                    data="keep",
+                    echo=not quiet.verbose(),
+                )
             except BaseException as err:
                 if before is not None and params_file.read_text() != before:
                     write_text(params_file, before)
                     if isinstance(err, UserError):
-                        raise UserError(f"{err} (params.yaml is back as it was before -S)") \
-                            from None  # fmt: skip
+                        raise UserError(
+                            f"{err} (params.yaml is back as it was before -S)"
+                        ) from None
                 raise
     except UserError as err:
         raise _fail(err) from None
@@ -265,8 +272,9 @@ def review(
         params = params_module.load(project / params_module.PARAMS_FILE)
         found_file = params.path("plots", project) / DOCTOR_FILE
         if not found_file.is_file():
-            raise UserError(f"{found_file}: missing; run `headstart run` first (the plots step "
-                            "writes it)")  # fmt: skip
+            raise UserError(
+                f"{found_file}: missing; run `headstart run` first (the plots step writes it)"
+            )
         found = read_json(found_file)
         review_file = project / review_module.REVIEW_FILE
         decided = review_module.load(review_file)
@@ -274,11 +282,15 @@ def review(
         raise _fail(err) from None
     issues = [s for s in found["label_issues"] if s["file"] not in decided.named()]
     strong = [s for s in issues if s["strong"]]
-    typer.echo(f"Likely label errors: {len(issues)}, {len(strong)} with strong evidence (*) "
-               "(confident learning on out-of-sample probabilities; lowest p(given) first)")  # fmt: skip
+    typer.echo(
+        f"Likely label errors: {len(issues)}, {len(strong)} with strong evidence (*) "
+        "(confident learning on out-of-sample probabilities; lowest p(given) first)"
+    )
     for n, s in enumerate(issues[:top], 1):
-        typer.echo(f"{n:4d}.{'*' if s['strong'] else ' '} {s['file']}  [{s['split']}]  "
-                   f"{s['given']} -> {s['suggested']}  (p(given) {s['self_confidence']:.3f})")  # fmt: skip
+        typer.echo(
+            f"{n:4d}.{'*' if s['strong'] else ' '} {s['file']}  [{s['split']}]  "
+            f"{s['given']} -> {s['suggested']}  (p(given) {s['self_confidence']:.3f})"
+        )
     off_topic = [s for s in found["off_topic"] if s["file"] not in decided.named()]
     typer.echo(f"Off-topic (unlike every class): {len(off_topic)}")
     for s in off_topic[:top]:
@@ -295,11 +307,15 @@ def review(
         for s in accepted:
             decided.relabel[s["file"]] = s["suggested"]
         review_module.save(decided, review_file)
-        typer.echo(f"wrote {len(accepted)} relabel decision(s) to {review_file}; "
-                   "check them, then `headstart run`")  # fmt: skip
+        typer.echo(
+            f"wrote {len(accepted)} relabel decision(s) to {review_file}; "
+            "check them, then `headstart run`"
+        )
     elif issues or off_topic or found["label_conflicts"] or leaks:  # nothing accepted: say how
-        typer.echo(f"Decide in {review_module.REVIEW_FILE} (relabel / exclude / keep), or "
-                   "`headstart review --accept N`; the next run applies it.")  # fmt: skip
+        typer.echo(
+            f"Decide in {review_module.REVIEW_FILE} (relabel / exclude / keep), or "
+            "`headstart review --accept N`; the next run applies it."
+        )
 
 
 @app.command()
@@ -310,7 +326,7 @@ def predict(
             help="Image files or folders; a first argument ending in .keras is the "
             "model to use (default: the project's release)."
         ),
-    ],  # fmt: skip
+    ],
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     reject: Annotated[
@@ -339,8 +355,7 @@ def predict(
             params = params_module.load(project / params_module.PARAMS_FILE)
             model = params.path("release", project) / MODEL_FILE
             exports = [params.path("export", project)]  # used when made from this very model
-        results = predicting.predict_paths(model, inputs, top_k, reject=reject,
-                                           export_dirs=exports)  # fmt: skip
+        results = predicting.predict_paths(model, inputs, top_k, reject=reject, export_dirs=exports)
     except UserError as err:
         raise _fail(err) from None
     typer.echo(predicting.render(results, as_json))

@@ -12,15 +12,25 @@ _UNUSED_SUFFIXES = (".num_batches_tracked",)
 
 def _lite_layer_sources(blocks: int) -> dict[str, str]:
     """Keras layer name -> PyTorch module prefix, for a Lite model with `blocks` blocks."""
-    mapping = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "top_conv": "_conv_head",
-               "top_bn": "_bn1", "predictions": "_fc"}  # fmt: skip
+    mapping = {
+        "stem_conv": "_conv_stem",
+        "stem_bn": "_bn0",
+        "top_conv": "_conv_head",
+        "top_bn": "_bn1",
+        "predictions": "_fc",
+    }
     for i in range(blocks):
         k, t = f"block{i:02d}", f"_blocks.{i}"
-        mapping.update({
-            f"{k}_expand_conv": f"{t}._expand_conv", f"{k}_expand_bn": f"{t}._bn0",
-            f"{k}_dwconv": f"{t}._depthwise_conv", f"{k}_dw_bn": f"{t}._bn1",
-            f"{k}_project_conv": f"{t}._project_conv", f"{k}_project_bn": f"{t}._bn2",
-        })  # fmt: skip
+        mapping.update(
+            {
+                f"{k}_expand_conv": f"{t}._expand_conv",
+                f"{k}_expand_bn": f"{t}._bn0",
+                f"{k}_dwconv": f"{t}._depthwise_conv",
+                f"{k}_dw_bn": f"{t}._bn1",
+                f"{k}_project_conv": f"{t}._project_conv",
+                f"{k}_project_bn": f"{t}._bn2",
+            }
+        )
     return mapping
 
 
@@ -64,12 +74,14 @@ def load_lite_state(model, state: dict[str, np.ndarray]) -> None:
             raise UserError(f"{what}: source tensor {err} missing") from None
         current = layer.get_weights()
         if len(arrays) != len(current):
-            raise UserError(f"{what}: {layer.name} has {len(current)} weights, "
-                            f"source gives {len(arrays)}")  # fmt: skip
+            raise UserError(
+                f"{what}: {layer.name} has {len(current)} weights, source gives {len(arrays)}"
+            )
         for key, array, target in zip(keys, arrays, current, strict=True):
             if array.shape != target.shape:
-                raise UserError(f"{what}: {key} has shape {array.shape}, "
-                                f"{layer.name} needs {target.shape}")  # fmt: skip
+                raise UserError(
+                    f"{what}: {key} has shape {array.shape}, {layer.name} needs {target.shape}"
+                )
             if key in used:
                 raise UserError(f"{what}: {key} used twice")
             used.add(key)

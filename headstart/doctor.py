@@ -43,9 +43,9 @@ def label_issues(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndar
     labels = np.asarray(labels)
     images, classes = probabilities.shape
     counts = np.bincount(labels, minlength=classes)
-    thresholds = np.array([
-        probabilities[labels == j, j].mean() if counts[j] else np.inf for j in range(classes)
-    ])  # fmt: skip
+    thresholds = np.array(
+        [probabilities[labels == j, j].mean() if counts[j] else np.inf for j in range(classes)]
+    )
     above = probabilities >= thresholds
     confident = above.any(axis=1)
     likely = np.where(above, probabilities, -1.0).argmax(axis=1)
@@ -82,8 +82,9 @@ def strong_evidence(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray
     labels = np.asarray(labels)
     given = probabilities[np.arange(len(labels)), labels]
     classes = probabilities.shape[1]
-    means = np.array([given[labels == j].mean() if np.any(labels == j) else 0.0
-                      for j in range(classes)])  # fmt: skip
+    means = np.array(
+        [given[labels == j].mean() if np.any(labels == j) else 0.0 for j in range(classes)]
+    )
     return given < STRONG * means[labels]
 
 
@@ -92,8 +93,9 @@ def _files(prepared: Path, split: str) -> list[str]:
         return [row["file"] for row in csv.DictReader(handle) if row["split"] == split]
 
 
-def examine(prepared: Path, transfer: Path, release: Path, features: Path, report: Path,
-            keep: set[str]) -> dict:  # fmt: skip
+def examine(
+    prepared: Path, transfer: Path, release: Path, features: Path, report: Path, keep: set[str]
+) -> dict:
     """Every finding: `label_issues` (file, split, given, suggested, self_confidence),
     `off_topic` (file, label, ood_score, threshold), `label_conflicts` (near-duplicate groups
     across classes, from prepare's report). Files a person marked `keep` are left out."""
@@ -113,11 +115,17 @@ def examine(prepared: Path, transfer: Path, release: Path, features: Path, repor
         ranked, suggested = label_issues(probabilities, labels)
         strong = strong_evidence(probabilities, labels)
         suspects += [
-            {"file": files[row], "split": split, "given": classes[labels[row]],
-             "suggested": classes[other], "strong": bool(strong[row]),
-             "self_confidence": round(float(probabilities[row, labels[row]]), 4)}
-            for row, other in zip(ranked, suggested, strict=True) if files[row] not in keep
-        ]  # fmt: skip
+            {
+                "file": files[row],
+                "split": split,
+                "given": classes[labels[row]],
+                "suggested": classes[other],
+                "strong": bool(strong[row]),
+                "self_confidence": round(float(probabilities[row, labels[row]]), 4),
+            }
+            for row, other in zip(ranked, suggested, strict=True)
+            if files[row] not in keep
+        ]
     suspects.sort(key=lambda s: s["self_confidence"])
     return {
         "method": "confident learning (Northcutt et al. 2021): out-of-fold probabilities, "
@@ -132,8 +140,9 @@ def examine(prepared: Path, transfer: Path, release: Path, features: Path, repor
     }
 
 
-def _off_topic(prepared: Path, release: Path, features: Path, classes: list[str],
-               keep: set[str]) -> list[dict]:  # fmt: skip
+def _off_topic(
+    prepared: Path, release: Path, features: Path, classes: list[str], keep: set[str]
+) -> list[dict]:
     from headstart import ood
 
     if not (release / ood.OOD_FILE).is_file():
@@ -144,9 +153,16 @@ def _off_topic(prepared: Path, release: Path, features: Path, classes: list[str]
     scores = detector.score(train[:images])  # first views: the images as they are
     files = _files(prepared, "train")
     rows = [int(r) for r in np.argsort(-scores, kind="stable") if scores[r] > detector.threshold]
-    return [{"file": files[r], "label": classes[int(labels[r])],
-             "ood_score": round(float(scores[r]), 3), "threshold": round(detector.threshold, 3)}
-            for r in rows if files[r] not in keep]  # fmt: skip
+    return [
+        {
+            "file": files[r],
+            "label": classes[int(labels[r])],
+            "ood_score": round(float(scores[r]), 3),
+            "threshold": round(detector.threshold, 3),
+        }
+        for r in rows
+        if files[r] not in keep
+    ]
 
 
 LEAK_SIMILARITY = 0.97  # cosine of backbone features above which a test image is reported
@@ -173,6 +189,11 @@ def possible_leaks(prepared: Path, features: Path) -> list[dict]:
         similarity = unit(test[start : min(start + LEAK_ROWS, tests)]) @ base.T
         best = similarity.argmax(axis=1)
         for row in np.flatnonzero(similarity[np.arange(len(best)), best] >= LEAK_SIMILARITY):
-            found.append({"test": test_files[start + row], "train": train_files[best[row]],
-                          "similarity": round(float(similarity[row, best[row]]), 4)})  # fmt: skip
+            found.append(
+                {
+                    "test": test_files[start + row],
+                    "train": train_files[best[row]],
+                    "similarity": round(float(similarity[row, best[row]]), 4),
+                }
+            )
     return sorted(found, key=lambda leak: -leak["similarity"])

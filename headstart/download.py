@@ -64,8 +64,9 @@ def fetch(
         if file_digest(target, kind) == expected_hash:
             log.info("weights: using cached %s", target)
             return target
-        log.warning("weights: cached %s has the wrong %s; removed it, downloading again",
-                    target, kind)  # fmt: skip
+        log.warning(
+            "weights: cached %s has the wrong %s; removed it, downloading again", target, kind
+        )
         target.unlink()
     check_url(url)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -98,8 +99,13 @@ def fetch(
             raise
         if attempt < retries:
             delay = backoff * 2 ** (attempt - 1)
-            log.warning("weights: download failed (%s); retry %d/%d in %.0fs", last_error,
-                        attempt, retries - 1, delay)  # fmt: skip
+            log.warning(
+                "weights: download failed (%s); retry %d/%d in %.0fs",
+                last_error,
+                attempt,
+                retries - 1,
+                delay,
+            )
             time.sleep(delay)
     raise DownloadError(
         f"{url}: download failed after {retries} tries ({last_error}); {_HOW_TO(target)}"

@@ -27,11 +27,15 @@ def repo(root: Path | str = ".") -> Iterator:
         with Repo(".") as handle:
             yield handle
     except NotDvcRepoError:
-        raise UserError(f"{Path(root).resolve()}: not a DVC project (no .dvc/); run from the "
-                        "project root or `dvc init`") from None  # fmt: skip
+        raise UserError(
+            f"{Path(root).resolve()}: not a DVC project (no .dvc/); run from the "
+            "project root or `dvc init`"
+        ) from None
     except LockError:
-        raise UserError(f"{Path(root).resolve()}: another DVC command holds this project's "
-                        "lock (.dvc/tmp/lock); wait for it to finish and run again") from None  # fmt: skip
+        raise UserError(
+            f"{Path(root).resolve()}: another DVC command holds this project's "
+            "lock (.dvc/tmp/lock); wait for it to finish and run again"
+        ) from None
     finally:
         os.chdir(previous)
 
@@ -69,8 +73,9 @@ def stale_stages(root: Path | str = ".") -> list[str]:
         try:
             direct = set(handle.status())
         except OSError:  # an unreadable dependency: ask stage by stage
-            direct = {s.addressing for s in handle.index.stages if s.cmd
-                      and changed(root, s.addressing)}  # fmt: skip
+            direct = {
+                s.addressing for s in handle.index.stages if s.cmd and changed(root, s.addressing)
+            }
         stages = [s for s in handle.index.stages if s.cmd]
         outs = {s.addressing: [str(o.fs_path) for o in s.outs] for s in stages}
         stale: list[str] = []
@@ -116,14 +121,20 @@ def data_changes(root: Path | str, data: str) -> dict[str, list[str]]:
         status = handle.data_status(granular=True, untracked_files="no")
     prefix = data.rstrip("/") + "/"
     uncommitted = status.get("uncommitted", {})
-    return {kind: sorted(path for path in uncommitted.get(kind, [])
-                         if path.startswith(prefix) and not path.endswith("/"))
-            for kind in CHANGE_KINDS}  # fmt: skip
+    return {
+        kind: sorted(
+            path
+            for path in uncommitted.get(kind, [])
+            if path.startswith(prefix) and not path.endswith("/")
+        )
+        for kind in CHANGE_KINDS
+    }
 
 
 def describe_changes(changes: dict[str, list[str]], shown: int = 3) -> str:
-    counts = ", ".join(f"{len(files)} {CHANGE_KINDS[kind]}" for kind, files in changes.items()
-                       if files)  # fmt: skip
+    counts = ", ".join(
+        f"{len(files)} {CHANGE_KINDS[kind]}" for kind, files in changes.items() if files
+    )
     names = [path for files in changes.values() for path in files]
     more = f", and {len(names) - shown} more" if len(names) > shown else ""
     return f"{counts} ({', '.join(names[:shown])}{more})"
@@ -145,19 +156,28 @@ def sync_data(root: Path | str, data: str, mode: str = "auto") -> str | None:
     empty = not folder.is_dir() or not any(folder.iterdir())
     if mode == "pull" or (mode == "auto" and empty and record.is_file()):
         if not record.is_file():
-            raise UserError(f"--data pull: {record.name} not found; nothing records a version "
-                            f"of {data}/ to pull (`--data record` records it)")  # fmt: skip
+            raise UserError(
+                f"--data pull: {record.name} not found; nothing records a version "
+                f"of {data}/ to pull (`--data record` records it)"
+            )
         if not has_remote(root):
             if mode == "pull":
-                raise UserError("--data pull: no DVC remote is configured (dvc remote add -d "
-                                "NAME URL), or use --data record")  # fmt: skip
+                raise UserError(
+                    "--data pull: no DVC remote is configured (dvc remote add -d "
+                    "NAME URL), or use --data record"
+                )
             return None
-        unsaved = [] if empty else [path for kind in ("added", "modified")
-                                    for path in data_changes(root, data)[kind]]  # fmt: skip
+        unsaved = (
+            []
+            if empty
+            else [path for kind in ("added", "modified") for path in data_changes(root, data)[kind]]
+        )
         if unsaved:
-            raise UserError(f"--data pull: {data}/ holds {len(unsaved)} file(s) that "
-                            f"{record.name} does not record (e.g. {unsaved[0]}); --data record "
-                            "records them as a new version, or move them away")  # fmt: skip
+            raise UserError(
+                f"--data pull: {data}/ holds {len(unsaved)} file(s) that "
+                f"{record.name} does not record (e.g. {unsaved[0]}); --data record "
+                "records them as a new version, or move them away"
+            )
         pull_data(root, record.name)
         return f"data: checked out the version {record.name} records (dvc pull)"
     if empty:
@@ -165,14 +185,20 @@ def sync_data(root: Path | str, data: str, mode: str = "auto") -> str | None:
     try:
         if not record.is_file():
             track(root, data)
-            return (f"data: recorded {data}/ in {record.name} (new); commit it: git add "
-                    f"{record.name} .gitignore")  # fmt: skip
+            return (
+                f"data: recorded {data}/ in {record.name} (new); commit it: git add "
+                f"{record.name} .gitignore"
+            )
         changes = data_changes(root, data)
         if not any(changes.values()):
             return None
         track(root, data)
     except OSError as err:  # a link DVC cannot follow: prepare reports it, the run goes on
-        return (f"data: not recorded in {record.name}: DVC cannot read {_why(err)}; remove or "
-                "fix that link in the data folder")  # fmt: skip
-    return (f"data: recorded a new version in {record.name}: {describe_changes(changes)}; "
-            f"commit it: git add {record.name}")  # fmt: skip
+        return (
+            f"data: not recorded in {record.name}: DVC cannot read {_why(err)}; remove or "
+            "fix that link in the data folder"
+        )
+    return (
+        f"data: recorded a new version in {record.name}: {describe_changes(changes)}; "
+        f"commit it: git add {record.name}"
+    )

@@ -11,8 +11,14 @@ class UserError(ValueError):
 
 
 # the machine's failures (not a bug, not a converter that cannot handle a model)
-_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM,
-                       errno.EROFS)  # fmt: skip
+_ENVIRONMENT_ERRNOS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EIO,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+)
 
 
 def environment_failure(err: BaseException | None) -> bool:

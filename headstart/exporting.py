@@ -74,8 +74,11 @@ def _to_saved_model(model, image_size: int, target: Path) -> None:
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serve", functools.partial(model.__call__, training=False),
-                         input_signature=[input_spec(image_size)])  # fmt: skip
+    archive.add_endpoint(
+        "serve",
+        functools.partial(model.__call__, training=False),
+        input_signature=[input_spec(image_size)],
+    )
     archive.write_out(str(target), verbose=False)
 
 
@@ -95,8 +98,9 @@ def _run_saved_model(target: Path) -> Runner:
 
 
 def _to_litert(model, image_size: int, target: Path) -> None:
-    model.export(str(target), format="litert", input_signature=[input_spec(image_size)],
-                 verbose=False)  # fmt: skip
+    model.export(
+        str(target), format="litert", input_signature=[input_spec(image_size)], verbose=False
+    )
 
 
 def _run_litert(target: Path) -> Runner:
@@ -133,14 +137,18 @@ def _to_onnx(model, image_size: int, target: Path, output_name: str = OUTPUT_NAM
         convert_variables_to_constants_v2,
     )
 
-    function = tf.function(lambda image: model(image, training=False),
-                           input_signature=[input_spec(image_size)])  # fmt: skip
-    frozen = convert_variables_to_constants_v2(function.get_concrete_function(),
-                                               lower_control_flow=False, aggressive_inlining=True)  # fmt: skip
+    function = tf.function(
+        lambda image: model(image, training=False), input_signature=[input_spec(image_size)]
+    )
+    frozen = convert_variables_to_constants_v2(
+        function.get_concrete_function(), lower_control_flow=False, aggressive_inlining=True
+    )
     inputs, outputs = [t.name for t in frozen.inputs], [t.name for t in frozen.outputs]
     if len(inputs) != 1 or len(outputs) != 1:
-        raise ValueError(f"the frozen graph has {len(inputs)} inputs and {len(outputs)} outputs, "
-                         "expected 1 and 1")  # fmt: skip
+        raise ValueError(
+            f"the frozen graph has {len(inputs)} inputs and {len(outputs)} outputs, "
+            "expected 1 and 1"
+        )
     tf_logger = logging.getLogger("tensorflow")
     level = tf_logger.level
     tf_logger.setLevel(logging.ERROR)  # tf2onnx calls TensorFlow 1 APIs: deprecation notices
@@ -156,7 +164,7 @@ def _to_onnx(model, image_size: int, target: Path, output_name: str = OUTPUT_NAM
             output_path=str(target),
         )
     finally:
-        tf_logger.setLevel(level)  # fmt: skip
+        tf_logger.setLevel(level)
 
 
 def _run_onnx(target: Path) -> Runner:
@@ -183,8 +191,10 @@ FORMATS = tuple(CONVERTERS)
 
 def run_batches(run: Runner, images: np.ndarray, batch: int = BATCH) -> np.ndarray:
     """`run` over `images` (uint8 or float, memory-mapped is fine) as float32 batches."""
-    parts = [run(np.asarray(images[start : start + batch], dtype=np.float32))
-             for start in range(0, len(images), batch)]  # fmt: skip
+    parts = [
+        run(np.asarray(images[start : start + batch], dtype=np.float32))
+        for start in range(0, len(images), batch)
+    ]
     return np.concatenate(parts)
 
 
@@ -203,9 +213,12 @@ def latency_ms(run: Runner, image: np.ndarray, runs: int) -> float:
 def compare(probabilities: np.ndarray, reference: np.ndarray) -> dict:
     """Top-1 agreement and the largest absolute probability difference with the reference."""
     if probabilities.shape != reference.shape:
-        return {"agreement": 0.0, "disagreements": len(reference), "max_abs_diff": None,
-                "problem": f"output shape {probabilities.shape}, the Keras model's "
-                           f"{reference.shape}"}  # fmt: skip
+        return {
+            "agreement": 0.0,
+            "disagreements": len(reference),
+            "max_abs_diff": None,
+            "problem": f"output shape {probabilities.shape}, the Keras model's {reference.shape}",
+        }
     same = np.argmax(probabilities, axis=1) == np.argmax(reference, axis=1)
     return {
         "agreement": float(np.mean(same)),
@@ -217,9 +230,13 @@ def compare(probabilities: np.ndarray, reference: np.ndarray) -> dict:
 def files_of(target: Path) -> dict[str, dict]:
     """Every file of an export (a folder or one file): relative path -> bytes and sha256."""
     paths = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
-    return {(p.relative_to(target.parent)).as_posix(): {"bytes": p.stat().st_size,
-                                                        "sha256": sha256_file(p)}
-            for p in paths}  # fmt: skip
+    return {
+        (p.relative_to(target.parent)).as_posix(): {
+            "bytes": p.stat().st_size,
+            "sha256": sha256_file(p),
+        }
+        for p in paths
+    }
 
 
 # a package -> the distributions that provide it (TensorFlow's CPU build on Linux x86-64)
@@ -239,8 +256,16 @@ def _versions(packages: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def export_one(name: str, converter: Converter, model, image_size: int, out_dir: Path,
-               images: np.ndarray, reference: np.ndarray, latency_runs: int) -> dict:  # fmt: skip
+def export_one(
+    name: str,
+    converter: Converter,
+    model,
+    image_size: int,
+    out_dir: Path,
+    images: np.ndarray,
+    reference: np.ndarray,
+    latency_runs: int,
+) -> dict:
     """Convert, load back, run on `images`, compare with `reference` (the Keras model's output).
     A converter or runtime that raises gives {"available": False, "reason": ...} and leaves no
     file behind."""
@@ -260,31 +285,61 @@ def export_one(name: str, converter: Converter, model, image_size: int, out_dir:
         else:
             target.unlink(missing_ok=True)
         if environment_failure(err):  # a full disk is not a missing converter: fail the step
-            raise UserError(f"export: writing {target}: {describe(err)}; free space or fix the "
-                            "folder's permissions, then run again") from None  # fmt: skip
+            raise UserError(
+                f"export: writing {target}: {describe(err)}; free space or fix the "
+                "folder's permissions, then run again"
+            ) from None
         log.warning("export: %s not available: %s", name, describe(err))
         return {"available": False, "reason": describe(err), **record}
     files = files_of(target)
     difference = figures.get("problem") or f"max |dp| {figures['max_abs_diff']:.1e}"
-    log.info("export: %s agrees on %.2f %% of %d test images (%s), %.1f ms per image, %.1f s",
-             name, 100 * figures["agreement"], len(reference), difference, figures["latency_ms"],
-             time.perf_counter() - started)  # fmt: skip
-    return {"available": True, "path": converter.target, **figures,
-            "bytes": sum(f["bytes"] for f in files.values()), "files": files, **record}  # fmt: skip
+    log.info(
+        "export: %s agrees on %.2f %% of %d test images (%s), %.1f ms per image, %.1f s",
+        name,
+        100 * figures["agreement"],
+        len(reference),
+        difference,
+        figures["latency_ms"],
+        time.perf_counter() - started,
+    )
+    return {
+        "available": True,
+        "path": converter.target,
+        **figures,
+        "bytes": sum(f["bytes"] for f in files.values()),
+        "files": files,
+        **record,
+    }
 
 
-def export_all(model, image_size: int, out_dir: Path, formats, images: np.ndarray,
-               reference: np.ndarray, latency_runs: int,
-               converters: dict[str, Converter] | None = None) -> dict[str, dict]:  # fmt: skip
+def export_all(
+    model,
+    image_size: int,
+    out_dir: Path,
+    formats,
+    images: np.ndarray,
+    reference: np.ndarray,
+    latency_runs: int,
+    converters: dict[str, Converter] | None = None,
+) -> dict[str, dict]:
     """Each of `formats` exported into `out_dir` and checked; format -> record."""
     converters = CONVERTERS if converters is None else converters
-    return {name: export_one(name, converters[name], model, image_size, Path(out_dir), images,
-                             reference, latency_runs)
-            for name in formats}  # fmt: skip
+    return {
+        name: export_one(
+            name,
+            converters[name],
+            model,
+            image_size,
+            Path(out_dir),
+            images,
+            reference,
+            latency_runs,
+        )
+        for name in formats
+    }
 
 
-def export_features(backbone, detector, image_size: int, out_dir: Path,
-                    images: np.ndarray) -> dict:  # fmt: skip
+def export_features(backbone, detector, image_size: int, out_dir: Path, images: np.ndarray) -> dict:
     """The release's frozen backbone as `BACKBONE_ONNX` (features out), for `predict --reject`
     without TensorFlow, checked like a format: on `images` its OOD scores (`detector`'s) against
     the Keras backbone's, and the "unknown" decisions they give. A converter that raises gives
@@ -299,18 +354,25 @@ def export_features(backbone, detector, image_size: int, out_dir: Path,
     except Exception as err:
         target.unlink(missing_ok=True)
         if environment_failure(err):
-            raise UserError(f"export: writing {target}: {describe(err)}; free space or fix the "
-                            "folder's permissions, then run again") from None  # fmt: skip
-        log.warning("export: the backbone (for --reject) not available as ONNX: %s",
-                    describe(err))  # fmt: skip
+            raise UserError(
+                f"export: writing {target}: {describe(err)}; free space or fix the "
+                "folder's permissions, then run again"
+            ) from None
+        log.warning("export: the backbone (for --reject) not available as ONNX: %s", describe(err))
         return {"available": False, "reason": describe(err)}
     expected, got = detector.score(predict(backbone, images)), detector.score(features)
     same = detector.unknown(expected) == detector.unknown(got)
-    figures = {"decision_agreement": float(np.mean(same)),
-               "max_abs_score_diff": float(np.max(np.abs(expected - got)))}  # fmt: skip
-    log.info("export: the backbone's ONNX file gives the same unknown/known answer on %.2f %% of "
-             "%d test images (max |d score| %.1e)", 100 * figures["decision_agreement"],
-             len(images), figures["max_abs_score_diff"])  # fmt: skip
+    figures = {
+        "decision_agreement": float(np.mean(same)),
+        "max_abs_score_diff": float(np.max(np.abs(expected - got))),
+    }
+    log.info(
+        "export: the backbone's ONNX file gives the same unknown/known answer on %.2f %% of "
+        "%d test images (max |d score| %.1e)",
+        100 * figures["decision_agreement"],
+        len(images),
+        figures["max_abs_score_diff"],
+    )
     return {"available": True, "path": BACKBONE_ONNX, **figures, "files": files_of(target)}
 
 
@@ -325,8 +387,11 @@ def reusable(out_dir: Path, formats, latency_runs: int, source: dict) -> dict | 
     except (OSError, ValueError):
         return None
     try:
-        if (record["source"] != source or record["latency_runs"] != latency_runs
-                or list(record["formats"]) != list(formats)):  # fmt: skip
+        if (
+            record["source"] != source
+            or record["latency_runs"] != latency_runs
+            or list(record["formats"]) != list(formats)
+        ):
             return None
         for name, result in record["formats"].items():
             if not result["available"]:  # tried again: its cause may be gone
@@ -336,8 +401,9 @@ def reusable(out_dir: Path, formats, latency_runs: int, source: dict) -> dict | 
             if result["available"] and files_of(Path(out_dir) / result["path"]) != result["files"]:
                 return None
         reject = record.get("reject")
-        if reject and (not reject["available"]
-                       or files_of(Path(out_dir) / reject["path"]) != reject["files"]):  # fmt: skip
+        if reject and (
+            not reject["available"] or files_of(Path(out_dir) / reject["path"]) != reject["files"]
+        ):
             return None
     except (KeyError, TypeError):  # an older record (no "source"), or not one of ours
         return None
@@ -376,8 +442,10 @@ def parity_failures(results: dict[str, dict], min_agreement: float) -> list[str]
         if not result["available"] or result["agreement"] >= min_agreement:
             continue
         problem = result.get("problem") or (f"max |dp| {result['max_abs_diff']:.3g}")
-        failures.append(f"{name} agrees with the Keras model on {100 * result['agreement']:.2f} % "
-                        f"of the test images ({result['disagreements']} differ; {problem})")  # fmt: skip
+        failures.append(
+            f"{name} agrees with the Keras model on {100 * result['agreement']:.2f} % "
+            f"of the test images ({result['disagreements']} differ; {problem})"
+        )
     return failures
 
 
@@ -388,4 +456,4 @@ def check_parity(results: dict[str, dict], min_agreement: float, images: int) ->
             f"export: {'; '.join(failures)}, below export.min_agreement "
             f"{100 * min_agreement:g} % on {images} test images; do not ship it: remove it from "
             "export.formats, or report the converter's bug"
-        )  # fmt: skip
+        )

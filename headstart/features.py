@@ -96,8 +96,10 @@ def shards_dir(features_dir: Path, key: str) -> Path:
 
 def _rows(prepared_dir: Path, views: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     """split -> (images, views of each)."""
-    return {split: (len(load_split(prepared_dir, split)[1]), len(views) if split == "train" else 1)
-            for split in SPLITS}  # fmt: skip
+    return {
+        split: (len(load_split(prepared_dir, split)[1]), len(views) if split == "train" else 1)
+        for split in SPLITS
+    }
 
 
 def plan(
@@ -111,9 +113,12 @@ def plan(
     total = sum(images * n_views for images, n_views in rows.values())
     per_shard = max(1, min(MAX_SHARD_ROWS, -(-total // shards)))
     size = -(-per_shard // batch_size) * batch_size  # whole batches
-    return [Shard(split, view, start, min(start + size, images), views[view])
-            for split, (images, n_views) in rows.items() for view in range(n_views)
-            for start in range(0, images, size)]  # fmt: skip
+    return [
+        Shard(split, view, start, min(start + size, images), views[view])
+        for split, (images, n_views) in rows.items()
+        for view in range(n_views)
+        for start in range(0, images, size)
+    ]
 
 
 def _augment(augmenter, batch: np.ndarray, seed: int, view: int, row: int):
@@ -234,8 +239,14 @@ def load_backbone(backbone_dir: Path):
     return _LOADED[key]
 
 
-def compute_shard(extractor, prepared_dir: Path, shard: Shard, out_dir: Path, seed: int,
-                  batch_size: int = BATCH_SIZE) -> Path:  # fmt: skip
+def compute_shard(
+    extractor,
+    prepared_dir: Path,
+    shard: Shard,
+    out_dir: Path,
+    seed: int,
+    batch_size: int = BATCH_SIZE,
+) -> Path:
     """One shard's features into `<out_dir>/<shard file>` (kept if already there: complete)."""
     path = out_dir / shard.file_name
     if path.exists():
@@ -260,8 +271,14 @@ def compute_shard(extractor, prepared_dir: Path, shard: Shard, out_dir: Path, se
     return path
 
 
-def assemble(key: str, prepared_dir: Path, features_dir: Path, views: tuple[str, ...], shards: int,
-             batch_size: int = BATCH_SIZE) -> Path:  # fmt: skip
+def assemble(
+    key: str,
+    prepared_dir: Path,
+    features_dir: Path,
+    views: tuple[str, ...],
+    shards: int,
+    batch_size: int = BATCH_SIZE,
+) -> Path:
     """Concatenate the files of `plan(..., shards)` into the cache, then delete them. Every shard
     must be there with its full row count and one width: else a UserError naming it, and the
     cache is left as it was."""
@@ -279,15 +296,20 @@ def assemble(key: str, prepared_dir: Path, features_dir: Path, views: tuple[str,
             raise UserError(f"{path}: feature shard unreadable ({err}); run again") from None
         width = width or shape[1]
         if shape != (shard.stop - shard.start, width):
-            raise UserError(f"{path}: feature shard holds {shape[0]} x {shape[1]} values, "
-                            f"expected {shard.stop - shard.start} x {width}; run again")  # fmt: skip
+            raise UserError(
+                f"{path}: feature shard holds {shape[0]} x {shape[1]} values, "
+                f"expected {shard.stop - shard.start} x {width}; run again"
+            )
     with atomic_dir(features_dir) as tmp:
-        outs = {split: _open(tmp / f"{split}_features.npy", images * n_views, width)
-                for split, (images, n_views) in rows.items()}  # fmt: skip
+        outs = {
+            split: _open(tmp / f"{split}_features.npy", images * n_views, width)
+            for split, (images, n_views) in rows.items()
+        }
         for shard in shards:
             row = shard.view * rows[shard.split][0] + shard.start
             outs[shard.split][row : row + shard.stop - shard.start] = np.load(
-                folder / shard.file_name, mmap_mode="r")  # fmt: skip
+                folder / shard.file_name, mmap_mode="r"
+            )
         for out in outs.values():
             out.flush()
         del outs

@@ -171,15 +171,22 @@ class _BatchedHeads:
         self.kernels = [tf.Variable(tf.zeros(shape)) for shape in shapes]
         self.biases = [tf.Variable(tf.zeros((count, 1, shape[2]))) for shape in shapes]
         self.variables = [*self.kernels, *self.biases]
-        self.moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v)))
-                        for v in self.variables]  # fmt: skip
+        self.moments = [
+            (tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v))) for v in self.variables
+        ]
         self.steps = tf.Variable(0.0)
         self.dropout_seed = tf.Variable(0, dtype=tf.int64)
         rows = tf.TensorSpec((None, features), tf.float32)
-        self.step = tf.function(self.train_step, input_signature=[
-            rows, tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.float32),
-            tf.TensorSpec((count, None), tf.int32), tf.TensorSpec((), tf.float32),
-        ])  # fmt: skip
+        self.step = tf.function(
+            self.train_step,
+            input_signature=[
+                rows,
+                tf.TensorSpec((None,), tf.int32),
+                tf.TensorSpec((None,), tf.float32),
+                tf.TensorSpec((count, None), tf.int32),
+                tf.TensorSpec((), tf.float32),
+            ],
+        )
         self.probabilities = tf.function(
             lambda x, head: tf.nn.softmax(self.head_logits(x, head)),
             input_signature=[rows, tf.TensorSpec((), tf.int32)],
@@ -219,8 +226,11 @@ class _BatchedHeads:
 
     def weights_of(self, head: int) -> list[np.ndarray]:
         """Head `head`'s weights in Keras order (kernel, bias per Dense layer)."""
-        return [w for k, b in zip(self.kernels, self.biases, strict=True)
-                for w in (k.numpy()[head], b.numpy()[head, 0])]  # fmt: skip
+        return [
+            w
+            for k, b in zip(self.kernels, self.biases, strict=True)
+            for w in (k.numpy()[head], b.numpy()[head, 0])
+        ]
 
     def train_step(self, x_all, y_all, w_all, index, learning_rate):
         """One Adam step; head h learns from rows index[h] of x_all (labels y_all, weights w_all)."""
@@ -284,8 +294,9 @@ def _standardise(features: np.ndarray) -> tuple[tf.Tensor, np.ndarray, np.ndarra
     for start in range(0, len(x), READ_ROWS):
         x[start : start + READ_ROWS] = reader[start : start + READ_ROWS]
     mean = x.mean(axis=0)
-    variance = np.concatenate([x[:, j : j + VARIANCE_COLUMNS].var(axis=0)
-                               for j in range(0, x.shape[1], VARIANCE_COLUMNS)])  # fmt: skip
+    variance = np.concatenate(
+        [x[:, j : j + VARIANCE_COLUMNS].var(axis=0) for j in range(0, x.shape[1], VARIANCE_COLUMNS)]
+    )
     variance = np.maximum(variance, max(float(np.mean(variance)), 1e-14))
     x -= mean
     x /= np.sqrt(variance)
@@ -306,8 +317,9 @@ def _epoch_order(members: list[np.ndarray], rng: np.random.Generator) -> np.ndar
 _TRAINERS: dict[tuple, _BatchedHeads] = {}
 
 
-def _heads_for(config: HeadConfig, features: int, classes: int, count: int,
-               seed: int) -> _BatchedHeads:  # fmt: skip
+def _heads_for(
+    config: HeadConfig, features: int, classes: int, count: int, seed: int
+) -> _BatchedHeads:
     """Heads of this configuration and shape, freshly initialised from `seed`. Made once per
     process: tracing the step costs about a second, more than training on a thousand rows, and
     the head step trains up to seven sets of heads (three CVs, the final fit, the curve)."""
@@ -318,16 +330,29 @@ def _heads_for(config: HeadConfig, features: int, classes: int, count: int,
     return _TRAINERS[key]
 
 
-def _train(config: HeadConfig, x: tf.Tensor, y: np.ndarray, members: list[np.ndarray],
-           sample_weight: np.ndarray | None, epochs: int, batch_size: int, learning_rate: float,
-           seed: int, classes: int, after_epoch=None) -> _BatchedHeads:  # fmt: skip
+def _train(
+    config: HeadConfig,
+    x: tf.Tensor,
+    y: np.ndarray,
+    members: list[np.ndarray],
+    sample_weight: np.ndarray | None,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    classes: int,
+    after_epoch=None,
+) -> _BatchedHeads:
     """Train one head per entry of `members` (the rows it learns from); `after_epoch(epoch,
     heads)` may return True to stop early."""
     heads = _heads_for(config, x.shape[1], classes, len(members), seed)
     rate = tf.constant(learning_rate * config.learning_rate_scale, tf.float32)
     x_all, y_all = tf.convert_to_tensor(x), tf.constant(y.astype(np.int32))
-    w_all = tf.constant(np.ones(len(y), np.float32) if sample_weight is None
-                        else np.asarray(sample_weight, np.float32))  # fmt: skip
+    w_all = tf.constant(
+        np.ones(len(y), np.float32)
+        if sample_weight is None
+        else np.asarray(sample_weight, np.float32)
+    )
     rng = np.random.default_rng(seed)
     for epoch in range(epochs):
         order = _epoch_order(members, rng)
@@ -396,8 +421,19 @@ def cross_validate(
             return True
         return False
 
-    _train(config, x, labels, members, sample_weight, epochs, batch_size, learning_rate, seed,
-           classes, after_epoch)  # fmt: skip
+    _train(
+        config,
+        x,
+        labels,
+        members,
+        sample_weight,
+        epochs,
+        batch_size,
+        learning_rate,
+        seed,
+        classes,
+        after_epoch,
+    )
     return CvResult(
         config,
         np.array(accuracy),
@@ -426,9 +462,17 @@ def choose(results: list[CvResult]) -> tuple[CvResult, str]:
     return best, f"{best.config.name}: highest pooled CV accuracy ({best.score:.4f}; {others})"
 
 
-def fit_final(config: HeadConfig, features: np.ndarray, labels: np.ndarray, epochs: int,
-              batch_size: int, learning_rate: float, seed: int, classes: int,
-              sample_weight=None):  # fmt: skip
+def fit_final(
+    config: HeadConfig,
+    features: np.ndarray,
+    labels: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    classes: int,
+    sample_weight=None,
+):
     """Train the chosen configuration on all rows; return (Keras head, per-epoch history)."""
     x_all, mean, variance = _standardise(features)
     labels = np.asarray(labels)
@@ -440,8 +484,19 @@ def fit_final(config: HeadConfig, features: np.ndarray, labels: np.ndarray, epoc
         history["accuracy"].append(float((probabilities.argmax(axis=1) == labels).mean()))
         return False
 
-    heads = _train(config, x_all, labels, [np.arange(len(labels))], sample_weight, epochs,
-                   batch_size, learning_rate, seed, classes, after_epoch)  # fmt: skip
+    heads = _train(
+        config,
+        x_all,
+        labels,
+        [np.arange(len(labels))],
+        sample_weight,
+        epochs,
+        batch_size,
+        learning_rate,
+        seed,
+        classes,
+        after_epoch,
+    )
     model = keras_head(config, x_all.shape[1], classes, mean, variance)
     model.set_weights(heads.weights_of(0))
     return model, history

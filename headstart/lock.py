@@ -114,16 +114,23 @@ def workspace_lock(root: Path | str, wait: bool = False, poll: float = 1.0) -> I
             time.sleep(poll)
         previous = _holder(path)
         if previous.get("pid") and previous["pid"] != os.getpid() and not _alive(previous["pid"]):
-            log.warning("taking over a stale lock: %s ended without releasing it",
-                        _describe(previous))  # fmt: skip
+            log.warning(
+                "taking over a stale lock: %s ended without releasing it", _describe(previous)
+            )
             _repair_dvc_rwlock(root)
         token = secrets.token_hex(16)
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({
-            "pid": os.getpid(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": token,
-        }))  # fmt: skip
+        handle.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "token": token,
+                }
+            )
+        )
         handle.flush()
         with _guard:
             _held[path] = [handle, 0, token]
@@ -217,9 +224,17 @@ def record_prefect_server(root: Path | str) -> None:
     server is configured, and stops it when the process exits normally), so the next run can
     stop it if this process is killed first (kill -9, the OOM killer)."""
     me = str(os.getpid())
-    servers = [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()
-               and _stat(int(entry.name))[1:2] == [me]
-               and PREFECT_SERVER_APP in _command(int(entry.name))] if os.path.isdir("/proc") else []  # fmt: skip
+    servers = (
+        [
+            int(entry.name)
+            for entry in os.scandir("/proc")
+            if entry.name.isdigit()
+            and _stat(int(entry.name))[1:2] == [me]
+            and PREFECT_SERVER_APP in _command(int(entry.name))
+        ]
+        if os.path.isdir("/proc")
+        else []
+    )
     if servers:
         record = Path(root) / STATE_DIR / SERVER_RECORD
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -281,8 +296,10 @@ def borrowed(root: Path | str, token: str | None) -> Iterator[None]:
                     raise LockedError(f"{Path(root).resolve()}: {_held_by(holder)}") from None
             else:
                 fcntl.flock(probe, fcntl.LOCK_UN)
-                raise LockedError(f"{Path(root).resolve()}: the run that handed out this task "
-                                  "no longer holds the workspace; run again")  # fmt: skip
+                raise LockedError(
+                    f"{Path(root).resolve()}: the run that handed out this task "
+                    "no longer holds the workspace; run again"
+                )
     with _guard:
         _borrowed[path] = _borrowed.get(path, 0) + 1
     try:

@@ -22,13 +22,13 @@ def macro_f1(labels: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndar
         tp = np.sum(true & said, axis=1)
         wrong = np.sum(true ^ said, axis=1)  # false positives + false negatives
         denominator = 2 * tp + wrong
-        scores += np.divide(2 * tp, denominator, out=np.zeros(len(labels)),
-                            where=denominator > 0)  # fmt: skip
+        scores += np.divide(2 * tp, denominator, out=np.zeros(len(labels)), where=denominator > 0)
     return scores / classes
 
 
-def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classes: list[str],
-                           top_k: int) -> tuple[dict, list[list[int]]]:  # fmt: skip
+def classification_metrics(
+    probabilities: np.ndarray, labels: np.ndarray, classes: list[str], top_k: int
+) -> tuple[dict, list[list[int]]]:
     """Flat metrics (DVC can diff them) and the confusion matrix (rows: true, columns: predicted)."""
     n = len(classes)
     predicted = np.argmax(probabilities, axis=1)
@@ -47,8 +47,13 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classe
         precision = tp / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
         recall = tp / confusion[i].sum() if confusion[i].sum() else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        metrics.update({f"precision.{name}": float(precision), f"recall.{name}": float(recall),
-                        f"f1.{name}": float(f1)})  # fmt: skip
+        metrics.update(
+            {
+                f"precision.{name}": float(precision),
+                f"recall.{name}": float(recall),
+                f"f1.{name}": float(f1),
+            }
+        )
     metrics["macro_f1"] = float(macro_f1(labels, predicted, n)[0])
     return metrics, confusion.tolist()
 

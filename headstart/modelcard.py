@@ -33,8 +33,14 @@ CONFUSIONS = 5  # most frequent confusions listed
 PIPELINE_FILES = ("dvc.lock",)
 
 
-def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, classes: int, seed: int,
-                        resamples: int = RESAMPLES, level: float = LEVEL) -> dict:  # fmt: skip
+def bootstrap_intervals(
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    classes: int,
+    seed: int,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+) -> dict:
     """Accuracy and macro-F1 with percentile bootstrap intervals: the test images resampled with
     replacement `resamples` times by a numpy RNG seeded with `seed`."""
     labels, predicted = np.asarray(labels), np.asarray(predicted)
@@ -42,11 +48,15 @@ def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, classes: int,
     rows = rng.integers(0, len(labels), size=(resamples, len(labels)))
     tail = 100 * (1 - level) / 2
     values = {
-        "accuracy": (float(np.mean(labels == predicted)),
-                     np.mean(labels[rows] == predicted[rows], axis=1)),
-        "macro_f1": (float(macro_f1(labels, predicted, classes)[0]),
-                     macro_f1(labels[rows], predicted[rows], classes)),
-    }  # fmt: skip
+        "accuracy": (
+            float(np.mean(labels == predicted)),
+            np.mean(labels[rows] == predicted[rows], axis=1),
+        ),
+        "macro_f1": (
+            float(macro_f1(labels, predicted, classes)[0]),
+            macro_f1(labels[rows], predicted[rows], classes),
+        ),
+    }
     result = {"images": int(len(labels)), "resamples": resamples, "seed": seed, "level": level}
     for name, (value, resampled) in values.items():
         low, high = np.percentile(resampled, [tail, 100 - tail])
@@ -56,8 +66,12 @@ def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, classes: int,
 
 def top_confusions(classes: list[str], matrix: list[list[int]], count: int = CONFUSIONS) -> list:
     """The `count` largest off-diagonal cells: [true class, predicted class, images]."""
-    cells = [(int(n), t, p) for t, row in enumerate(matrix) for p, n in enumerate(row)
-             if t != p and n > 0]  # fmt: skip
+    cells = [
+        (int(n), t, p)
+        for t, row in enumerate(matrix)
+        for p, n in enumerate(row)
+        if t != p and n > 0
+    ]
     cells.sort(key=lambda cell: (-cell[0], cell[1], cell[2]))
     return [[classes[t], classes[p], n] for n, t, p in cells[:count]]
 
@@ -67,8 +81,9 @@ def code_revision(root: Path | str) -> dict:
 
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                                  timeout=30)  # fmt: skip
+            done = subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=30
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout if done.returncode == 0 else None
@@ -86,16 +101,22 @@ def data_version(dvc_file: Path) -> dict | None:
     if not dvc_file.is_file():
         return None
     outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-    return {"file": dvc_file.name, "md5": outs[0].get("md5"), "files": outs[0].get("nfiles"),
-            "bytes": outs[0].get("size")}  # fmt: skip
+    return {
+        "file": dvc_file.name,
+        "md5": outs[0].get("md5"),
+        "files": outs[0].get("nfiles"),
+        "bytes": outs[0].get("size"),
+    }
 
 
 def _test_predictions(metrics_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     index = {name: i for i, name in enumerate(classes)}
     with open(require(metrics_dir / "release_predictions.csv", "evaluate"), newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return (np.array([index[row["label"]] for row in rows], dtype=np.int64),
-            np.array([index[row["predicted"]] for row in rows], dtype=np.int64))  # fmt: skip
+    return (
+        np.array([index[row["label"]] for row in rows], dtype=np.int64),
+        np.array([index[row["predicted"]] for row in rows], dtype=np.int64),
+    )
 
 
 def training_choices(root: Path, params) -> list[tuple[str, str]]:
@@ -132,8 +153,10 @@ def collect(root: Path | str, params: Params, exports: dict) -> dict:
     metrics, weights = params.path("metrics", root), params.path("weights", root)
     notes = root / NOTES_FILE
     if not notes.is_file():
-        raise UserError(f"{notes}: missing; create it with your model's intended use and "
-                        "limitations (every model card carries its text)")  # fmt: skip
+        raise UserError(
+            f"{notes}: missing; create it with your model's intended use and "
+            "limitations (every model card carries its text)"
+        )
     classes = read_json(require(release / LABELS_FILE, "select"))["classes"]
     selection = read_json(require(release / "selection.json", "select"))
     report = read_json(require(params.path("data_report", root) / REPORT_FILE, "prepare"))
@@ -141,13 +164,20 @@ def collect(root: Path | str, params: Params, exports: dict) -> dict:
     confusion = read_json(require(metrics / "release_confusion.json", "evaluate"))
     release_json = metrics / "release.json"
     release_metrics = read_json(release_json) if release_json.is_file() else {}
-    calibration = (read_json(release / CALIBRATION_FILE)
-                   if (release / CALIBRATION_FILE).is_file() else None)  # fmt: skip
+    calibration = (
+        read_json(release / CALIBRATION_FILE) if (release / CALIBRATION_FILE).is_file() else None
+    )
     if calibration is not None:
-        calibration = {key: value for key, value in calibration.items()
-                       if isinstance(value, (int, float, str))}  # fmt: skip
-        calibration.update({f"test_{key}": release_metrics[key] for key in ("ece", "ece_calibrated")
-                            if key in release_metrics})  # fmt: skip
+        calibration = {
+            key: value for key, value in calibration.items() if isinstance(value, (int, float, str))
+        }
+        calibration.update(
+            {
+                f"test_{key}": release_metrics[key]
+                for key in ("ece", "ece_calibrated")
+                if key in release_metrics
+            }
+        )
     return {
         "model": {
             "file": f"{params.paths.release}/{MODEL_FILE}",
@@ -186,69 +216,116 @@ def render(facts: dict) -> str:
     """The card's markdown from `collect`'s facts (no I/O)."""
     model, data, backbone, code = facts["model"], facts["data"], facts["backbone"], facts["code"]
     test, exports = facts["test"], facts["exports"]
-    lines = ["# Model card", "", "## Model", "",
-             f"- File: `{model['file']}` (sha256 `{model['sha256']}`)",
-             f"- Released: **{model['winner']}**, chosen on {model['reason']}",
-             f"- Classes ({len(model['classes'])}): {', '.join(model['classes'])}"]  # fmt: skip
+    lines = [
+        "# Model card",
+        "",
+        "## Model",
+        "",
+        f"- File: `{model['file']}` (sha256 `{model['sha256']}`)",
+        f"- Released: **{model['winner']}**, chosen on {model['reason']}",
+        f"- Classes ({len(model['classes'])}): {', '.join(model['classes'])}",
+    ]
     used = "" if model["winner"] != "baseline" else " (not used by the released baseline CNN)"
-    lines += [f"- Backbone: {backbone['backbone']}{used}, ImageNet weights "
-              f"`{backbone['file']}` sha256 `{backbone['sha256']}` (from {backbone['source']})"]  # fmt: skip
+    lines += [
+        f"- Backbone: {backbone['backbone']}{used}, ImageNet weights "
+        f"`{backbone['file']}` sha256 `{backbone['sha256']}` (from {backbone['source']})"
+    ]
     if code["revision"] is None:
         lines.append("- Code revision: unknown (not a git repository, or git is not installed)")
     else:
-        state = ("with uncommitted changes to " + ", ".join(f"`{f}`" for f in code["changed"])
-                 if code["dirty"] else "clean: no uncommitted changes to tracked files")  # fmt: skip
+        state = (
+            "with uncommitted changes to " + ", ".join(f"`{f}`" for f in code["changed"])
+            if code["dirty"]
+            else "clean: no uncommitted changes to tracked files"
+        )
         lines.append(f"- Code revision: `{code['revision']}` ({state})")
     lines += [
         f"- Chosen for this data: {name}: {value}" for name, value in facts.get("choices", [])
     ]
     lines += ["", facts["notes"].strip(), "", "## Data", ""]
     dvc = data["dvc"]
-    lines.append(f"- Version: md5 `{dvc['md5']}` ({dvc['files']} files, {dvc['bytes']} bytes; "
-                 f"`{dvc['file']}`)" if dvc else
-                 f"- Version: unknown (`{data['path']}` is not tracked by DVC)")  # fmt: skip
-    lines.append(f"- Images used: `{data['manifest']}` sha256 `{data['manifest_sha256']}` (every "
-                 "used file with the sha256 of its content and its split)")  # fmt: skip
+    lines.append(
+        f"- Version: md5 `{dvc['md5']}` ({dvc['files']} files, {dvc['bytes']} bytes; "
+        f"`{dvc['file']}`)"
+        if dvc
+        else f"- Version: unknown (`{data['path']}` is not tracked by DVC)"
+    )
+    lines.append(
+        f"- Images used: `{data['manifest']}` sha256 `{data['manifest_sha256']}` (every "
+        "used file with the sha256 of its content and its split)"
+    )
     totals = data["totals"]
-    lines += [f"- {totals['seen']} files: {totals['used']} used, {totals['quarantined']} "
-              f"quarantined, {totals['ignored']} ignored, {totals.get('excluded', 0)} excluded "
-              f"and {data.get('relabelled', 0)} relabelled by the data review file; "
-              f"{data.get('near_duplicate_groups', 0)} near-duplicate groups, each kept in one "
-              "split", "",
-              "| class | train | val | test | quarantined | ignored |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        f"- {totals['seen']} files: {totals['used']} used, {totals['quarantined']} "
+        f"quarantined, {totals['ignored']} ignored, {totals.get('excluded', 0)} excluded "
+        f"and {data.get('relabelled', 0)} relabelled by the data review file; "
+        f"{data.get('near_duplicate_groups', 0)} near-duplicate groups, each kept in one "
+        "split",
+        "",
+        "| class | train | val | test | quarantined | ignored |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, counts in data["per_class"].items():
-        lines.append(f"| {name} | {counts['train']} | {counts['val']} | {counts['test']} | "
-                     f"{counts['quarantined']} | {counts['ignored']} |")  # fmt: skip
-    lines += ["", "## Test metrics", "",
-              f"{test['images']} held-out test images; 95 % intervals from {test['resamples']} "
-              f"bootstrap resamples of them (numpy seed {test['seed']}).", "",
-              f"- Accuracy: {_interval(test['accuracy'])}",
-              f"- Macro-F1: {_interval(test['macro_f1'])}", "",
-              "Most frequent confusions (true -> predicted: test images):", ""]  # fmt: skip
+        lines.append(
+            f"| {name} | {counts['train']} | {counts['val']} | {counts['test']} | "
+            f"{counts['quarantined']} | {counts['ignored']} |"
+        )
+    lines += [
+        "",
+        "## Test metrics",
+        "",
+        f"{test['images']} held-out test images; 95 % intervals from {test['resamples']} "
+        f"bootstrap resamples of them (numpy seed {test['seed']}).",
+        "",
+        f"- Accuracy: {_interval(test['accuracy'])}",
+        f"- Macro-F1: {_interval(test['macro_f1'])}",
+        "",
+        "Most frequent confusions (true -> predicted: test images):",
+        "",
+    ]
     lines += [f"- {true} -> {said}: {count}" for true, said, count in facts["confusions"]] or [
-        "- none"]  # fmt: skip
+        "- none"
+    ]
     lines += ["", "## Calibration", ""]
     if facts["calibration"] is None:
         lines.append("Not calibrated: the probabilities are the model's own.")
     else:
-        lines += [f"- {key}: {value:.4g}" if isinstance(value, float) else f"- {key}: {value}"
-                  for key, value in facts["calibration"].items()]  # fmt: skip
-        lines.append("- The exports output the uncalibrated probabilities p; calibrated: "
-                     "softmax(log(p) / temperature), temperature from `calibration.json`.")  # fmt: skip
-    lines += ["", "## Exports", "",
-              f"Input: float32 RGB 0-255, batch x {exports['image_size']} x "
-              f"{exports['image_size']} x 3; output: class probabilities in `labels.json` order. "
-              f"Checked on {exports['test_images']} test images against the Keras model "
-              f"(gate: top-1 agreement >= {100 * exports['min_agreement']:g} %).", "",
-              "| format | agreement | max \\|Δp\\| | file | sha256 |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"- {key}: {value:.4g}" if isinstance(value, float) else f"- {key}: {value}"
+            for key, value in facts["calibration"].items()
+        ]
+        lines.append(
+            "- The exports output the uncalibrated probabilities p; calibrated: "
+            "softmax(log(p) / temperature), temperature from `calibration.json`."
+        )
+    lines += [
+        "",
+        "## Exports",
+        "",
+        f"Input: float32 RGB 0-255, batch x {exports['image_size']} x "
+        f"{exports['image_size']} x 3; output: class probabilities in `labels.json` order. "
+        f"Checked on {exports['test_images']} test images against the Keras model "
+        f"(gate: top-1 agreement >= {100 * exports['min_agreement']:g} %).",
+        "",
+        "| format | agreement | max \\|Δp\\| | file | sha256 |",
+        "|---|---|---|---|---|",
+    ]
     for name, result in exports["formats"].items():
         if not result["available"]:
             reason = result["reason"].replace("|", "\\|")
             lines.append(f"| {name} | not available: {reason} | | | |")
             continue
         for file, info in result["files"].items():
-            lines.append(f"| {name} | {100 * result['agreement']:.2f} % | "
-                         f"{result['max_abs_diff']:.1e} | `{file}` | `{info['sha256']}` |")  # fmt: skip
-    lines += ["", "## Parameters", "", "```yaml",
-              yaml.safe_dump(facts["parameters"], sort_keys=False).rstrip(), "```"]  # fmt: skip
+            lines.append(
+                f"| {name} | {100 * result['agreement']:.2f} % | "
+                f"{result['max_abs_diff']:.1e} | `{file}` | `{info['sha256']}` |"
+            )
+    lines += [
+        "",
+        "## Parameters",
+        "",
+        "```yaml",
+        yaml.safe_dump(facts["parameters"], sort_keys=False).rstrip(),
+        "```",
+    ]
     return "\n".join(lines) + "\n"

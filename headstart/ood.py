@@ -51,8 +51,11 @@ class Detector:
             return 1.0 - (x @ self.centroids.T).max(axis=1)
         z = x @ self.whitening
         # squared distances to every whitened centroid: |z|² - 2 z·c + |c|²
-        distances = ((z * z).sum(axis=1, keepdims=True) - 2.0 * z @ self.centroids.T
-                     + (self.centroids * self.centroids).sum(axis=1))  # fmt: skip
+        distances = (
+            (z * z).sum(axis=1, keepdims=True)
+            - 2.0 * z @ self.centroids.T
+            + (self.centroids * self.centroids).sum(axis=1)
+        )
         return np.sqrt(np.maximum(distances.min(axis=1), 0.0))
 
     def unknown(self, scores: np.ndarray) -> np.ndarray:
@@ -156,8 +159,9 @@ def save(detector: Detector, folder: Path | str, record: dict) -> None:
     if detector.whitening is not None:
         arrays["whitening"] = detector.whitening.astype(np.float32)
     np.savez(folder / OOD_ARRAYS, **arrays)
-    write_json(folder / OOD_FILE, {**record, "method": detector.method,
-                                   "threshold": detector.threshold})  # fmt: skip
+    write_json(
+        folder / OOD_FILE, {**record, "method": detector.method, "threshold": detector.threshold}
+    )
 
 
 def load(folder: Path | str) -> tuple[Detector, dict]:
@@ -166,8 +170,10 @@ def load(folder: Path | str) -> tuple[Detector, dict]:
     record_path, arrays_path = folder / OOD_FILE, folder / OOD_ARRAYS
     for path in (record_path, arrays_path):
         if not path.is_file():
-            raise UserError(f"{path}: missing; --reject needs a release made by "
-                            "`headstart step select` (rerun it)")  # fmt: skip
+            raise UserError(
+                f"{path}: missing; --reject needs a release made by "
+                "`headstart step select` (rerun it)"
+            )
     try:
         record = read_json(record_path)
         with np.load(arrays_path) as arrays:
@@ -175,10 +181,15 @@ def load(folder: Path | str) -> tuple[Detector, dict]:
             whitening = arrays["whitening"].astype(np.float64) if "whitening" in arrays else None
         detector = Detector(record["method"], centroids, whitening, float(record["threshold"]))
     except Exception as err:  # a damaged file: one line naming it
-        raise UserError(f"{folder}: unreadable OOD detector ({type(err).__name__}: {err}); "
-                        "rerun `headstart step select`") from None  # fmt: skip
-    if detector.method not in METHODS or (detector.method == "mahalanobis"
-                                          and detector.whitening is None):  # fmt: skip
-        raise UserError(f"{record_path}: unknown or incomplete method {detector.method!r}; "
-                        "rerun `headstart step select`")  # fmt: skip
+        raise UserError(
+            f"{folder}: unreadable OOD detector ({type(err).__name__}: {err}); "
+            "rerun `headstart step select`"
+        ) from None
+    if detector.method not in METHODS or (
+        detector.method == "mahalanobis" and detector.whitening is None
+    ):
+        raise UserError(
+            f"{record_path}: unknown or incomplete method {detector.method!r}; "
+            "rerun `headstart step select`"
+        )
     return detector, record

@@ -247,9 +247,20 @@ def _url_allowed(url: str) -> bool:
 
 
 _POSITIVE = {
-    "epochs", "batch_size", "learning_rate", "units", "views", "blocks", "top_k",
-    "samples", "max_pixels", "min_per_class", "retries", "patience", "budget",
-}  # fmt: skip
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "units",
+    "views",
+    "blocks",
+    "top_k",
+    "samples",
+    "max_pixels",
+    "min_per_class",
+    "retries",
+    "patience",
+    "budget",
+}
 _FRACTIONS = {"val_fraction", "test_fraction", "target_accuracy"}
 
 
@@ -398,8 +409,10 @@ def parse_override(item: str) -> tuple[str, str, Any]:
         return section, key, yaml.safe_load(value) if value else ""
     except yaml.YAMLError as err:
         where = getattr(err, "problem", None) or "not valid YAML"
-        raise ParamsError(f"override '{item}': the value is not valid YAML ({where}); quote "
-                          "it, e.g. -S 'section.key=\"text\"'") from None  # fmt: skip
+        raise ParamsError(
+            f"override '{item}': the value is not valid YAML ({where}); quote "
+            "it, e.g. -S 'section.key=\"text\"'"
+        ) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -464,9 +477,12 @@ def load(path: Path | str = "params.yaml", overrides: list[str] | None = None) -
 
 def to_dict(params: Params) -> dict[str, Any]:
     """Sections -> keys -> values, lists as lists (as params.yaml, JSON and DVC hold them)."""
-    return {section: {key: list(value) if isinstance(value, tuple) else value
-                      for key, value in values.items()}
-            for section, values in dataclasses.asdict(params).items()}  # fmt: skip
+    return {
+        section: {
+            key: list(value) if isinstance(value, tuple) else value for key, value in values.items()
+        }
+        for section, values in dataclasses.asdict(params).items()
+    }
 
 
 def write_overrides(path: Path | str, overrides: list[str]) -> None:

@@ -18,8 +18,14 @@ from headstart.params import Params, to_dict
 log = logging.getLogger("headstart.pipeline")
 
 
-def run_step(name: str, function: Callable[[Params, Path], Path], params: Params, root: Path,
-             wait: bool = False, output: str | None = None) -> Path:  # fmt: skip
+def run_step(
+    name: str,
+    function: Callable[[Params, Path], Path],
+    params: Params,
+    root: Path,
+    wait: bool = False,
+    output: str | None = None,
+) -> Path:
     """`output`: the `paths` key of the folder the step replaces, refused up front (before any
     work) when something there was not written by headstart."""
     with workspace_lock(root, wait=wait) as outermost:
@@ -34,8 +40,10 @@ def run_step(name: str, function: Callable[[Params, Path], Path], params: Params
                 raise
             except Exception as err:
                 if environment_failure(err):  # a full disk: one line, not a traceback
-                    raise UserError(f"{name}: {describe(err)}; free space or fix the folder's "
-                                    "permissions, then run again") from None  # fmt: skip
+                    raise UserError(
+                        f"{name}: {describe(err)}; free space or fix the folder's "
+                        "permissions, then run again"
+                    ) from None
                 raise
 
 
@@ -70,14 +78,19 @@ def check_inputs(name: str, params: Params, root: Path | str) -> None:
     lists among stage `name`'s deps exists, or a UserError naming the step that makes it. Needs
     the project's dvc.yaml (without one the step's own checks still say it, later)."""
     stages = _stages(root)
-    producers = {path: stage for stage, spec in stages.items()
-                 for out in spec.get("outs", []) for path in ([out] if isinstance(out, str) else out)}  # fmt: skip
+    producers = {
+        path: stage
+        for stage, spec in stages.items()
+        for out in spec.get("outs", [])
+        for path in ([out] if isinstance(out, str) else out)
+    }
     for dep in stages.get(name, {}).get("deps", []):
         key = re.fullmatch(r"\$\{paths\.(\w+)\}(/.*)?", str(dep))
         producer = producers.get(f"${{paths.{key.group(1)}}}") if key else None
         if producer and producer != name:
-            files.require(params.path(key.group(1), root) / (key.group(2) or "").lstrip("/"),
-                          producer)  # fmt: skip
+            files.require(
+                params.path(key.group(1), root) / (key.group(2) or "").lstrip("/"), producer
+            )
 
 
 def stamp(name: str, params: Params, root: Path | str) -> dict:

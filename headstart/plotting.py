@@ -44,14 +44,22 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str], title: str) ->
         for j in range(len(classes)):
             if counts[i, j]:
                 color = "white" if normalised[i, j] > 0.5 else "black"
-                ax.text(j, i, f"{normalised[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color=color)  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{normalised[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color=color,
+                )
     figure.colorbar(image, ax=ax, fraction=0.046)
     return figure
 
 
-def sample_predictions(pictures: np.ndarray, true: list[str], predicted: list[str],
-                       title: str) -> Figure:  # fmt: skip
+def sample_predictions(
+    pictures: np.ndarray, true: list[str], predicted: list[str], title: str
+) -> Figure:
     """A grid of test images titled predicted/true; wrong predictions in red."""
     n = len(pictures)
     columns = min(n, 4) or 1
@@ -64,8 +72,11 @@ def sample_predictions(pictures: np.ndarray, true: list[str], predicted: list[st
             continue
         ax.imshow(pictures[index])
         right = true[index] == predicted[index]
-        ax.set_title(f"pred: {predicted[index]}\ntrue: {true[index]}", fontsize=8,
-                     color="black" if right else "red")  # fmt: skip
+        ax.set_title(
+            f"pred: {predicted[index]}\ntrue: {true[index]}",
+            fontsize=8,
+            color="black" if right else "red",
+        )
         if not right:
             for spine in ax.spines.values():
                 spine.set_visible(True)
@@ -86,8 +97,9 @@ def learning_curve(points: dict[str, dict], head: str) -> Figure:
     ax = figure.subplots()
     ax.plot(images, accuracy, "o-")
     for label, x, y in zip(points, images, accuracy, strict=True):
-        ax.annotate(f"{label}: {y:.3f}", (x, y), textcoords="offset points", xytext=(4, -12),
-                    fontsize=8)  # fmt: skip
+        ax.annotate(
+            f"{label}: {y:.3f}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8
+        )
     ax.set_xscale("log")
     ax.set_xlabel("training images (log scale)")
     ax.set_ylabel("cross-validated accuracy")
@@ -109,14 +121,35 @@ def reliability_diagram(before: dict, after: dict, temperature: float) -> Figure
         left = edges[filled]
         accuracy = [table["accuracy"][i] for i in filled]
         confidence = [table["confidence"][i] for i in filled]
-        ax.bar(left, accuracy, width=width, align="edge", edgecolor="black", color="tab:blue",
-               alpha=0.8, label="accuracy")  # fmt: skip
-        ax.scatter(left + width / 2, confidence, marker="_", s=250, linewidths=2.5,
-                   color="tab:red", zorder=3, label="mean confidence")  # fmt: skip
+        ax.bar(
+            left,
+            accuracy,
+            width=width,
+            align="edge",
+            edgecolor="black",
+            color="tab:blue",
+            alpha=0.8,
+            label="accuracy",
+        )
+        ax.scatter(
+            left + width / 2,
+            confidence,
+            marker="_",
+            s=250,
+            linewidths=2.5,
+            color="tab:red",
+            zorder=3,
+            label="mean confidence",
+        )
         for i, x in zip(filled, left, strict=True):
-            ax.annotate(str(table["counts"][i]), (x + width / 2, max(table["accuracy"][i],
-                        table["confidence"][i])), textcoords="offset points", xytext=(0, 3),
-                        ha="center", fontsize=7)  # fmt: skip
+            ax.annotate(
+                str(table["counts"][i]),
+                (x + width / 2, max(table["accuracy"][i], table["confidence"][i])),
+                textcoords="offset points",
+                xytext=(0, 3),
+                ha="center",
+                fontsize=7,
+            )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.08)
@@ -129,8 +162,9 @@ def reliability_diagram(before: dict, after: dict, temperature: float) -> Figure
     return figure
 
 
-def contact_sheet(pictures: list[np.ndarray], captions: list[str], title: str,
-                  columns: int = 6) -> Figure:  # fmt: skip
+def contact_sheet(
+    pictures: list[np.ndarray], captions: list[str], title: str, columns: int = 6
+) -> Figure:
     """A grid of images, each with its caption (the data doctor's suspects, near-duplicates)."""
     n = len(pictures)
     columns = min(n, columns) or 1

@@ -38,8 +38,10 @@ def _expand(inputs: list[Path]) -> list[Path]:
 
 def _check_keras_file(path: Path, what: str) -> None:
     if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: not a valid .keras file (damaged or truncated); "
-                        f"retrain {what} (headstart run) or restore it (dvc checkout)")  # fmt: skip
+        raise UserError(
+            f"{path}: not a valid .keras file (damaged or truncated); "
+            f"retrain {what} (headstart run) or restore it (dvc checkout)"
+        )
 
 
 def _load_model(path: Path, what: str):
@@ -60,8 +62,9 @@ def _require_backbone(model_dir: Path) -> Path:
 
     path = model_dir / BACKBONE_FILE
     if not path.is_file():
-        raise UserError(f"{path}: missing; --reject needs a release made by "
-                        "`headstart step select` (rerun it)")  # fmt: skip
+        raise UserError(
+            f"{path}: missing; --reject needs a release made by `headstart step select` (rerun it)"
+        )
     return path
 
 
@@ -71,8 +74,10 @@ def _backbone(model_dir: Path):
     backbone = _load_model(path, "it")
     size = read_json(model_dir / "labels.json")["image_size"]
     if tuple(backbone.input_shape[1:3]) != (size, size):
-        raise UserError(f"{path}: takes {backbone.input_shape[1]} px images but labels.json says "
-                        f"{size}; rerun `headstart step select`")  # fmt: skip
+        raise UserError(
+            f"{path}: takes {backbone.input_shape[1]} px images but labels.json says "
+            f"{size}; rerun `headstart step select`"
+        )
     return backbone
 
 
@@ -101,16 +106,23 @@ def _checked_export(
         try:
             record = read_json(folder / EXPORT_RECORD_FILE)
             onnx, features = record["formats"].get("onnx"), record.get("reject")
-            usable = (onnx and onnx["available"] and onnx["agreement"] == 1.0
-                      and onnx["max_abs_diff"] <= FAST_MAX_ABS_DIFF
-                      and record["source"]["release_sha256"] == digest(model_path)
-                      and files_of(folder / onnx["path"]) == onnx["files"])  # fmt: skip
+            usable = (
+                onnx
+                and onnx["available"]
+                and onnx["agreement"] == 1.0
+                and onnx["max_abs_diff"] <= FAST_MAX_ABS_DIFF
+                and record["source"]["release_sha256"] == digest(model_path)
+                and files_of(folder / onnx["path"]) == onnx["files"]
+            )
             if usable and reject:
-                usable = (features and features["available"]
-                          and features["decision_agreement"] == 1.0
-                          and record["source"].get("backbone_sha256")
-                          == digest(model_path.parent / BACKBONE_FILE)
-                          and files_of(folder / features["path"]) == features["files"])  # fmt: skip
+                usable = (
+                    features
+                    and features["available"]
+                    and features["decision_agreement"] == 1.0
+                    and record["source"].get("backbone_sha256")
+                    == digest(model_path.parent / BACKBONE_FILE)
+                    and files_of(folder / features["path"]) == features["files"]
+                )
         except (OSError, ValueError, KeyError, TypeError):  # none there, or not one of ours
             continue
         if usable:
@@ -127,15 +139,21 @@ def _runners(model_path: Path, export_dirs: list[Path], reject: bool):
     if found:
         folder, record = found
         features = record["reject"] if reject else None
-        return ("onnx", exporting.CONVERTERS["onnx"].load(folder / record["formats"]["onnx"]["path"]),
-                exporting.CONVERTERS["onnx"].load(folder / features["path"]) if features else None)  # fmt: skip
+        return (
+            "onnx",
+            exporting.CONVERTERS["onnx"].load(folder / record["formats"]["onnx"]["path"]),
+            exporting.CONVERTERS["onnx"].load(folder / features["path"]) if features else None,
+        )
     start_tensorflow()
     from headstart.training import predict
 
     model = _load_model(model_path, "it")
     backbone = _backbone(model_path.parent) if reject else None
-    return ("keras", lambda batch: predict(model, batch),
-            (lambda batch: predict(backbone, batch)) if backbone else None)  # fmt: skip
+    return (
+        "keras",
+        lambda batch: predict(model, batch),
+        (lambda batch: predict(backbone, batch)) if backbone else None,
+    )
 
 
 def predict_paths(
@@ -158,8 +176,10 @@ def predict_paths(
     model_path = Path(model_path)
     labels_path = model_path.parent / "labels.json"
     if model_path.is_dir():
-        raise UserError(f"{model_path}: a folder, not a .keras model file; give the model file "
-                        "(e.g. artifacts/release/model.keras)")  # fmt: skip
+        raise UserError(
+            f"{model_path}: a folder, not a .keras model file; give the model file "
+            "(e.g. artifacts/release/model.keras)"
+        )
     if not model_path.is_file():
         raise UserError(f"{model_path}: model not found; train it first (headstart run)")
     if not labels_path.is_file():
@@ -168,8 +188,10 @@ def predict_paths(
     classes, size = labels["classes"], labels["image_size"]
     resize = labels.get("preprocessing", {}).get("resize", "pad")  # older models: always pad
     if resize not in images.RESIZE_MODES:
-        raise UserError(f"{labels_path}: preprocessing.resize must be one of "
-                        f"{', '.join(images.RESIZE_MODES)} (got {resize!r})")  # fmt: skip
+        raise UserError(
+            f"{labels_path}: preprocessing.resize must be one of "
+            f"{', '.join(images.RESIZE_MODES)} (got {resize!r})"
+        )
     files = _expand(list(inputs))
     if not files:
         raise UserError("no image files given (pass files or folders)")
@@ -205,19 +227,26 @@ def predict_paths(
     # the ranking comes from the model's own scores: scaling keeps their order, but a small
     # temperature can round runners-up to equal values, which would then rank by label
     ranking = np.argsort(-raw, axis=1, kind="stable")
-    probabilities = raw if temperature is None else calibration.apply_temperature(
-        raw, temperature)  # fmt: skip
+    probabilities = raw if temperature is None else calibration.apply_temperature(raw, temperature)
     scores = None
     if detector:
-        scores = detector.score(np.concatenate([
-            features(stacked[start : start + BATCH].astype(np.float32))
-            for start in range(0, len(stacked), BATCH)]))  # fmt: skip
+        scores = detector.score(
+            np.concatenate(
+                [
+                    features(stacked[start : start + BATCH].astype(np.float32))
+                    for start in range(0, len(stacked), BATCH)
+                ]
+            )
+        )
     k = min(top_k, len(classes))
     for index, (row, p) in enumerate(zip(rows, probabilities, strict=True)):
         result = results[row]
         if scores is not None:
-            result.update(ood_score=float(scores[index]), ood_threshold=detector.threshold,
-                          unknown=bool(scores[index] > detector.threshold))  # fmt: skip
+            result.update(
+                ood_score=float(scores[index]),
+                ood_threshold=detector.threshold,
+                unknown=bool(scores[index] > detector.threshold),
+            )
         if not result.get("unknown"):
             result["top"] = [(classes[i], float(p[i])) for i in ranking[index, :k]]
         result["calibrated"] = temperature is not None
@@ -234,8 +263,10 @@ def render(results: list[dict], as_json: bool) -> str:
         if "error" in r:
             lines.append(f"{r['file']:<{width}}  ERROR {r['error']}")
         elif r.get("unknown"):
-            lines.append(f"{r['file']:<{width}}  unknown (OOD score {r['ood_score']:.3f} > "
-                         f"threshold {r['ood_threshold']:.3f})")  # fmt: skip
+            lines.append(
+                f"{r['file']:<{width}}  unknown (OOD score {r['ood_score']:.3f} > "
+                f"threshold {r['ood_threshold']:.3f})"
+            )
         else:
             tops = ", ".join(f"{label} {p:.3f}" for label, p in r["top"])
             if "ood_score" in r:

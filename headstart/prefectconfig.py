@@ -34,8 +34,10 @@ def api_url(root: Path | str = ".") -> str | None:
     found = os.environ.get("PREFECT_API_URL") or _dotenv(root / ".env").get("PREFECT_API_URL")
     if found:
         return found
-    for table in (_toml(root / "prefect.toml"),
-                  _toml(root / "pyproject.toml").get("tool", {}).get("prefect", {})):  # fmt: skip
+    for table in (
+        _toml(root / "prefect.toml"),
+        _toml(root / "pyproject.toml").get("tool", {}).get("prefect", {}),
+    ):
         url = table.get("api", {}).get("url") if isinstance(table.get("api"), dict) else None
         if url:
             return str(url)

@@ -52,8 +52,9 @@ def in_prefect_run() -> bool:
 class Tracker:
     """What `progress` yields: call `advance(n)` after each item or batch."""
 
-    def __init__(self, total: int, description: str, unit: str, logger: logging.Logger,
-                 interval: float) -> None:  # fmt: skip
+    def __init__(
+        self, total: int, description: str, unit: str, logger: logging.Logger, interval: float
+    ) -> None:
         self.total, self.done = max(int(total), 0), 0
         self.description, self.unit, self.logger = description, unit, logger
         self.interval = interval
@@ -98,12 +99,17 @@ class Tracker:
         from rich.console import Console
 
         self._bar = bar.Progress(
-            bar.TextColumn("[bold]{task.description}"), bar.BarColumn(),
-            bar.MofNCompleteColumn(), bar.TextColumn(self.unit),
-            bar.TimeElapsedColumn(), bar.TimeRemainingColumn(),
-            console=Console(file=stream, force_terminal=True), transient=True,
-            redirect_stdout=False, redirect_stderr=False,
-        )  # fmt: skip
+            bar.TextColumn("[bold]{task.description}"),
+            bar.BarColumn(),
+            bar.MofNCompleteColumn(),
+            bar.TextColumn(self.unit),
+            bar.TimeElapsedColumn(),
+            bar.TimeRemainingColumn(),
+            console=Console(file=stream, force_terminal=True),
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
         self._task = self._bar.add_task(self.description, total=self.total)
         self._bar.start()
         self._bar_due = self.started + BAR_INTERVAL
@@ -127,8 +133,7 @@ class Tracker:
         return 100.0 if self.total == 0 else min(100.0, 100.0 * self.done / self.total)
 
     def _line(self) -> str:
-        return (f"{self.description}: {self.done}/{self.total} {self.unit} "
-                f"({self._percent():.0f} %)")  # fmt: skip
+        return f"{self.description}: {self.done}/{self.total} {self.unit} ({self._percent():.0f} %)"
 
     def _refresh(self, now: float) -> None:
         if now >= self._bar_due:
@@ -148,15 +153,23 @@ class Tracker:
 
             update_progress_artifact(self._artifact_id, progress=percent, _sync=True)
         except Exception as err:  # progress display must never fail the step
-            self.logger.warning("%s: Prefect progress artifact not updated (%s)",
-                                self.description, err)  # fmt: skip
+            self.logger.warning(
+                "%s: Prefect progress artifact not updated (%s)", self.description, err
+            )
             self._artifact_id, self._artifact_due = None, float("inf")
 
 
 @contextmanager
-def progress(total: int, description: str, logger: logging.Logger, *, unit: str = "items",
-             artifact: str | None = None, interval: float = LOG_INTERVAL,
-             stream: TextIO | None = None) -> Iterator[Tracker]:  # fmt: skip
+def progress(
+    total: int,
+    description: str,
+    logger: logging.Logger,
+    *,
+    unit: str = "items",
+    artifact: str | None = None,
+    interval: float = LOG_INTERVAL,
+    stream: TextIO | None = None,
+) -> Iterator[Tracker]:
     """Show the progress of a loop over `total` items; yields a `Tracker` to `advance`.
 
     `artifact`: a Prefect artifact key (lowercase letters, digits, dashes); a progress artifact

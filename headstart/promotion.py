@@ -68,8 +68,13 @@ def mcnemar(challenger_hits: np.ndarray, champion_hits: np.ndarray) -> dict:
     }
 
 
-def recall_check(labels: np.ndarray, champion: np.ndarray, challenger: np.ndarray,
-                 classes: list[str], tolerance: float) -> list[dict]:  # fmt: skip
+def recall_check(
+    labels: np.ndarray,
+    champion: np.ndarray,
+    challenger: np.ndarray,
+    classes: list[str],
+    tolerance: float,
+) -> list[dict]:
     """Per class: both models' test recall, the drop (champion - challenger) and whether it is
     within `tolerance`. A class with no test images has no recall and passes."""
     checks = []
@@ -77,48 +82,75 @@ def recall_check(labels: np.ndarray, champion: np.ndarray, challenger: np.ndarra
         mask = labels == index
         images = int(mask.sum())
         if not images:
-            checks.append({"class": name, "images": 0, "champion": None, "challenger": None,
-                           "drop": None, "ok": True})  # fmt: skip
+            checks.append(
+                {
+                    "class": name,
+                    "images": 0,
+                    "champion": None,
+                    "challenger": None,
+                    "drop": None,
+                    "ok": True,
+                }
+            )
             continue
         kept = int(np.sum(champion[mask] == index))
         found = int(np.sum(challenger[mask] == index))
-        checks.append({
-            "class": name, "images": images, "champion": kept / images,
-            "challenger": found / images, "drop": (kept - found) / images,
-            # compared in image counts, so a drop of exactly the tolerance passes
-            "ok": kept - found <= tolerance * images + 1e-9,
-        })  # fmt: skip
+        checks.append(
+            {
+                "class": name,
+                "images": images,
+                "champion": kept / images,
+                "challenger": found / images,
+                "drop": (kept - found) / images,
+                # compared in image counts, so a drop of exactly the tolerance passes
+                "ok": kept - found <= tolerance * images + 1e-9,
+            }
+        )
     return checks
 
 
-def decide(rule: str, test: dict, recall: list[dict], alpha: float,
-           tolerance: float) -> tuple[bool, str]:  # fmt: skip
+def decide(
+    rule: str, test: dict, recall: list[dict], alpha: float, tolerance: float
+) -> tuple[bool, str]:
     """(promoted, reason) from the test and the per-class recall check under `rule`."""
     b, c = test["b"], test["c"]
     if rule == "at_least":
         passed = b >= c
-        accuracy = (f"test accuracy {'>=' if passed else '<'} the champion's (right on {b} "
-                    f"image(s) it missed, wrong on {c} it got right)")  # fmt: skip
+        accuracy = (
+            f"test accuracy {'>=' if passed else '<'} the champion's (right on {b} "
+            f"image(s) it missed, wrong on {c} it got right)"
+        )
     else:
         passed = test["p_value"] < alpha
-        accuracy = (f"{'significantly' if passed else 'not significantly'} better than the "
-                    f"champion (right on {b} image(s) it missed, wrong on {c} it got right; "
-                    f"McNemar one-sided p={test['p_value']:.4g} "
-                    f"{'<' if passed else '>='} alpha {alpha:g})")  # fmt: skip
+        accuracy = (
+            f"{'significantly' if passed else 'not significantly'} better than the "
+            f"champion (right on {b} image(s) it missed, wrong on {c} it got right; "
+            f"McNemar one-sided p={test['p_value']:.4g} "
+            f"{'<' if passed else '>='} alpha {alpha:g})"
+        )
     dropped = [entry for entry in recall if not entry["ok"]]
     if dropped:
         worst = max(dropped, key=lambda entry: entry["drop"])
-        recall_text = (f"recall of class '{worst['class']}' drops by {worst['drop']:.4f} "
-                       f"({worst['champion']:.4f} -> {worst['challenger']:.4f}), more than "
-                       f"promotion.recall_tolerance {tolerance:g}")  # fmt: skip
+        recall_text = (
+            f"recall of class '{worst['class']}' drops by {worst['drop']:.4f} "
+            f"({worst['champion']:.4f} -> {worst['challenger']:.4f}), more than "
+            f"promotion.recall_tolerance {tolerance:g}"
+        )
     else:
         recall_text = f"no class's recall drops by more than {tolerance:g}"
     return passed and not dropped, f"{accuracy}; {recall_text}"
 
 
-def promote(challenger_dir: Path | str, prepared_dir: Path | str, champion_dir: Path | str,
-            top_k: int = 3, rule: str = "mcnemar", alpha: float = 0.05,
-            recall_tolerance: float = 0.05, model_card: Path | str | None = None) -> dict:  # fmt: skip
+def promote(
+    challenger_dir: Path | str,
+    prepared_dir: Path | str,
+    champion_dir: Path | str,
+    top_k: int = 3,
+    rule: str = "mcnemar",
+    alpha: float = 0.05,
+    recall_tolerance: float = 0.05,
+    model_card: Path | str | None = None,
+) -> dict:
     """Install the challenger as champion if the promotion rule lets it replace the current one.
 
     Returns the decision (also written as `promotion.json` beside an installed champion):
@@ -129,16 +161,25 @@ def promote(challenger_dir: Path | str, prepared_dir: Path | str, champion_dir: 
     from headstart.metrics import evaluate_model
 
     if rule not in PROMOTION_RULES:
-        raise ValueError(f"promotion rule must be one of {', '.join(PROMOTION_RULES)} "
-                         f"(got {rule!r})")  # fmt: skip
+        raise ValueError(
+            f"promotion rule must be one of {', '.join(PROMOTION_RULES)} (got {rule!r})"
+        )
     challenger_dir, champion_dir = Path(challenger_dir), Path(champion_dir)
     prepared_dir = Path(prepared_dir)
     challenger, _, challenger_probabilities = evaluate_model(
         challenger_dir / MODEL_FILE, prepared_dir, top_k
     )
-    decision = {"promoted": False, "reason": "", "rule": rule, "alpha": alpha,
-                "recall_tolerance": recall_tolerance, "challenger": challenger["accuracy"],
-                "champion": None, "test": None, "recall": None}  # fmt: skip
+    decision = {
+        "promoted": False,
+        "reason": "",
+        "rule": rule,
+        "alpha": alpha,
+        "recall_tolerance": recall_tolerance,
+        "challenger": challenger["accuracy"],
+        "champion": None,
+        "test": None,
+        "recall": None,
+    }
     classes = read_json(prepared_dir / LABELS_FILE)["classes"]
     if not (champion_dir / MODEL_FILE).exists():
         decision.update(promoted=True, reason="no current model")
@@ -152,11 +193,17 @@ def promote(challenger_dir: Path | str, prepared_dir: Path | str, champion_dir: 
         champion_answers = np.argmax(champion_probabilities, axis=1)
         challenger_answers = np.argmax(challenger_probabilities, axis=1)
         test = mcnemar(challenger_answers == labels, champion_answers == labels)
-        recall = recall_check(labels, champion_answers, challenger_answers, classes,
-                              recall_tolerance)  # fmt: skip
+        recall = recall_check(
+            labels, champion_answers, challenger_answers, classes, recall_tolerance
+        )
         promoted, reason = decide(rule, test, recall, alpha, recall_tolerance)
-        decision.update(promoted=promoted, reason=reason, champion=champion["accuracy"],
-                        test=test, recall=recall)  # fmt: skip
+        decision.update(
+            promoted=promoted,
+            reason=reason,
+            champion=champion["accuracy"],
+            test=test,
+            recall=recall,
+        )
     if decision["promoted"]:
         with atomic_dir(champion_dir) as tmp:
             for path in sorted(Path(challenger_dir).iterdir()):  # the whole release: model,
@@ -182,6 +229,13 @@ def promote_from_params(params: Params, root: Path | str) -> dict:
     exported = params.path("export", root) / MODEL_CARD_FILE
     card = exported if exported.is_file() else release / MODEL_CARD_FILE
     settings = params.promotion
-    return promote(release, params.path("prepared", root), params.path("champion", root),
-                   params.evaluate.top_k, rule=settings.rule, alpha=settings.alpha,
-                   recall_tolerance=settings.recall_tolerance, model_card=card)  # fmt: skip
+    return promote(
+        release,
+        params.path("prepared", root),
+        params.path("champion", root),
+        params.evaluate.top_k,
+        rule=settings.rule,
+        alpha=settings.alpha,
+        recall_tolerance=settings.recall_tolerance,
+        model_card=card,
+    )

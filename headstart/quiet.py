@@ -95,8 +95,9 @@ class _HideUserErrors(logging.Filter):
                 return False
             error = error.__cause__ or error.__context__
         message = record.getMessage()
-        return not any(f"{name}(" in message or f"{name}: " in message
-                       for name in _user_error_names())  # fmt: skip
+        return not any(
+            f"{name}(" in message or f"{name}: " in message for name in _user_error_names()
+        )
 
 
 def _user_error_names() -> set[str]:
@@ -114,8 +115,10 @@ def hide_user_error_tracebacks() -> None:
     if verbose():
         return
     hide = _HideUserErrors()
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in
-               list(logging.Logger.manager.loggerDict))]  # fmt: skip
+    loggers = [
+        logging.getLogger(),
+        *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)),
+    ]
     for logger in loggers:
         for handler in logger.handlers:
             if hide not in handler.filters:
@@ -139,8 +142,10 @@ def console_to_file(log_file: Path) -> None:
     to_file = logging.FileHandler(log_file, mode="w", encoding="utf-8")
     to_file.setLevel(logging.INFO)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in
-               list(logging.Logger.manager.loggerDict))]  # fmt: skip
+    loggers = [
+        logging.getLogger(),
+        *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)),
+    ]
     tensorflow = _OnlyErrorsFromTensorFlow()
     for logger in loggers:
         for handler in logger.handlers:

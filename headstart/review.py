@@ -61,8 +61,10 @@ def load(path: Path | str) -> Review:
         raise ReviewError(f"{path}:{where} not valid YAML; fix it or empty the file") from None
     if not isinstance(raw, dict) or set(raw) - set(SECTIONS):
         unknown = sorted(set(raw) - set(SECTIONS)) if isinstance(raw, dict) else [str(raw)]
-        raise ReviewError(f"{path}: unknown section {', '.join(map(str, unknown))}; the "
-                          f"sections are {', '.join(SECTIONS)}")  # fmt: skip
+        raise ReviewError(
+            f"{path}: unknown section {', '.join(map(str, unknown))}; the "
+            f"sections are {', '.join(SECTIONS)}"
+        )
     relabel, exclude, keep = (
         raw.get("relabel") or {},
         raw.get("exclude") or [],
@@ -85,18 +87,28 @@ def check(review: Review, path: Path | str, files: set[str], classes: set[str]) 
     has no folder, is one error line naming the entry."""
     for name in sorted(review.named()):
         if name not in files:
-            raise ReviewError(f"{path}: {name}: no such file under the data folder; fix the "
-                              "name or remove the entry")  # fmt: skip
+            raise ReviewError(
+                f"{path}: {name}: no such file under the data folder; fix the "
+                "name or remove the entry"
+            )
     for name, label in sorted(review.relabel.items()):
         if label not in classes:
-            raise ReviewError(f"{path}: {name}: relabel to {label!r}, which is not a class "
-                              f"(classes: {', '.join(sorted(classes))})")  # fmt: skip
+            raise ReviewError(
+                f"{path}: {name}: relabel to {label!r}, which is not a class "
+                f"(classes: {', '.join(sorted(classes))})"
+            )
 
 
 def save(review: Review, path: Path | str) -> None:
     """Write the review (sections sorted), with the explaining header."""
-    body = {name: value for name, value in (
-        ("relabel", dict(sorted(review.relabel.items()))),
-        ("exclude", sorted(review.exclude)), ("keep", sorted(review.keep))) if value}  # fmt: skip
+    body = {
+        name: value
+        for name, value in (
+            ("relabel", dict(sorted(review.relabel.items()))),
+            ("exclude", sorted(review.exclude)),
+            ("keep", sorted(review.keep)),
+        )
+        if value
+    }
     text = HEADER + (yaml.safe_dump(body, sort_keys=False) if body else "")
     Path(path).write_text(text)

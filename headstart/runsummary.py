@@ -12,8 +12,9 @@ from headstart.files import read_json
 from headstart.modelcard import CARD_FILE, NOTES_FILE, training_choices
 
 
-def run_summary(root: Path, params, steps: Sequence[str], ran: list[str], skipped: list[str],
-                seconds: dict) -> str:  # fmt: skip
+def run_summary(
+    root: Path, params, steps: Sequence[str], ran: list[str], skipped: list[str], seconds: dict
+) -> str:
     """Markdown: data counts and quarantine, every candidate on validation and test, each of
     `steps` (in order) ran / up to date with its seconds, plots."""
     lines = ["# headstart run", ""]
@@ -81,28 +82,44 @@ def candidates_table(root: Path, params) -> list[str]:
     if not selection_path.exists() or not (metrics_dir / "release.json").exists():
         return []
     selection = read_json(selection_path)
-    lines = ["| model | val accuracy | val macro-F1 | test accuracy | test macro-F1 | |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| model | val accuracy | val macro-F1 | test accuracy | test macro-F1 | |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, val in selection["candidates"].items():
         test = read_json(metrics_dir / f"{name}.json")
         mark = "**released**" if name == selection["winner"] else ""
-        label = "transfer (fine-tuned)" if name == "transfer" and selection[
-            "transfer_is_finetuned"] else name  # fmt: skip
+        label = (
+            "transfer (fine-tuned)"
+            if name == "transfer" and selection["transfer_is_finetuned"]
+            else name
+        )
         if name == "ensemble":
             label += " (mean of both)"
-        lines.append(f"| {label} | {val['val_accuracy']:.4f} | {val['val_macro_f1']:.4f} | "
-                     f"{test['accuracy']:.4f} | {test['macro_f1']:.4f} | {mark} |")  # fmt: skip
-    lines += ["", f"**Released**: {selection['winner']}, chosen on {selection['reason']} "
-              f"(the test split was not looked at). Model: `{params.paths.release}/model.keras`.",
-              ""]  # fmt: skip
-    lines += trust_lines(read_json(metrics_dir / "release.json"),
-                         params.path("release", root) / "ood.json")  # fmt: skip
+        lines.append(
+            f"| {label} | {val['val_accuracy']:.4f} | {val['val_macro_f1']:.4f} | "
+            f"{test['accuracy']:.4f} | {test['macro_f1']:.4f} | {mark} |"
+        )
+    lines += [
+        "",
+        f"**Released**: {selection['winner']}, chosen on {selection['reason']} "
+        f"(the test split was not looked at). Model: `{params.paths.release}/model.keras`.",
+        "",
+    ]
+    lines += trust_lines(
+        read_json(metrics_dir / "release.json"), params.path("release", root) / "ood.json"
+    )
     curve = metrics_dir / "learning_curve.json"
     if curve.exists():
         points = read_json(curve)["points"]
-        lines += ["**Learning curve** (CV accuracy of a linear head on the features): "
-                  + ", ".join(f"{k} of the training images ({v['images']}): {v['cv_accuracy']:.3f}"
-                              for k, v in points.items()), ""]  # fmt: skip
+        lines += [
+            "**Learning curve** (CV accuracy of a linear head on the features): "
+            + ", ".join(
+                f"{k} of the training images ({v['images']}): {v['cv_accuracy']:.3f}"
+                for k, v in points.items()
+            ),
+            "",
+        ]
     return lines
 
 
@@ -118,13 +135,17 @@ def trust_lines(release: dict, ood_path: Path) -> list[str]:
         if note == "fitted"
         else note.replace("fitted", "fitted on validation")
     )
-    return [f"**Confidence**: temperature {release['temperature']:.3f} ({note}); "
-            f"test ECE {release['ece']:.4f} before, {release['ece_calibrated']:.4f} after; "
-            "`headstart predict` reports the calibrated probabilities.", "",
-            f"**Unknown answers** (`headstart predict --reject`): {ood['method']} distance of "
-            f"the backbone's features to the nearest class centroid; the threshold keeps "
-            f"{100 * ood['val_kept']:.1f} % of the validation images (chosen there) and "
-            f"{100 * release['ood_kept']:.1f} % of the test images.", ""]  # fmt: skip
+    return [
+        f"**Confidence**: temperature {release['temperature']:.3f} ({note}); "
+        f"test ECE {release['ece']:.4f} before, {release['ece_calibrated']:.4f} after; "
+        "`headstart predict` reports the calibrated probabilities.",
+        "",
+        f"**Unknown answers** (`headstart predict --reject`): {ood['method']} distance of "
+        f"the backbone's features to the nearest class centroid; the threshold keeps "
+        f"{100 * ood['val_kept']:.1f} % of the validation images (chosen there) and "
+        f"{100 * release['ood_kept']:.1f} % of the test images.",
+        "",
+    ]
 
 
 def exports_table(root: Path, params) -> list[str]:
@@ -135,29 +156,39 @@ def exports_table(root: Path, params) -> list[str]:
         return []
     record = read_json(record_path)
     reference = record["reference"]
-    lines = [f"**Exports** (`{params.paths.export}/`; agreement with the Keras release on "
-             f"{record['test_images']} test images, single-image latency on this CPU):", "",
-             "| format | agreement | max \\|Δp\\| | size | latency |", "|---|---|---|---|---|",
-             f"| keras (release) | | | {_megabytes(reference['bytes'])} | "
-             f"{reference['latency_ms']:.1f} ms |"]  # fmt: skip
+    lines = [
+        f"**Exports** (`{params.paths.export}/`; agreement with the Keras release on "
+        f"{record['test_images']} test images, single-image latency on this CPU):",
+        "",
+        "| format | agreement | max \\|Δp\\| | size | latency |",
+        "|---|---|---|---|---|",
+        f"| keras (release) | | | {_megabytes(reference['bytes'])} | "
+        f"{reference['latency_ms']:.1f} ms |",
+    ]
     for name, result in record["formats"].items():
         if not result["available"]:
             reason = result["reason"].replace("|", "\\|")
             lines.append(f"| {name} | not available: {reason} | | | |")
             continue
         diff = "-" if result["max_abs_diff"] is None else f"{result['max_abs_diff']:.1e}"
-        lines.append(f"| {name} | {100 * result['agreement']:.2f} % | {diff} | "
-                     f"{_megabytes(result['bytes'])} | {result['latency_ms']:.1f} ms |")  # fmt: skip
+        lines.append(
+            f"| {name} | {100 * result['agreement']:.2f} % | {diff} | "
+            f"{_megabytes(result['bytes'])} | {result['latency_ms']:.1f} ms |"
+        )
     reject = record.get("reject")
     if reject and reject["available"]:
-        lines.append(f"| {reject['path']} (for `predict --reject`) | "
-                     f"{100 * reject['decision_agreement']:.2f} % of unknown/known answers | | "
-                     f"{_megabytes(sum(f['bytes'] for f in reject['files'].values()))} | |")  # fmt: skip
+        lines.append(
+            f"| {reject['path']} (for `predict --reject`) | "
+            f"{100 * reject['decision_agreement']:.2f} % of unknown/known answers | | "
+            f"{_megabytes(sum(f['bytes'] for f in reject['files'].values()))} | |"
+        )
     card = f"**Model card**: `{params.paths.export}/{CARD_FILE}`"
     notes = root / NOTES_FILE
     if notes.is_file() and "TODO" in notes.read_text():
-        card += (f" (`{NOTES_FILE}` still holds TODO lines: write your model's intended use and "
-                 "limitations there, every model card carries them)")  # fmt: skip
+        card += (
+            f" (`{NOTES_FILE}` still holds TODO lines: write your model's intended use and "
+            "limitations there, every model card carries them)"
+        )
     return [*lines, "", card, ""]
 
 

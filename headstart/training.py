@@ -50,8 +50,10 @@ def dataset(x, y, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.d
                 index = np.sort(order[start : start + batch_size])
                 yield rows[index], np.asarray(y[index])
 
-        signature = (tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
-                     tf.TensorSpec((None,), label_dtype))  # fmt: skip
+        signature = (
+            tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
+            tf.TensorSpec((None,), label_dtype),
+        )
         data = tf.data.Dataset.from_generator(batches, output_signature=signature)
         data = data.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
     data = data.map(lambda a, b: (tf.cast(a, tf.float32), b))
@@ -72,8 +74,11 @@ def strategy(devices: str = "auto") -> tf.distribute.Strategy:
     if devices == "1" or len(found) < 2:
         return tf.distribute.get_strategy()
     chosen = tf.distribute.MirroredStrategy([device.name for device in found])
-    log.info("training on %d devices (MirroredStrategy): %s", chosen.num_replicas_in_sync,
-             ", ".join(device.name for device in found))  # fmt: skip
+    log.info(
+        "training on %d devices (MirroredStrategy): %s",
+        chosen.num_replicas_in_sync,
+        ", ".join(device.name for device in found),
+    )
     return chosen
 
 
@@ -124,9 +129,16 @@ class _ProgressLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.shown.advance()
         logs = logs or {}
-        log.info("%s: epoch %d/%d loss %.4f acc %.4f val_loss %.4f val_acc %.4f", self.name,
-                 epoch + 1, self.epochs, logs.get("loss", np.nan), logs.get("accuracy", np.nan),
-                 logs.get("val_loss", np.nan), logs.get("val_accuracy", np.nan))  # fmt: skip
+        log.info(
+            "%s: epoch %d/%d loss %.4f acc %.4f val_loss %.4f val_acc %.4f",
+            self.name,
+            epoch + 1,
+            self.epochs,
+            logs.get("loss", np.nan),
+            logs.get("accuracy", np.nan),
+            logs.get("val_loss", np.nan),
+            logs.get("val_accuracy", np.nan),
+        )
 
 
 def fit(
@@ -155,9 +167,14 @@ def fit(
         callbacks.append(_LiveLog(live, name))
     with progress(epochs, f"{name} (training)", log, unit="epochs") as shown:
         history = model.fit(
-            train, validation_data=val, epochs=epochs, verbose=0, class_weight=class_weight,
-            callbacks=[*callbacks, _ProgressLog(name, epochs, shown)], shuffle=False,
-        )  # fmt: skip
+            train,
+            validation_data=val,
+            epochs=epochs,
+            verbose=0,
+            class_weight=class_weight,
+            callbacks=[*callbacks, _ProgressLog(name, epochs, shown)],
+            shuffle=False,
+        )
     return history.history
 
 
@@ -213,8 +230,12 @@ class _LiveLog(keras.callbacks.Callback):
 def compile_classifier(model: keras.Model, optimizer, steps_per_execution: int = 1):
     """Sparse categorical cross-entropy + accuracy. A small model (the head) trains much faster
     with several batches per compiled call (`steps_per_execution`); callbacks here are per epoch."""
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], steps_per_execution=steps_per_execution)  # fmt: skip
+    model.compile(
+        optimizer=optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
     return model
 
 

@@ -17,8 +17,18 @@ import numpy as np
 from PIL import Image
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat",
-           "sandal", "shirt", "sneaker", "bag", "ankle_boot"]  # fmt: skip
+CLASSES = [
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+]
 
 
 def read_idx(path: Path) -> np.ndarray:

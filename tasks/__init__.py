@@ -35,8 +35,9 @@ class Step:
         files.check_replaceable(params.path(self.output, root))  # an instant refusal, before
         if self.tensorflow:  # TensorFlow starts (run_step checks again, holding the lock)
             start_tensorflow()
-        return pipeline.run_step(self.name, self.function, params, Path(root), wait=wait,
-                                 output=self.output)  # fmt: skip
+        return pipeline.run_step(
+            self.name, self.function, params, Path(root), wait=wait, output=self.output
+        )
 
     def written_with(self, params: Params, root: Path | str) -> bool:
         return pipeline.written_with(self.name, self.output, params, root)

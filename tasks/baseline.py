@@ -34,8 +34,12 @@ def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) 
             model,
             training.dataset(x_train, y_train, p.batch_size, shuffle=True, seed=seed),
             training.dataset(x_val, y_val, p.batch_size),
-            "baseline", p.epochs, p.patience, p.target_accuracy, live=live,
-        )  # fmt: skip
+            "baseline",
+            p.epochs,
+            p.patience,
+            p.target_accuracy,
+            live=live,
+        )
         save_keras(model, tmp / MODEL_FILE)
         write_summary(model, tmp / "summary.txt")
         write_json(tmp / "training.json", {"replicas": strategy.num_replicas_in_sync})

@@ -46,9 +46,14 @@ def _write_predictions(path: Path, files: list[str], labels, probabilities, clas
             writer.writerow([file, classes[label], classes[best], f"{row[best]:.4f}"])
 
 
-def release_extras(release_dir: Path, features_dir: Path, prepared_dir: Path,
-                   probabilities: np.ndarray, labels: np.ndarray,
-                   params: Params) -> tuple[dict, dict]:  # fmt: skip
+def release_extras(
+    release_dir: Path,
+    features_dir: Path,
+    prepared_dir: Path,
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    params: Params,
+) -> tuple[dict, dict]:
     """(flat metrics, reliability tables) of the release's calibration and OOD threshold on test."""
     require(release_dir / calibration.CALIBRATION_FILE, "select")
     temperature = calibration.read_temperature(release_dir)
@@ -60,13 +65,17 @@ def release_extras(release_dir: Path, features_dir: Path, prepared_dir: Path,
     views = features.params_views(params)
     key = features.cache_key(prepared_dir, release_dir, views, params.base.seed)
     if not features.is_current(features_dir, key):
-        raise UserError(f"{features_dir}: the feature cache was not computed by the release's "
-                        "backbone from these prepared images; run `headstart step head`, then "
-                        "`headstart step select`")  # fmt: skip
+        raise UserError(
+            f"{features_dir}: the feature cache was not computed by the release's "
+            "backbone from these prepared images; run `headstart step head`, then "
+            "`headstart step select`"
+        )
     test_features, test_labels = load_features(features_dir, "test")
     if not np.array_equal(test_labels, labels):
-        raise UserError(f"{features_dir}: its test rows are not the prepared test split; run "
-                        "`headstart step head`")  # fmt: skip
+        raise UserError(
+            f"{features_dir}: its test rows are not the prepared test split; run "
+            "`headstart step head`"
+        )
     scores = detector.score(test_features)
     metrics = {
         "temperature": temperature,
@@ -79,8 +88,13 @@ def release_extras(release_dir: Path, features_dir: Path, prepared_dir: Path,
     return metrics, {"temperature": temperature, "before": before, "after": after}
 
 
-def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], features_dir: Path | str,
-             out_dir: Path | str, params: Params) -> Path:  # fmt: skip
+def evaluate(
+    prepared_dir: Path | str,
+    model_dirs: dict[str, Path],
+    features_dir: Path | str,
+    out_dir: Path | str,
+    params: Params,
+) -> Path:
     """`<out>/<name>.json` metrics, `<name>_confusion.json`, `<name>_predictions.csv` for the
     baseline, transfer, ensemble (its weight from selection.json) and release models."""
     import keras
@@ -90,28 +104,39 @@ def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], features_dir
     prepared_dir = Path(prepared_dir)
     classes = read_json(require(prepared_dir / "labels.json", "prepare"))["classes"]
     for name, folder in model_dirs.items():
-        require(folder / (PROBABILITIES_FILE if name == "transfer" else MODEL_FILE),
-                PRODUCERS[name])  # fmt: skip
+        require(
+            folder / (PROBABILITIES_FILE if name == "transfer" else MODEL_FILE), PRODUCERS[name]
+        )
     selection = read_json(model_dirs["release"] / "selection.json")
     with open(prepared_dir / "manifest.csv") as handle:
         test_files = [row["file"] for row in csv.DictReader(handle) if row["split"] == "test"]
     x, labels = load_split(prepared_dir, "test")
     probabilities = {  # the transfer model's were recorded by head (no second backbone pass)
-        name: load_probabilities(folder, "test") if name == "transfer"
+        name: load_probabilities(folder, "test")
+        if name == "transfer"
         else predict(keras.saving.load_model(folder / MODEL_FILE), x)
         for name, folder in model_dirs.items()
-    }  # fmt: skip
+    }
     weight = selection["ensemble_transfer_weight"]
-    probabilities["ensemble"] = ensemble_probabilities(probabilities["baseline"],
-                                                       probabilities["transfer"], weight)  # fmt: skip
+    probabilities["ensemble"] = ensemble_probabilities(
+        probabilities["baseline"], probabilities["transfer"], weight
+    )
     # the release is scored as saved; it must agree with the candidate it was built from
     chosen = probabilities[selection["winner"]]
     gap = float(np.max(np.abs(probabilities["release"] - chosen))) if len(chosen) else 0.0
     if gap > RELEASE_TOLERANCE:
-        raise UserError(f"evaluate: the released model differs from {selection['winner']} by "
-                           f"{gap:.2e} in probability on the test split; rerun select")  # fmt: skip
-    extras, tables = release_extras(model_dirs["release"], Path(features_dir), prepared_dir,
-                                    probabilities["release"], labels, params)  # fmt: skip
+        raise UserError(
+            f"evaluate: the released model differs from {selection['winner']} by "
+            f"{gap:.2e} in probability on the test split; rerun select"
+        )
+    extras, tables = release_extras(
+        model_dirs["release"],
+        Path(features_dir),
+        prepared_dir,
+        probabilities["release"],
+        labels,
+        params,
+    )
     figures = {}
     with atomic_dir(out_dir) as tmp:
         for name, p in probabilities.items():
@@ -125,13 +150,22 @@ def evaluate(prepared_dir: Path | str, model_dirs: dict[str, Path], features_dir
             write_json(tmp / f"{name}.json", metrics)
             write_json(tmp / f"{name}_confusion.json", {"classes": classes, "matrix": confusion})
             _write_predictions(tmp / f"{name}_predictions.csv", test_files, labels, p, classes)
-            log.info("evaluate: %s test accuracy %.4f, macro-F1 %.4f", name, metrics["accuracy"],
-                     metrics["macro_f1"])  # fmt: skip
+            log.info(
+                "evaluate: %s test accuracy %.4f, macro-F1 %.4f",
+                name,
+                metrics["accuracy"],
+                metrics["macro_f1"],
+            )
         write_json(tmp / "release_calibration.json", tables)
         write_json(tmp / HEADLINE_FILE, headline(figures))
-        log.info("evaluate: release ECE %.4f -> %.4f calibrated (T = %.3f); OOD threshold keeps "
-                 "%.1f %% of the test images", extras["ece"], extras["ece_calibrated"],
-                 extras["temperature"], 100 * extras["ood_kept"])  # fmt: skip
+        log.info(
+            "evaluate: release ECE %.4f -> %.4f calibrated (T = %.3f); OOD threshold keeps "
+            "%.1f %% of the test images",
+            extras["ece"],
+            extras["ece_calibrated"],
+            extras["temperature"],
+            100 * extras["ood_kept"],
+        )
         curve = model_dirs["transfer"] / "learning_curve.json"
         if curve.is_file():
             shutil.copy(curve, tmp / "learning_curve.json")
@@ -157,11 +191,18 @@ def headline(figures: dict[str, dict]) -> dict:
         "ece": release["ece_calibrated"],
         **{name: figures[name]["accuracy"] for name in ("baseline", "transfer", "ensemble")},
     }  # to 4 decimals, as a table shows them (`<model>.json` keeps every digit)
-    return {**{key: round(value, 4) for key, value in shown.items()},
-            "test_images": release["test_images"]}  # fmt: skip
+    return {
+        **{key: round(value, 4) for key, value in shown.items()},
+        "test_images": release["test_images"],
+    }
 
 
 def run(params: Params, root: Path) -> Path:
     models = {name: params.path(name, root) for name in ("baseline", "transfer", "release")}
-    return evaluate(params.path("prepared", root), models, params.path("features", root),
-                    params.path("metrics", root), params)  # fmt: skip
+    return evaluate(
+        params.path("prepared", root),
+        models,
+        params.path("features", root),
+        params.path("metrics", root),
+        params,
+    )

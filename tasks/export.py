@@ -33,8 +33,9 @@ from headstart.quiet import start_tensorflow
 log = logging.getLogger("headstart.export")
 
 
-def export_release(root: Path | str, params: Params,
-                   converters: dict[str, exporting.Converter] | None = None) -> Path:  # fmt: skip
+def export_release(
+    root: Path | str, params: Params, converters: dict[str, exporting.Converter] | None = None
+) -> Path:
     """The exports, export.json, labels.json and the model card in paths.export (paths from
     params under `root`); `converters`: format -> converter (default: exporting.CONVERTERS).
     Exports made from the same release and test images with the same settings and converters
@@ -47,39 +48,56 @@ def export_release(root: Path | str, params: Params,
     images_file = require(params.path("prepared", root) / "test_images.npy", "prepare")
     images = np.load(images_file, mmap_mode="r")
     if images.shape[1:] != (size, size, 3) or not len(images):
-        raise UserError(f"{params.paths.prepared}/test_images.npy: holds {images.shape[0]} images "
-                        f"of {images.shape[1:]}, expected some of ({size}, {size}, 3) "
-                        "(labels.json); rerun `headstart step prepare`")  # fmt: skip
+        raise UserError(
+            f"{params.paths.prepared}/test_images.npy: holds {images.shape[0]} images "
+            f"of {images.shape[1:]}, expected some of ({size}, {size}, 3) "
+            "(labels.json); rerun `headstart step prepare`"
+        )
     model_file = require(release_dir / MODEL_FILE, "select")
-    source = {"release_sha256": sha256_file(model_file),
-              "test_images_sha256": sha256_file(images_file)}  # fmt: skip
+    source = {
+        "release_sha256": sha256_file(model_file),
+        "test_images_sha256": sha256_file(images_file),
+    }
     if _with_reject(release_dir, params):
         source["backbone_sha256"] = sha256_file(release_dir / BACKBONE_FILE)
-    previous = None if converters is not None else exporting.reusable(
-        out_dir, params.export.formats, params.export.latency_runs, source)  # fmt: skip
+    previous = (
+        None
+        if converters is not None
+        else exporting.reusable(out_dir, params.export.formats, params.export.latency_runs, source)
+    )
     with atomic_dir(out_dir) as tmp:
         if previous:
             exporting.copy_exports(previous, out_dir, tmp)
             results, keras_latency = previous["formats"], previous["reference"]["latency_ms"]
             reject = previous.get("reject")
-            log.info("export: the release, its test images, export.formats, latency_runs and "
-                     "the converters are as at the last export: its files are kept")  # fmt: skip
+            log.info(
+                "export: the release, its test images, export.formats, latency_runs and "
+                "the converters are as at the last export: its files are kept"
+            )
         else:
             results, keras_latency = _convert(model_file, images, tmp, params, converters)
-            reject = (_convert_backbone(release_dir, images, tmp, params)
-                      if "backbone_sha256" in source and results["onnx"]["available"] else None)  # fmt: skip
+            reject = (
+                _convert_backbone(release_dir, images, tmp, params)
+                if "backbone_sha256" in source and results["onnx"]["available"]
+                else None
+            )
         exporting.check_parity(results, params.export.min_agreement, len(images))
         record = {
-            "image_size": size, "test_images": len(images),
+            "image_size": size,
+            "test_images": len(images),
             "min_agreement": params.export.min_agreement,
             "latency_runs": params.export.latency_runs,
             "source": source,
-            "reference": {"format": "keras", "path": f"{params.paths.release}/{MODEL_FILE}",
-                          "bytes": model_file.stat().st_size, "sha256": source["release_sha256"],
-                          "latency_ms": keras_latency},
+            "reference": {
+                "format": "keras",
+                "path": f"{params.paths.release}/{MODEL_FILE}",
+                "bytes": model_file.stat().st_size,
+                "sha256": source["release_sha256"],
+                "latency_ms": keras_latency,
+            },
             "formats": results,
             "reject": reject,
-        }  # fmt: skip
+        }
         write_json(tmp / EXPORT_RECORD_FILE, record)
         shutil.copy(require(release_dir / LABELS_FILE, "select"), tmp / LABELS_FILE)
         if (release_dir / CALIBRATION_FILE).is_file():
@@ -87,16 +105,29 @@ def export_release(root: Path | str, params: Params,
         card = modelcard.render(modelcard.collect(root, params, record))
         write_text(tmp / modelcard.CARD_FILE, card)
     if "TODO" in (root / modelcard.NOTES_FILE).read_text():
-        log.info("export: %s still holds TODO lines; write your model's intended use and "
-                    "limitations there (every model card carries them)", modelcard.NOTES_FILE)  # fmt: skip
+        log.info(
+            "export: %s still holds TODO lines; write your model's intended use and "
+            "limitations there (every model card carries them)",
+            modelcard.NOTES_FILE,
+        )
     missing = [name for name, result in results.items() if not result["available"]]
-    log.info("export: %d of %d formats written to %s%s", len(results) - len(missing), len(results),
-             out_dir, f" ({', '.join(missing)} not available)" if missing else "")  # fmt: skip
+    log.info(
+        "export: %d of %d formats written to %s%s",
+        len(results) - len(missing),
+        len(results),
+        out_dir,
+        f" ({', '.join(missing)} not available)" if missing else "",
+    )
     return out_dir
 
 
-def _convert(model_file: Path, images: np.ndarray, out_dir: Path, params: Params,
-             converters: dict[str, exporting.Converter] | None) -> tuple[dict, float]:  # fmt: skip
+def _convert(
+    model_file: Path,
+    images: np.ndarray,
+    out_dir: Path,
+    params: Params,
+    converters: dict[str, exporting.Converter] | None,
+) -> tuple[dict, float]:
     """Each format converted into `out_dir` and checked against the release on `images`:
     (format -> record, the Keras model's own single-image latency in ms)."""
     start_tensorflow()  # here, not before the step: kept exports need none
@@ -107,10 +138,19 @@ def _convert(model_file: Path, images: np.ndarray, out_dir: Path, params: Params
     model = keras.saving.load_model(model_file)
     reference = predict(model, images)
     call = inference_fn(model)
-    keras_latency = exporting.latency_ms(lambda batch: np.asarray(call(batch)), images[0],
-                                         params.export.latency_runs)  # fmt: skip
-    results = exporting.export_all(model, images.shape[1], out_dir, params.export.formats,
-                                   images, reference, params.export.latency_runs, converters)  # fmt: skip
+    keras_latency = exporting.latency_ms(
+        lambda batch: np.asarray(call(batch)), images[0], params.export.latency_runs
+    )
+    results = exporting.export_all(
+        model,
+        images.shape[1],
+        out_dir,
+        params.export.formats,
+        images,
+        reference,
+        params.export.latency_runs,
+        converters,
+    )
     return results, keras_latency
 
 
@@ -122,8 +162,7 @@ def _with_reject(release_dir: Path, params: Params) -> bool:
     )
 
 
-def _convert_backbone(release_dir: Path, images: np.ndarray, out_dir: Path,
-                      params: Params) -> dict:  # fmt: skip
+def _convert_backbone(release_dir: Path, images: np.ndarray, out_dir: Path, params: Params) -> dict:
     import keras
 
     backbone = keras.saving.load_model(release_dir / BACKBONE_FILE)

@@ -38,17 +38,21 @@ def freeze_backbone(
     with atomic_dir(out_dir) as tmp:
         save_keras(model, tmp / BACKBONE_FILE)
         write_summary(model, tmp / "summary.txt")
-        write_json(tmp / "backbone.json", {
-            "backbone": params.base.backbone,
-            "cut_layer": cut,
-            "image_size": image_size,
-            "features": int(model.output.shape[-1]),
-            "trainable_weights": len(model.trainable_weights),
-            "batchnorm_layers_trainable": sum(
-                1 for layer in model.layers
-                if type(layer).__name__ == "BatchNormalization" and layer.trainable
-            ),
-        })  # fmt: skip
+        write_json(
+            tmp / "backbone.json",
+            {
+                "backbone": params.base.backbone,
+                "cut_layer": cut,
+                "image_size": image_size,
+                "features": int(model.output.shape[-1]),
+                "trainable_weights": len(model.trainable_weights),
+                "batchnorm_layers_trainable": sum(
+                    1
+                    for layer in model.layers
+                    if type(layer).__name__ == "BatchNormalization" and layer.trainable
+                ),
+            },
+        )
     log.info("freeze: %s cut at %s, %d features", params.base.backbone, cut, model.output.shape[-1])
     return Path(out_dir)
 

@@ -46,8 +46,15 @@ log = logging.getLogger("headstart.head")
 HEAD_STEPS_PER_EXECUTION = 32  # the head is tiny: per-batch Python overhead would dominate
 
 
-def extract_shard(params: Params, root: Path | str, split: str, view: int, start: int,
-                  stop: int, key: str | None = None) -> Path:  # fmt: skip
+def extract_shard(
+    params: Params,
+    root: Path | str,
+    split: str,
+    view: int,
+    start: int,
+    stop: int,
+    key: str | None = None,
+) -> Path:
     """One shard of the feature cache (rows [start, stop) of `split`, view `view`) into its own
     file: what a Dask worker runs when the flow spreads the cache over workers. `key`: the
     cache's `params_key`, when the caller has it (it hashes the manifest and the backbone: once
@@ -55,11 +62,12 @@ def extract_shard(params: Params, root: Path | str, split: str, view: int, start
     prepared, backbone = params.path("prepared", root), params.path("backbone", root)
     policies = params_views(params)
     return compute_shard(
-        load_backbone(require(backbone, "freeze")), prepared,
+        load_backbone(require(backbone, "freeze")),
+        prepared,
         Shard(split, view, start, stop, policies[view] if split == "train" else "none"),
         shards_dir(params.path("features", root), key or params_key(params, root)),
         params.base.seed,
-    )  # fmt: skip
+    )
 
 
 def assemble_features(params: Params, root: Path | str, shards: int) -> Path:
@@ -74,8 +82,13 @@ def assemble_features(params: Params, root: Path | str, shards: int) -> Path:
     )
 
 
-def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir: Path | str,
-               out_dir: Path | str, params: Params) -> Path:  # fmt: skip
+def train_head(
+    prepared_dir: Path | str,
+    backbone_dir: Path | str,
+    features_dir: Path | str,
+    out_dir: Path | str,
+    params: Params,
+) -> Path:
     import keras
 
     from headstart import models, training
@@ -120,8 +133,9 @@ def train_head(prepared_dir: Path | str, backbone_dir: Path | str, features_dir:
     return Path(out_dir)
 
 
-def _record_probabilities(transfer, head, record: dict, prepared_dir: Path, features_dir: Path,
-                          tmp: Path) -> None:  # fmt: skip
+def _record_probabilities(
+    transfer, head, record: dict, prepared_dir: Path, features_dir: Path, tmp: Path
+) -> None:
     """The transfer model's probabilities on val and test, for select and evaluate: the head on
     the cached features (the same numbers as the end-to-end model, without its backbone pass),
     or the whole model when fine-tuning changed the backbone."""
@@ -129,10 +143,11 @@ def _record_probabilities(transfer, head, record: dict, prepared_dir: Path, feat
 
     tuned = record.get("finetune", {}).get("kept", False)
     probabilities = {
-        split: training.predict(transfer, load_split(prepared_dir, split)[0]) if tuned
+        split: training.predict(transfer, load_split(prepared_dir, split)[0])
+        if tuned
         else training.predict(head, load_features(features_dir, split)[0])
         for split in ("val", "test")
-    }  # fmt: skip
+    }
     np.savez(tmp / PROBABILITIES_FILE, **probabilities)
 
 
@@ -148,16 +163,25 @@ def _seed_head(features_dir: Path, classes: int, params: Params, tmp: Path, live
         f_train, y_train = f_train[:images], y_train[:images]
     f_val, y_val = load_features(features_dir, "val")
     head = models.dense_head(f_train.shape[1], classes, p.units, p.dropout)
-    training.compile_classifier(head, models.optimizer(p.optimizer, p.learning_rate),
-                                steps_per_execution=HEAD_STEPS_PER_EXECUTION)  # fmt: skip
-    weights = training.balanced_class_weight(y_train, classes) if p.class_weight == "balanced" \
-        else None  # fmt: skip
+    training.compile_classifier(
+        head,
+        models.optimizer(p.optimizer, p.learning_rate),
+        steps_per_execution=HEAD_STEPS_PER_EXECUTION,
+    )
+    weights = (
+        training.balanced_class_weight(y_train, classes) if p.class_weight == "balanced" else None
+    )
     training.fit(
         head,
         training.dataset(f_train, y_train, p.batch_size, shuffle=True, seed=seed),
         training.dataset(f_val, y_val, p.batch_size),
-        "head", p.epochs, p.patience, p.target_accuracy, class_weight=weights, live=live,
-    )  # fmt: skip
+        "head",
+        p.epochs,
+        p.patience,
+        p.target_accuracy,
+        class_weight=weights,
+        live=live,
+    )
     live.log_metric("head/config", "seed", plot=False)
     return head, {"config": "seed", "selection": "pinned by head.config: seed"}
 
@@ -225,23 +249,43 @@ def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path, li
     chosen, reason = heads.choose(results)
     np.save(tmp / OUT_OF_FOLD_FILE, chosen.best_out_of_fold)
     reason = f"{folds}-fold CV on the training features: {reason}"
-    head, history = heads.fit_final(chosen.config, features, labels, chosen.best_epochs,
-                                    p.batch_size, p.learning_rate, seed, classes,
-                                    sample_weight)  # fmt: skip
+    head, history = heads.fit_final(
+        chosen.config,
+        features,
+        labels,
+        chosen.best_epochs,
+        p.batch_size,
+        p.learning_rate,
+        seed,
+        classes,
+        sample_weight,
+    )
     history["val_loss"] = [float(v) for v in chosen.pooled_loss[: chosen.best_epochs]]
     history["val_accuracy"] = [float(v) for v in chosen.curve[: chosen.best_epochs]]
     training.log_history(live, "head", history)
-    for key, value in {"config": chosen.config.name, "cv_accuracy": float(chosen.score),
-                       "folds": folds, "epochs": chosen.best_epochs}.items():  # fmt: skip
+    for key, value in {
+        "config": chosen.config.name,
+        "cv_accuracy": float(chosen.score),
+        "folds": folds,
+        "epochs": chosen.best_epochs,
+    }.items():
         live.log_metric(f"head/{key}", value, plot=False)
-    write_json(tmp / "head_selection.json", {
-        "chosen": chosen.config.name, "reason": reason, "folds": folds,
-        "candidates": [r.record() for r in results], "augment": augmentation,
-    })  # fmt: skip
+    write_json(
+        tmp / "head_selection.json",
+        {
+            "chosen": chosen.config.name,
+            "reason": reason,
+            "folds": folds,
+            "candidates": [r.record() for r in results],
+            "augment": augmentation,
+        },
+    )
     plain = len(labels) == images  # the learning curve is on plain views only
     linear = next((r for r in results if r.config.name == "linear" and plain), None)
-    write_json(tmp / "learning_curve.json", learning_curve(
-        features[:images], labels[:images], classes, params, linear))  # fmt: skip
+    write_json(
+        tmp / "learning_curve.json",
+        learning_curve(features[:images], labels[:images], classes, params, linear),
+    )
     log.info("head: chose %s", reason)
     return head, {
         "config": chosen.config.name,
@@ -288,8 +332,9 @@ def choose_augmentation(
     return rows, record, result
 
 
-def learning_curve(features: np.ndarray, labels: np.ndarray, classes: int, params: Params,
-                   full=None) -> dict:  # fmt: skip
+def learning_curve(
+    features: np.ndarray, labels: np.ndarray, classes: int, params: Params, full=None
+) -> dict:
     """CV accuracy of the linear head at 10/25/50/100 % of the training images of each class
     (the linear head: seconds for the whole curve, and within about a point of the others).
     `full`: the linear head's CV result on all images, when already computed."""
@@ -302,10 +347,16 @@ def learning_curve(features: np.ndarray, labels: np.ndarray, classes: int, param
     images = len(labels)
     order = rng.permutation(images)
     for fraction in LEARNING_CURVE_FRACTIONS:
-        rows = np.sort(np.concatenate([
-            order[labels[order] == c][: max(2, int(np.ceil(fraction * np.sum(labels[:images] == c))))]
-            for c in range(classes)
-        ]))  # fmt: skip
+        rows = np.sort(
+            np.concatenate(
+                [
+                    order[labels[order] == c][
+                        : max(2, int(np.ceil(fraction * np.sum(labels[:images] == c))))
+                    ]
+                    for c in range(classes)
+                ]
+            )
+        )
         if fraction == 1.0 and full is not None:
             points["100%"] = {"images": images, "cv_accuracy": round(full.score, 6)}
             continue
@@ -324,8 +375,10 @@ def learning_curve(features: np.ndarray, labels: np.ndarray, classes: int, param
             patience=p.patience,
             loss_patience=p.loss_patience,
         )
-        points[f"{round(fraction * 100)}%"] = {"images": int(len(rows)),
-                                               "cv_accuracy": round(part.score, 6)}  # fmt: skip
+        points[f"{round(fraction * 100)}%"] = {
+            "images": int(len(rows)),
+            "cv_accuracy": round(part.score, 6),
+        }
     return {"head": linear.name, "points": points}
 
 
@@ -365,23 +418,44 @@ def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path,
         model,
         training.dataset(x_train, y_train, f.batch_size, shuffle=True, seed=params.base.seed),
         training.dataset(x_val, y_val, f.batch_size),
-        "finetune", f.epochs, params.head.patience, params.head.target_accuracy,
+        "finetune",
+        f.epochs,
+        params.head.patience,
+        params.head.target_accuracy,
         live=live,
-    )  # fmt: skip
+    )
     after = _accuracy(model, x_val, y_val)
     kept = after > before
     transfer.set_weights(model.get_weights() if kept else saved)
     backbones.freeze(extractor)
-    log.info("finetune: val accuracy %.4f -> %.4f, %s", before, after,
-             "kept" if kept else "discarded (head-only model kept)")  # fmt: skip
-    for key, value in {"val_accuracy_before": before, "val_accuracy_after": after,
-                       "kept": kept}.items():  # fmt: skip
+    log.info(
+        "finetune: val accuracy %.4f -> %.4f, %s",
+        before,
+        after,
+        "kept" if kept else "discarded (head-only model kept)",
+    )
+    for key, value in {
+        "val_accuracy_before": before,
+        "val_accuracy_after": after,
+        "kept": kept,
+    }.items():
         live.log_metric(f"finetune/{key}", value, plot=False)
-    return {"finetune": {"val_accuracy_before": before, "val_accuracy_after": after,
-                         "kept": kept, "blocks": f.blocks,
-                         "replicas": strategy.num_replicas_in_sync}}  # fmt: skip
+    return {
+        "finetune": {
+            "val_accuracy_before": before,
+            "val_accuracy_after": after,
+            "kept": kept,
+            "blocks": f.blocks,
+            "replicas": strategy.num_replicas_in_sync,
+        }
+    }
 
 
 def run(params: Params, root: Path) -> Path:
-    return train_head(params.path("prepared", root), params.path("backbone", root),
-                      params.path("features", root), params.path("transfer", root), params)  # fmt: skip
+    return train_head(
+        params.path("prepared", root),
+        params.path("backbone", root),
+        params.path("features", root),
+        params.path("transfer", root),
+        params,
+    )

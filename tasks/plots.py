@@ -16,9 +16,14 @@ from headstart.review import REVIEW_FILE
 log = logging.getLogger("headstart.plots")
 
 
-def plot_results(prepared_dir: Path | str, histories: dict[str, tuple[Path, str]],
-                 metrics_dir: Path | str, out_dir: Path | str, params: Params,
-                 doctor_sources: dict[str, Path] | None = None) -> Path:  # fmt: skip
+def plot_results(
+    prepared_dir: Path | str,
+    histories: dict[str, tuple[Path, str]],
+    metrics_dir: Path | str,
+    out_dir: Path | str,
+    params: Params,
+    doctor_sources: dict[str, Path] | None = None,
+) -> Path:
     """`histories`: model name -> (its DVCLive folder, the name its epochs were logged under).
     `doctor_sources`: the folders the data doctor reads (transfer, release, features, report,
     review file); its findings go to doctor.json and contact sheets beside the figures."""
@@ -33,8 +38,11 @@ def plot_results(prepared_dir: Path | str, histories: dict[str, tuple[Path, str]
     require(metrics_dir / "release_confusion.json", "evaluate")
     images, _ = load_split(require(prepared_dir, "prepare"), "test")
     with atomic_dir(out_dir) as tmp:
-        figures = {"curves.png": plotting.training_curves(
-            {name: read_history(*logged) for name, logged in histories.items()})}  # fmt: skip
+        figures = {
+            "curves.png": plotting.training_curves(
+                {name: read_history(*logged) for name, logged in histories.items()}
+            )
+        }
         for name in (*histories, "release"):
             confusion = read_json(metrics_dir / f"{name}_confusion.json")
             figures[f"{name}_confusion.png"] = plotting.confusion_matrix(
@@ -51,7 +59,8 @@ def plot_results(prepared_dir: Path | str, histories: dict[str, tuple[Path, str]
         )
         tables = read_json(require(metrics_dir / "release_calibration.json", "evaluate"))
         figures["release_reliability.png"] = plotting.reliability_diagram(
-            tables["before"], tables["after"], tables["temperature"])  # fmt: skip
+            tables["before"], tables["after"], tables["temperature"]
+        )
         curve_file = metrics_dir / "learning_curve.json"
         if curve_file.is_file():
             curve = read_json(curve_file)
@@ -72,31 +81,54 @@ def _data_doctor(prepared: Path, sources: dict[str, Path], tmp: Path) -> dict:
     from headstart import doctor, plotting, review
 
     keep = set(review.load(sources["review"]).keep)
-    found = doctor.examine(prepared, sources["transfer"], sources["release"],
-                           sources["features"], sources["report"], keep)  # fmt: skip
+    found = doctor.examine(
+        prepared,
+        sources["transfer"],
+        sources["release"],
+        sources["features"],
+        sources["report"],
+        keep,
+    )
     write_json(tmp / doctor.DOCTOR_FILE, found)
-    log.info("plots: data doctor: %d likely label errors, %d off-topic images, %d near-duplicate "
-             "group(s) across classes", len(found["label_issues"]), len(found["off_topic"]),
-             len(found["label_conflicts"]))  # fmt: skip
+    log.info(
+        "plots: data doctor: %d likely label errors, %d off-topic images, %d near-duplicate "
+        "group(s) across classes",
+        len(found["label_issues"]),
+        len(found["off_topic"]),
+        len(found["label_conflicts"]),
+    )
     where = _rows_by_file(prepared)
     sheets = {
-        "suspects.png": ("data doctor: likely label errors (given → suggested, self-confidence)",
-                         [(s["file"], f"{s['given']} → {s['suggested']}\n{s['self_confidence']:.3f}")
-                          for s in found["label_issues"][:SHEET]]),
-        "off_topic.png": ("data doctor: unlike every class (class, OOD score)",
-                          [(s["file"], f"{s['label']}\n{s['ood_score']:.1f}")
-                           for s in found["off_topic"][:SHEET]]),
-        "near_duplicates.png": ("near-duplicate groups across classes (group: class)",
-                                [(f, f"group {n + 1}: {f.split('/')[0]}")
-                                 for n, group in enumerate(found["label_conflicts"][:SHEET // 2])
-                                 for f in group["files"]]),
-    }  # fmt: skip
+        "suspects.png": (
+            "data doctor: likely label errors (given → suggested, self-confidence)",
+            [
+                (s["file"], f"{s['given']} → {s['suggested']}\n{s['self_confidence']:.3f}")
+                for s in found["label_issues"][:SHEET]
+            ],
+        ),
+        "off_topic.png": (
+            "data doctor: unlike every class (class, OOD score)",
+            [
+                (s["file"], f"{s['label']}\n{s['ood_score']:.1f}")
+                for s in found["off_topic"][:SHEET]
+            ],
+        ),
+        "near_duplicates.png": (
+            "near-duplicate groups across classes (group: class)",
+            [
+                (f, f"group {n + 1}: {f.split('/')[0]}")
+                for n, group in enumerate(found["label_conflicts"][: SHEET // 2])
+                for f in group["files"]
+            ],
+        ),
+    }
     figures = {}
     for name, (title, shown) in sheets.items():
         shown = [(file, caption) for file, caption in shown if file in where]
         if shown:
-            pictures = [np.asarray(load_split(prepared, where[f][0])[0][where[f][1]])
-                        for f, _ in shown]  # fmt: skip
+            pictures = [
+                np.asarray(load_split(prepared, where[f][0])[0][where[f][1]]) for f, _ in shown
+            ]
             figures[name] = plotting.contact_sheet(pictures, [c for _, c in shown], title)
     return figures
 
@@ -123,9 +155,17 @@ def _spread(items: list[int], count: int) -> list[int]:
 
 
 def run(params: Params, root: Path) -> Path:
-    histories = {"baseline": (params.path("baseline", root) / LIVE_DIR, "baseline"),
-                 "transfer": (params.path("transfer", root) / LIVE_DIR, "head")}  # fmt: skip
+    histories = {
+        "baseline": (params.path("baseline", root) / LIVE_DIR, "baseline"),
+        "transfer": (params.path("transfer", root) / LIVE_DIR, "head"),
+    }
     sources = {name: params.path(name, root) for name in ("transfer", "release", "features")}
     sources.update(report=params.path("data_report", root), review=Path(root) / REVIEW_FILE)
-    return plot_results(params.path("prepared", root), histories, params.path("metrics", root),
-                        params.path("plots", root), params, sources)  # fmt: skip
+    return plot_results(
+        params.path("prepared", root),
+        histories,
+        params.path("metrics", root),
+        params.path("plots", root),
+        params,
+        sources,
+    )

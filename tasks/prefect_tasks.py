@@ -34,7 +34,7 @@ def _params(root: str):
 
 
 def _make_task(step: Step):
-    @task(name=step.task_name, cache_policy=NO_CACHE, persist_result=False)  # fmt: skip
+    @task(name=step.task_name, cache_policy=NO_CACHE, persist_result=False)
     def run_step(root: str, token: str = "") -> str:
         if token:
             return _in_child(step.name, root, token)
@@ -49,8 +49,9 @@ def _in_child(name: str, root: str, token: str) -> str:
     from which Keras also draws the seeds of new layers: a model built there could start from
     other weights than in a plain run (seen for the baseline CNN in 2 of 4 runs)."""
     command = [sys.executable, "-m", "headstart.cli", "step", name, "-C", root]
-    result = subprocess.run(command, capture_output=True, text=True,
-                            env={**os.environ, TOKEN_ENV: token})  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, TOKEN_ENV: token}
+    )
     logger = get_run_logger()
     for line in result.stderr.splitlines():
         logger.info("%s", line)
@@ -60,10 +61,15 @@ def _in_child(name: str, root: str, token: str) -> str:
     return result.stdout.strip().removeprefix(f"{name}: wrote ")
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, retries=1,
-      task_run_name="extract_features-{split}-view{view}-{start}")  # fmt: skip
-def extract_features(root: str, split: str, view: int, start: int, stop: int, key: str = "",
-                     token: str = "") -> str:  # fmt: skip
+@task(
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=1,
+    task_run_name="extract_features-{split}-view{view}-{start}",
+)
+def extract_features(
+    root: str, split: str, view: int, start: int, stop: int, key: str = "", token: str = ""
+) -> str:
     with borrowed(root, token), workspace_lock(root):
         return str(head.extract_shard(_params(root), root, split, view, start, stop, key))
 

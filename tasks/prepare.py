@@ -226,20 +226,24 @@ SPLIT_RECORD_COLUMNS = ["sha256", "split", "label", "file"]
 
 
 def _record_header(seed: int, val_fraction: float, test_fraction: float) -> str:
-    return (f"# headstart split record: seed={seed} val_fraction={val_fraction:g} "
-            f"test_fraction={test_fraction:g} (written by prepare; commit it with data.dvc)")  # fmt: skip
+    return (
+        f"# headstart split record: seed={seed} val_fraction={val_fraction:g} "
+        f"test_fraction={test_fraction:g} (written by prepare; commit it with data.dvc)"
+    )
 
 
-def read_split_record(path: Path | None, seed: int, val_fraction: float,
-                      test_fraction: float) -> dict[str, str]:  # fmt: skip
+def read_split_record(
+    path: Path | None, seed: int, val_fraction: float, test_fraction: float
+) -> dict[str, str]:
     """sha256 -> split from the split record at `path`; empty when there is none, or when it was
     drawn with another seed or other fractions (the split is then drawn afresh)."""
     if path is None or not path.is_file():
         return {}
     lines = path.read_text().splitlines()
     if not lines or lines[0] != _record_header(seed, val_fraction, test_fraction):
-        log.info("prepare: %s was drawn with other split settings; drawing the split afresh",
-                 path.name)  # fmt: skip
+        log.info(
+            "prepare: %s was drawn with other split settings; drawing the split afresh", path.name
+        )
         return {}
     rows = list(csv.reader(lines[1:]))
     if (
@@ -247,8 +251,10 @@ def read_split_record(path: Path | None, seed: int, val_fraction: float,
         or rows[0] != SPLIT_RECORD_COLUMNS
         or any(len(row) != 4 or row[1] not in SPLITS for row in rows[1:])
     ):
-        raise PrepareError(f"{path}: not a split record headstart can read; restore it "
-                           "(git checkout) or delete it to draw the split afresh")  # fmt: skip
+        raise PrepareError(
+            f"{path}: not a split record headstart can read; restore it "
+            "(git checkout) or delete it to draw the split afresh"
+        )
     return {row[0]: row[1] for row in rows[1:]}
 
 
@@ -349,8 +355,9 @@ def _apply_review(
         if item.path in excluded:
             item.status, item.reason = "excluded", f"{review.REVIEW_FILE}: exclude"
         elif item.path in decisions.relabel and item.label != decisions.relabel[item.path]:
-            relabelled.append({"file": item.path, "from": item.label,
-                               "to": decisions.relabel[item.path]})  # fmt: skip
+            relabelled.append(
+                {"file": item.path, "from": item.label, "to": decisions.relabel[item.path]}
+            )
             item.label = decisions.relabel[item.path]
     return relabelled
 
@@ -500,9 +507,14 @@ def _report(
     }
 
 
-def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
-            report_dir: Path | str | None = None, record: Path | str | None = None,
-            review_file: Path | str | None = None) -> Path:  # fmt: skip
+def prepare(
+    data_dir: Path | str,
+    out_dir: Path | str,
+    params: Params,
+    report_dir: Path | str | None = None,
+    record: Path | str | None = None,
+    review_file: Path | str | None = None,
+) -> Path:
     """Validate, decode, split and store the images under `data_dir` into `out_dir`; the report
     into `report_dir` (default: `data-report` beside `out_dir`). `record`: the split record
     (read, then rewritten): the split of every image it names is kept; None: no memory.
@@ -516,9 +528,10 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
             "(for the demo data: dvc pull data.dvc)"
         )
     folders = sorted(
-        d.name for d in data_dir.iterdir()
+        d.name
+        for d in data_dir.iterdir()
         if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")
-    )  # fmt: skip
+    )
     chosen = image_size(data_dir, params)
     size = chosen.size
     with tempfile.TemporaryFile(dir=out_dir.parent if out_dir.parent.exists() else None) as raw:
@@ -554,13 +567,22 @@ def prepare(data_dir: Path | str, out_dir: Path | str, params: Params,
             "reason": chosen.reason,
             "estimate_s": chosen.estimate_s,
         }
-        report["review"] = {"file": review.REVIEW_FILE, "relabelled": relabelled,
-                            "excluded": [i.path for i in seen if i.status == "excluded"],
-                            "kept": sorted(decisions.keep)}  # fmt: skip
+        report["review"] = {
+            "file": review.REVIEW_FILE,
+            "relabelled": relabelled,
+            "excluded": [i.path for i in seen if i.status == "excluded"],
+            "kept": sorted(decisions.keep),
+        }
         with atomic_dir(out_dir) as tmp:
             _write(tmp, seen, classes, raw.fileno(), size)
-            write_json(tmp / LABELS_FILE, {"classes": classes, "image_size": size,
-                                           "preprocessing": images.preprocessing(size, p.resize)})  # fmt: skip
+            write_json(
+                tmp / LABELS_FILE,
+                {
+                    "classes": classes,
+                    "image_size": size,
+                    "preprocessing": images.preprocessing(size, p.resize),
+                },
+            )
         with atomic_dir(Path(report_dir or out_dir.parent / Path(Paths.data_report).name)) as tmp:
             write_json(tmp / REPORT_FILE, report)
             write_text(tmp / "report.txt", summary(report))
@@ -611,8 +633,11 @@ def _write(out: Path, seen: list[_Seen], classes: list[str], decoded: int, size:
         writer.writerow(["file", "sha256", "label", "split", "index"])
         for split in SPLITS:
             items = [i for i in seen if i.split == split]
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                      "fortran_order": False, "shape": (len(items), size, size, 3)}  # fmt: skip
+            header = {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                "fortran_order": False,
+                "shape": (len(items), size, size, 3),
+            }
             with open(out / f"{split}_images.npy", "wb", buffering=1 << 22) as array:
                 np.lib.format.write_array_header_1_0(array, header)
                 for n, item in enumerate(items):
@@ -634,8 +659,10 @@ def summary(report: dict) -> str:
     ]
     decided = report.get("review", {})
     if t.get("excluded") or decided.get("relabelled"):
-        lines.append(f"  {review.REVIEW_FILE}: {t.get('excluded', 0)} excluded, "
-                     f"{len(decided.get('relabelled', []))} relabelled")  # fmt: skip
+        lines.append(
+            f"  {review.REVIEW_FILE}: {t.get('excluded', 0)} excluded, "
+            f"{len(decided.get('relabelled', []))} relabelled"
+        )
     for item in report["quarantined"]:
         lines.append(f"  quarantined {printable(item['file'])}: {printable(item['reason'])}")
     if report["empty_class_folders"]:
@@ -665,6 +692,11 @@ def printable(text: str) -> str:
 
 def run(params: Params, root: Path) -> Path:
     """The step as dvc.yaml and the flow call it: paths from params."""
-    return prepare(params.path("data", root), params.path("prepared", root), params,
-                   params.path("data_report", root), Path(root) / SPLIT_RECORD,
-                   Path(root) / review.REVIEW_FILE)  # fmt: skip
+    return prepare(
+        params.path("data", root),
+        params.path("prepared", root),
+        params,
+        params.path("data_report", root),
+        Path(root) / SPLIT_RECORD,
+        Path(root) / review.REVIEW_FILE,
+    )

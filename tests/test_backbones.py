@@ -77,7 +77,9 @@ def test_conversion_refuses_missing_or_extra_tensors(name):
         load_lite_state(model, wrong)
 
 
-@pytest.mark.parametrize("name, blocks", [("efficientnet_lite0", 16), ("efficientnet_lite2", 21)])
+@pytest.mark.parametrize(
+    ("name", "blocks"), [("efficientnet_lite0", 16), ("efficientnet_lite2", 21)]
+)
 def test_lite_block_starts_name_every_block_from_the_top(name, blocks):
     backbone = backbones.get(name)
     model = backbone.build(32)
@@ -195,18 +197,20 @@ def test_plain_http_to_other_hosts_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, size", [("efficientnetb0", 32), ("inceptionv3", 75)])
-def test_download_backbones_end_to_end_from_a_loopback_server(name, size, server, tmp_path,
-                                                              monkeypatch):  # fmt: skip
+@pytest.mark.parametrize(("name", "size"), [("efficientnetb0", 32), ("inceptionv3", 75)])
+def test_download_backbones_end_to_end_from_a_loopback_server(
+    name, size, server, tmp_path, monkeypatch
+):
     """Keras's published-file path, served from 127.0.0.1: a legacy .h5 made from Keras's own
     architecture is downloaded, hash-checked, loaded into our builder and frozen."""
     import h5py
     import keras
     from keras.src.legacy.saving import legacy_h5_format
 
-    stock = {"efficientnetb0": keras.applications.EfficientNetB0,
-             "inceptionv3": keras.applications.InceptionV3}[name](
-        include_top=False, weights=None, input_shape=(size, size, 3))  # fmt: skip
+    stock = {
+        "efficientnetb0": keras.applications.EfficientNetB0,
+        "inceptionv3": keras.applications.InceptionV3,
+    }[name](include_top=False, weights=None, input_shape=(size, size, 3))
     rng = np.random.default_rng(1)
     stock.set_weights(
         [w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in stock.get_weights()]
@@ -221,8 +225,10 @@ def test_download_backbones_end_to_end_from_a_loopback_server(name, size, server
     )
     monkeypatch.setitem(backbones.REGISTRY, name, dataclasses.replace(entry, weights=pinned))
     cache = tmp_path / "cache"
-    params = small_params(base={"backbone": name, "image_size": size},
-                          weights={"cache_dir": str(cache), "url": f"{server}/{name}.h5"})  # fmt: skip
+    params = small_params(
+        base={"backbone": name, "image_size": size},
+        weights={"cache_dir": str(cache), "url": f"{server}/{name}.h5"},
+    )
     weights = fetch_weights(tmp_path / "weights", params)
     assert (cache / entry.weights.file_name).read_bytes() == served.read_bytes()
     rebuilt = backbones.get(name).build(size)
@@ -256,7 +262,7 @@ def test_freeze_step_on_real_lite_weights(lite_weights, tmp_path):
     assert "Trainable params: 0" in (out / "summary.txt").read_text()
 
 
-@pytest.mark.parametrize("name, size", [("efficientnetb0", 32), ("inceptionv3", 75)])
+@pytest.mark.parametrize(("name", "size"), [("efficientnetb0", 32), ("inceptionv3", 75)])
 def test_other_backbones_freeze_without_dropout_effects(name, size):
     backbone = backbones.get(name)
     extractor = backbones.freeze(

@@ -142,8 +142,9 @@ def test_a_small_temperature_keeps_the_runners_up_and_their_order(tmp_path):
     # float32 softmax: c = e^-50, d = e^-80 (tiny but ordered), a = e^-199 -> 0
     dense.set_weights([np.zeros((3, 4), "float32"), np.array([1, 200, 150, 120], "float32")])
     model.save(tmp_path / "model.keras")
-    (tmp_path / "labels.json").write_text(json.dumps({"classes": ["a", "b", "c", "d"],
-                                                      "image_size": 8}))  # fmt: skip
+    (tmp_path / "labels.json").write_text(
+        json.dumps({"classes": ["a", "b", "c", "d"], "image_size": 8})
+    )
     (tmp_path / "calibration.json").write_text(json.dumps({"temperature": 0.2}))
     Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "x.png")
     [result] = predict_paths(tmp_path / "model.keras", [tmp_path / "x.png"], top_k=3)

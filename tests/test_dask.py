@@ -56,8 +56,11 @@ def sharded(extraction, shards: int, target: Path, skip: int | None = None) -> l
     root, prepared, extractor, _ = extraction
     plan = features.plan(prepared, VIEWS, shards, BATCH)
     out = features.shards_dir(target, "key")
-    return [features.compute_shard(extractor, prepared, shard, out, 7, BATCH)
-            for n, shard in enumerate(plan) if n != skip]  # fmt: skip
+    return [
+        features.compute_shard(extractor, prepared, shard, out, 7, BATCH)
+        for n, shard in enumerate(plan)
+        if n != skip
+    ]
 
 
 def load_cache(cache: Path) -> dict:
@@ -98,8 +101,7 @@ def test_the_augmented_view_is_augmented_and_fixed_by_the_seed(extraction):
 
 
 @pytest.mark.parametrize("damage", ["missing", "short"])
-def test_a_missing_or_short_shard_fails_naming_it_and_writes_no_cache(extraction, tmp_path,
-                                                                     damage):  # fmt: skip
+def test_a_missing_or_short_shard_fails_naming_it_and_writes_no_cache(extraction, tmp_path, damage):
     _, prepared, _, _ = extraction
     files = sharded(extraction, 3, tmp_path / "features")
     broken = files[1]
@@ -140,8 +142,9 @@ def test_the_next_run_removes_the_shards_a_killed_run_left(tmp_path):
 
 
 def test_the_lock_is_lent_with_its_token_only_while_its_holder_holds_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         token = holder.stdout.readline().strip()
         with lock.borrowed(tmp_path, token):  # the holder's own worker
@@ -161,12 +164,20 @@ def test_the_lock_is_lent_with_its_token_only_while_its_holder_holds_it(tmp_path
             pass
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--workers", "0"], "error: --workers: must be 1 or more (got 0)"),
-    (["--dask-address", "tcp://127.0.0.1:1"],
-     "error: --dask-address tcp://127.0.0.1:1: no Dask scheduler answers there"),
-    (["--dask-address", "127.0.0.1:8786"], "error: --dask-address 127.0.0.1:8786: expected tcp://"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "0"], "error: --workers: must be 1 or more (got 0)"),
+        (
+            ["--dask-address", "tcp://127.0.0.1:1"],
+            "error: --dask-address tcp://127.0.0.1:1: no Dask scheduler answers there",
+        ),
+        (
+            ["--dask-address", "127.0.0.1:8786"],
+            "error: --dask-address 127.0.0.1:8786: expected tcp://",
+        ),
+    ],
+)
 def test_bad_workers_or_address_fail_in_one_line(tmp_path, args, message):
     result = run_cli("run", "-C", str(tmp_path), *args)
     assert result.returncode == 1
@@ -175,8 +186,10 @@ def test_bad_workers_or_address_fail_in_one_line(tmp_path, args, message):
 
 def cache_and_metrics(root: Path) -> tuple[dict, dict]:
     params = params_module.load(root / "params.yaml")
-    metrics = {path.name: json.loads(path.read_text())
-               for path in params.path("metrics", root).glob("*.json")}  # fmt: skip
+    metrics = {
+        path.name: json.loads(path.read_text())
+        for path in params.path("metrics", root).glob("*.json")
+    }
     return load_cache(params.path("features", root)), metrics
 
 
@@ -189,9 +202,22 @@ def dask_cluster(tmp_path):
     dask = str(Path(sys.executable).with_name("dask"))
     scheduler_file = tmp_path / "scheduler.json"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": command_env()}
-    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0",
-                                   "--no-dashboard", "--scheduler-file", str(scheduler_file)],
-                                  **quiet)]  # fmt: skip
+    processes = [
+        subprocess.Popen(
+            [
+                dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            **quiet,
+        )
+    ]
     try:
         deadline = time.monotonic() + 60
         while not scheduler_file.exists() and time.monotonic() < deadline:
@@ -199,9 +225,13 @@ def dask_cluster(tmp_path):
         address = json.loads(scheduler_file.read_text())["address"]
         # --no-nanny: a nanny would start the worker with one BLAS/OpenMP thread, and numpy's
         # sums then differ from a plain run's in the last bits
-        processes += [subprocess.Popen([dask, "worker", address, "--nthreads", "1",
-                                        "--no-nanny", "--no-dashboard"], **quiet)
-                      for _ in range(2)]  # fmt: skip
+        processes += [
+            subprocess.Popen(
+                [dask, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard"],
+                **quiet,
+            )
+            for _ in range(2)
+        ]
         with Client(address, timeout=30) as client:
             client.wait_for_workers(2, timeout=120)
         yield address
@@ -229,8 +259,9 @@ def test_a_run_on_a_separate_dask_cluster_gives_the_cache_and_metrics_of_a_plain
     params = params_module.load(root / "params.yaml")
     for name in ("features", "baseline"):
         shutil.rmtree(params.path(name, root))
-    result = run_in(root, "headstart", "run", "--dask-address", dask_cluster,
-                    api_url=trained_project.api_url)  # fmt: skip
+    result = run_in(
+        root, "headstart", "run", "--dask-address", dask_cluster, api_url=trained_project.api_url
+    )
     assert "| baseline | ran |" in result.stdout and "| head | ran |" in result.stdout
     run_log = (root / ".headstart" / "run.log").read_text()  # the run's INFO lines
     assert "4 feature shards" in run_log  # two per worker thread
@@ -245,8 +276,9 @@ def test_a_run_on_a_separate_dask_cluster_gives_the_cache_and_metrics_of_a_plain
 
 
 @pytest.mark.slow
-def test_workers_2_runs_a_branch_step_on_a_local_cluster_of_two_processes(trained_copy,
-                                                                         trained_project):  # fmt: skip
+def test_workers_2_runs_a_branch_step_on_a_local_cluster_of_two_processes(
+    trained_copy, trained_project
+):
     """`--workers 2`: a local Dask cluster of two worker processes, the branch steps on it (here
     the weights step alone: it writes the same bytes again, so nothing after it is stale)."""
     root = trained_copy

@@ -41,7 +41,7 @@ def settings(devices: str):
         baseline={"epochs": 6, "batch_size": 8, "patience": 6},
         head={"config": "linear", "epochs": 2},
         finetune={"enabled": True, "blocks": 1, "epochs": 1, "batch_size": 8},
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,11 @@ def trained(tmp_path_factory) -> dict[str, Path]:
         write_random_backbone(params.path("backbone", one), seed=0)
         two = folder / "two-devices"
         shutil.copytree(one, two)
-        child = subprocess.run([sys.executable, "-c", CHILD, str(two), str(Path(__file__).parent)],
-                               capture_output=True, text=True)  # fmt: skip
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, str(two), str(Path(__file__).parent)],
+            capture_output=True,
+            text=True,
+        )
         assert child.returncode == 0, child.stderr[-3000:]
         assert child.stdout.splitlines()[-1] == "forced: 1"  # base.devices: 1 -> one device
         tasks.get("baseline").run(params, one)
@@ -71,9 +74,12 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 def val_accuracy(root: Path) -> float:
     """The baseline's best validation accuracy over its epochs (early stopping keeps the best)."""
     live = read_json(root / "artifacts/baseline/dvclive/metrics.json")
-    history = [float(line.split("\t")[-1]) for line in
-               (root / "artifacts/baseline/dvclive/plots/metrics/baseline/eval/accuracy.tsv")
-               .read_text().splitlines()[1:]]  # fmt: skip
+    history = [
+        float(line.split("\t")[-1])
+        for line in (root / "artifacts/baseline/dvclive/plots/metrics/baseline/eval/accuracy.tsv")
+        .read_text()
+        .splitlines()[1:]
+    ]
     assert live["baseline"]["eval"]["accuracy"] == pytest.approx(history[-1])
     return max(history)
 

@@ -30,8 +30,10 @@ def test_the_plots_reader_returns_the_logged_epochs(tmp_path):
     rows = (tmp_path / "dvclive/plots/metrics/baseline/eval/accuracy.tsv").read_text().split()
     assert rows == ["step", "accuracy", "0", "0.35", "1", "0.5", "2", "0.55"]
     summary = json.loads((tmp_path / "dvclive/metrics.json").read_text())
-    assert summary["baseline"] == {"train": {"loss": 0.7, "accuracy": 0.75},
-                                   "eval": {"loss": 1.0, "accuracy": 0.55}}  # fmt: skip
+    assert summary["baseline"] == {
+        "train": {"loss": 0.7, "accuracy": 0.75},
+        "eval": {"loss": 1.0, "accuracy": 0.55},
+    }
     assert summary["step"] == 3  # the last step: "other"'s one epoch after baseline's three
 
 
@@ -44,8 +46,9 @@ def test_fit_logs_every_epoch_as_it_ends(tmp_path):
     x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
     data = training.dataset(x, (x[:, 0] > 0).astype("int32"), 8)
     with training.live_logger(tmp_path / "dvclive") as live:
-        history = training.fit(model, data, data, "baseline", epochs=3, patience=5,
-                               target_accuracy=1.01, live=live)  # fmt: skip
+        history = training.fit(
+            model, data, data, "baseline", epochs=3, patience=5, target_accuracy=1.01, live=live
+        )
         assert live.step == 3
     assert read_history(tmp_path / "dvclive", "baseline") == history
     assert len(history["val_accuracy"]) == 3
@@ -59,8 +62,10 @@ def test_the_head_logs_its_epochs_and_its_choice(tmp_path):
     features.mkdir()
     for split, n in (("train", 24), ("val", 8)):
         labels = np.arange(n) % 2
-        np.save(features / f"{split}_features.npy",
-                (rng.normal(size=(n, 6)) + 2 * labels[:, None]).astype("float32"))  # fmt: skip
+        np.save(
+            features / f"{split}_features.npy",
+            (rng.normal(size=(n, 6)) + 2 * labels[:, None]).astype("float32"),
+        )
         np.save(features / f"{split}_labels.npy", labels)
     params = small_params(head={"epochs": 3, "folds": 2, "units": 8})
     out = tmp_path / "out"
@@ -120,9 +125,26 @@ def test_dvc_still_logs_after_a_test_that_captured_its_first_import(tmp_path):
     `import dvc`, the second fails with DVC's LoggingException (a closed capture stream)."""
     shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_order.py").write_text(CAPTURED_FIRST)
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly",
-                             "-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts=",
-                             str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:randomly",
+            "-p",
+            "no:xdist",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "2 passed" in result.stdout
 
@@ -150,8 +172,11 @@ def test_dvc_plots_metrics_and_experiments_read_dvclive_after_a_run(trained_copy
     for name in ("accuracy", "loss"):
         rows = plots["data"][name][0]["content"]["data"]["values"]
         files = {row["filename"].split("dvclive/plots/metrics/")[-1] for row in rows}
-        assert files == {f"{model}/{split}/{name}.tsv" for model in ("baseline", "head")
-                         for split in ("train", "eval")}  # fmt: skip
+        assert files == {
+            f"{model}/{split}/{name}.tsv"
+            for model in ("baseline", "head")
+            for split in ("train", "eval")
+        }
 
     experiments = json.loads(run_in(root, "dvc", "exp", "show", "--json").stdout)
     workspace = next(e for e in experiments if e["rev"] == "workspace")["data"]["metrics"]
@@ -175,11 +200,32 @@ def test_the_experiment_table_fits_120_columns(trained_copy):
     # the worst case: every figure a head change can move shown as changed (--keep), whether or
     # not it moved on this tiny, perfectly separated project
     moved = "^(accuracy|macro_f1|loss|ece|transfer|ensemble)$"
-    table = run_in(root, "env", "COLUMNS=120", "dvc", "exp", "show", "--only-changed", "--drop",
-                   "artifacts/", "--keep", moved, "--no-pager").stdout  # fmt: skip
+    table = run_in(
+        root,
+        "env",
+        "COLUMNS=120",
+        "dvc",
+        "exp",
+        "show",
+        "--only-changed",
+        "--drop",
+        "artifacts/",
+        "--keep",
+        moved,
+        "--no-pager",
+    ).stdout
     lines = table.splitlines()
     header = next(line for line in lines if "Experiment" in line).split()
-    assert header == ["Experiment", "Created", "accuracy", "macro_f1", "loss", "ece", "transfer",
-                      "ensemble", "head.dropout"], table  # fmt: skip
+    assert header == [
+        "Experiment",
+        "Created",
+        "accuracy",
+        "macro_f1",
+        "loss",
+        "ece",
+        "transfer",
+        "ensemble",
+        "head.dropout",
+    ], table
     assert "…" not in table, table
     assert max(len(line) for line in lines) <= 120, table

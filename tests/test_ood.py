@@ -70,8 +70,9 @@ def test_mahalanobis_score_is_the_distance_to_the_nearest_centroid():
     precision = np.linalg.inv(covariance)
     x = np.random.default_rng(2).normal(size=(5, 8)) + 3
     x_unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-    expected = np.sqrt(np.min([np.einsum("ij,jk,ik->i", x_unit - m, precision, x_unit - m)
-                               for m in means], axis=0))  # fmt: skip
+    expected = np.sqrt(
+        np.min([np.einsum("ij,jk,ik->i", x_unit - m, precision, x_unit - m) for m in means], axis=0)
+    )
     assert np.allclose(detector.score(x), expected)
 
 
@@ -92,8 +93,9 @@ def test_fitting_and_scoring_batch_by_batch_equals_all_rows_at_once(method, tmp_
         assert batched_record["shrinkage"] > 0
     x = np.random.default_rng(4).normal(size=(2500, 8)) + 3  # more rows than ood.ROWS
     assert np.allclose(batched.score(x), once.score(x), rtol=1e-4)
-    assert np.allclose(np.concatenate([once.score(x[:1000]), once.score(x[1000:])]),
-                       once.score(x), rtol=1e-12)  # fmt: skip
+    assert np.allclose(
+        np.concatenate([once.score(x[:1000]), once.score(x[1000:])]), once.score(x), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("method", ["mahalanobis", "cosine"])

@@ -18,7 +18,7 @@ def test_project_params_file_is_valid_and_frozen():
 
 
 @pytest.mark.parametrize(
-    "raw, message",
+    ("raw", "message"),
     [
         ({"head": {"epochs": -1}}, "head.epochs must be > 0"),
         ({"head": {"epoch": 3}}, "unknown key 'head.epoch'"),

@@ -26,11 +26,17 @@ def test_environment_wins(clean, monkeypatch):
     assert prefectconfig.api_url(clean) == "http://env:4200/api"
 
 
-@pytest.mark.parametrize("name, text", [
-    (".env", "# a comment\nexport PREFECT_API_URL='http://x:4200/api'\n"),
-    ("prefect.toml", "[api]\nurl = \"http://x:4200/api\"\n"),
-    ("pyproject.toml", "[project]\nname = \"p\"\n[tool.prefect.api]\nurl = \"http://x:4200/api\"\n"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        (".env", "# a comment\nexport PREFECT_API_URL='http://x:4200/api'\n"),
+        ("prefect.toml", '[api]\nurl = "http://x:4200/api"\n'),
+        (
+            "pyproject.toml",
+            '[project]\nname = "p"\n[tool.prefect.api]\nurl = "http://x:4200/api"\n',
+        ),
+    ],
+)
 def test_project_files(clean, name, text):
     (clean / name).write_text(text)
     assert prefectconfig.api_url(clean) == "http://x:4200/api"

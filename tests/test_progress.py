@@ -45,8 +45,9 @@ def lines_of(caplog) -> list[str]:
 def test_without_a_terminal_logs_a_few_periodic_lines_and_a_final_one(caplog, capsys):
     caplog.set_level(logging.INFO, logger=LOGGER)
     stream = io.StringIO()  # not a terminal, like `headstart step prepare 2> log`
-    with progress(300, "features", logging.getLogger(LOGGER), unit="images", interval=0.02,
-                  stream=stream) as shown:  # fmt: skip
+    with progress(
+        300, "features", logging.getLogger(LOGGER), unit="images", interval=0.02, stream=stream
+    ) as shown:
         for n in range(300):
             shown.advance()
             if n % 100 == 99:
@@ -61,8 +62,9 @@ def test_without_a_terminal_logs_a_few_periodic_lines_and_a_final_one(caplog, ca
 
 def test_log_lines_are_rate_limited(caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    with progress(10_000, "prepare", logging.getLogger(LOGGER), unit="files",
-                  stream=io.StringIO()) as shown:  # fmt: skip
+    with progress(
+        10_000, "prepare", logging.getLogger(LOGGER), unit="files", stream=io.StringIO()
+    ) as shown:
         for _ in range(10_000):
             shown.advance()
     assert [line.split(" in ")[0] for line in lines_of(caplog)] == [
@@ -73,8 +75,9 @@ def test_log_lines_are_rate_limited(caplog):
 def test_on_a_terminal_draws_a_rich_bar_and_logs_nothing(caplog, capsys, bars_allowed):
     caplog.set_level(logging.INFO, logger=LOGGER)
     stream = Terminal()
-    with progress(40, "predict (classifying)", logging.getLogger(LOGGER), unit="images",
-                  stream=stream) as shown:  # fmt: skip
+    with progress(
+        40, "predict (classifying)", logging.getLogger(LOGGER), unit="images", stream=stream
+    ) as shown:
         for _ in range(4):
             time.sleep(0.12)
             shown.advance(10)
@@ -119,10 +122,14 @@ def test_bars_can_be_turned_off(caplog, monkeypatch, bars_allowed, setting):
 
 def test_a_failed_loop_claims_no_completion(caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    with pytest.raises(RuntimeError):
+
+    def fail_after_three() -> None:
         with progress(10, "features", logging.getLogger(LOGGER), stream=io.StringIO()) as shown:
             shown.advance(3)
             raise RuntimeError("backbone failed")
+
+    with pytest.raises(RuntimeError, match="backbone failed"):
+        fail_after_three()
     assert lines_of(caplog) == []
 
 
@@ -183,8 +190,11 @@ def test_predict_on_a_terminal_draws_the_bar_on_stderr_and_keeps_stdout_clean(ti
     env.pop("HEADSTART_PROGRESS", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "headstart.cli", "predict", str(model), str(images), "--json"],
-        stdout=subprocess.PIPE, stderr=follower, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+        env=env,
+    )
     os.close(follower)
     drawn = bytearray()
 
@@ -231,8 +241,9 @@ def progress_artifacts(flow_run_id) -> list:
 
 
 @pytest.mark.slow
-def test_in_a_prefect_flow_a_progress_artifact_reaches_100_and_no_bar(prefect_harness, monkeypatch,
-                                                                      bars_allowed):  # fmt: skip
+def test_in_a_prefect_flow_a_progress_artifact_reaches_100_and_no_bar(
+    prefect_harness, monkeypatch, bars_allowed
+):
     from prefect import flow
 
     monkeypatch.setattr(progress_module, "ARTIFACT_INTERVAL", 0.0)  # update on every step
@@ -240,8 +251,14 @@ def test_in_a_prefect_flow_a_progress_artifact_reaches_100_and_no_bar(prefect_ha
 
     @flow
     def loop() -> None:
-        with progress(4, "features", logging.getLogger(LOGGER), unit="images",
-                      artifact="test-progress", stream=stream) as shown:  # fmt: skip
+        with progress(
+            4,
+            "features",
+            logging.getLogger(LOGGER),
+            unit="images",
+            artifact="test-progress",
+            stream=stream,
+        ) as shown:
             for _ in range(4):
                 shown.advance()
 
@@ -264,8 +281,9 @@ def test_in_a_prefect_flow_a_progress_artifact_reaches_100_and_no_bar(prefect_ha
 
 
 @pytest.mark.slow
-def test_feature_extraction_in_a_prefect_task_keeps_a_progress_artifact(prefect_harness, tmp_path,
-                                                                        good_data):  # fmt: skip
+def test_feature_extraction_in_a_prefect_task_keeps_a_progress_artifact(
+    prefect_harness, tmp_path, good_data
+):
     import keras
     from prefect import flow, task
 
@@ -278,8 +296,15 @@ def test_feature_extraction_in_a_prefect_task_keeps_a_progress_artifact(prefect_
 
     @task
     def extract() -> None:
-        cache_features(extractor, "key", prepared, tmp_path / "features", views=("none", "shift"), seed=7,
-                       batch_size=4)  # fmt: skip
+        cache_features(
+            extractor,
+            "key",
+            prepared,
+            tmp_path / "features",
+            views=("none", "shift"),
+            seed=7,
+            batch_size=4,
+        )
 
     @flow
     def features() -> None:

@@ -140,8 +140,14 @@ def test_a_recall_drop_beyond_the_tolerance_blocks_promotion(project, tmp_path):
     blocked = challenge(project, tmp_path, 18, rule="at_least")
     assert blocked["challenger"] == blocked["champion"] and not blocked["promoted"]
     cat, dog = blocked["recall"]
-    assert cat == {"class": "cat", "images": 20, "champion": 1.0, "challenger": 0.9,
-                   "drop": pytest.approx(0.1), "ok": False}  # fmt: skip
+    assert cat == {
+        "class": "cat",
+        "images": 20,
+        "champion": 1.0,
+        "challenger": 0.9,
+        "drop": pytest.approx(0.1),
+        "ok": False,
+    }
     assert dog["ok"] and dog["drop"] == pytest.approx(-0.1)
     assert "recall of class 'cat' drops by 0.1000" in blocked["reason"]
     assert challenge(project, tmp_path, 18, rule="at_least", recall_tolerance=0.1)["promoted"]
@@ -161,8 +167,9 @@ def test_a_drop_of_exactly_the_tolerance_passes(project, tmp_path):
 
 
 def test_promote_from_params_passes_the_settings_and_copies_the_model_card(tmp_path):
-    params = params_module.from_dict({"promotion": {"rule": "at_least", "alpha": 0.01,
-                                                    "recall_tolerance": 0.2}})  # fmt: skip
+    params = params_module.from_dict(
+        {"promotion": {"rule": "at_least", "alpha": 0.01, "recall_tolerance": 0.2}}
+    )
     write_prepared(params.path("prepared", tmp_path))
     release = threshold_model(params.path("release", tmp_path), 22)
     (release / "MODEL_CARD.md").write_text("# Model card\n")
@@ -182,7 +189,7 @@ def test_promote_from_params_passes_the_settings_and_copies_the_model_card(tmp_p
 
 
 @pytest.mark.parametrize(
-    "key, value, message",
+    ("key", "value", "message"),
     [
         ("rule", "bootstrap", "promotion.rule must be one of mcnemar, at_least (got 'bootstrap')"),
         ("alpha", 0, "promotion.alpha must be between 0 and 1 (exclusive), e.g. 0.05 (got 0.0)"),

@@ -32,8 +32,9 @@ def write_photos(folder: Path) -> list[Path]:
     import skimage.data
 
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {name: getattr(skimage.data, name)()
-              for name in ("astronaut", "coffee", "camera", "chelsea")}  # fmt: skip
+    arrays = {
+        name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "camera", "chelsea")
+    }
     paths = []
     for index, (name, array) in enumerate(arrays.items()):
         paths.append(folder / f"{name}.{'jpg' if index % 2 else 'png'}")
@@ -66,7 +67,8 @@ def test_select_stores_a_temperature_fitted_on_validation(project):
     assert record["val_images"] == len(y_val) and record["temperature"] > 0
     assert record["val_nll_after"] <= record["val_nll_before"]
     assert record["val_nll_before"] == pytest.approx(
-        selection["candidates"][selection["winner"]]["val_loss"], abs=1e-4)  # fmt: skip
+        selection["candidates"][selection["winner"]]["val_loss"], abs=1e-4
+    )
     if selection["winner"] == "transfer":  # recorded by head: the fit can be redone here
         p = load_probabilities(params.path("transfer", root), "val")
         assert record["temperature"] == pytest.approx(calibration.fit(p, y_val)["temperature"])
@@ -76,7 +78,8 @@ def test_the_release_folder_holds_what_reject_needs(project):
     root, params = project
     release = params.path("release", root)
     assert (release / "backbone.keras").read_bytes() == (
-        params.path("backbone", root) / "backbone.keras").read_bytes()  # fmt: skip
+        params.path("backbone", root) / "backbone.keras"
+    ).read_bytes()
     detector, record = ood.load(release)
     assert record["method"] == params.ood.method and record["keep"] == params.ood.keep
     f_val, _ = load_features(params.path("features", root), "val")
@@ -97,7 +100,8 @@ def test_calibration_and_threshold_never_read_the_test_split(project, tmp_path):
     tasks.get("select").run(params, copy)
     for name in (calibration.CALIBRATION_FILE, ood.OOD_FILE, ood.OOD_ARRAYS):
         assert (params.path("release", copy) / name).read_bytes() == (
-            params.path("release", root) / name).read_bytes(), name  # fmt: skip
+            params.path("release", root) / name
+        ).read_bytes(), name
 
 
 def test_a_stale_feature_cache_is_a_one_line_error(project, tmp_path):
@@ -127,7 +131,8 @@ def test_evaluate_reports_ece_before_and_after_on_test(project):
     assert metrics["temperature"] == temperature
     assert metrics["ece"] == pytest.approx(calibration.expected_calibration_error(p, y), abs=1e-5)
     assert metrics["ece_calibrated"] == pytest.approx(
-        calibration.expected_calibration_error(calibrated, y), abs=1e-5)  # fmt: skip
+        calibration.expected_calibration_error(calibrated, y), abs=1e-5
+    )
     assert metrics["ece_calibrated"] <= metrics["ece"] + 1e-9
     tables = read_json(params.path("metrics", root) / "release_calibration.json")
     assert sum(tables["before"]["counts"]) == sum(tables["after"]["counts"]) == len(y)
@@ -145,8 +150,11 @@ def test_evaluate_refuses_a_feature_cache_of_another_backbone(project, tmp_path)
     root, params = project
     copy = Path(shutil.copytree(root, tmp_path / "copy"))
     write_random_backbone(params.path("release", copy), seed=1)  # not the cache's backbone
-    with pytest.raises(UserError, match="not computed by the release's backbone from these "
-                       "prepared images; run `headstart step head`"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match="not computed by the release's backbone from these "
+        "prepared images; run `headstart step head`",
+    ):
         tasks.get("evaluate").run(params, copy)
 
 
@@ -180,7 +188,8 @@ def test_predict_reports_the_temperature_scaled_probabilities(project, tmp_path)
     plain_results = predicting.predict_paths(release / "model.keras", files, top_k=3)
     assert all(r["calibrated"] is False for r in plain_results)
     assert [dict(r["top"])[classes[0]] for r in plain_results] == pytest.approx(
-        raw[:, 0].tolist(), abs=1e-5)  # fmt: skip
+        raw[:, 0].tolist(), abs=1e-5
+    )
 
 
 def test_predict_reject_answers_unknown_for_photos_and_noise(project, tmp_path):
@@ -204,8 +213,10 @@ def test_predict_reject_answers_unknown_for_photos_and_noise(project, tmp_path):
     from headstart import predicting
 
     text = predicting.render([rows[strangers[0].name], rows[own[0].name]], as_json=False)
-    assert f"{strangers[0]}  unknown (OOD score {rows[strangers[0].name]['ood_score']:.3f} > " \
-           f"threshold {threshold:.3f})" in text  # fmt: skip
+    assert (
+        f"{strangers[0]}  unknown (OOD score {rows[strangers[0].name]['ood_score']:.3f} > "
+        f"threshold {threshold:.3f})" in text
+    )
     (plain,) = predicting.predict_paths(model, strangers[:1])
     assert "unknown" not in plain and plain["top"][0][0].startswith("class_")  # without --reject
 
@@ -231,8 +242,9 @@ def test_real_lite0_on_demo_images_rejects_photos_and_keeps_its_own(tmp_path_fac
     model = params.path("release", root) / "model.keras"
     photos = predicting.predict_paths(model, write_photos(tmp_path / "photos"), reject=True)
     with open(params.path("prepared", root) / "manifest.csv") as handle:
-        test_files = [root / "data" / row["file"] for row in csv.DictReader(handle)
-                      if row["split"] == "test"]  # fmt: skip
+        test_files = [
+            root / "data" / row["file"] for row in csv.DictReader(handle) if row["split"] == "test"
+        ]
     own = predicting.predict_paths(model, test_files, reject=True)
     rejected = np.mean([r["unknown"] for r in photos])
     kept = np.mean([not r["unknown"] for r in own])
@@ -248,7 +260,8 @@ def test_the_run_summary_reports_calibration_and_the_threshold(project):
     metrics = read_json(params.path("metrics", root) / "release.json")
     record = read_json(params.path("release", root) / ood.OOD_FILE)
     text = "\n".join(candidates_table(root, params))
-    assert (f"test ECE {metrics['ece']:.4f} before, {metrics['ece_calibrated']:.4f} after"
-            in text)  # fmt: skip
-    assert (f"keeps {100 * record['val_kept']:.1f} % of the validation images (chosen there) and "
-            f"{100 * metrics['ood_kept']:.1f} % of the test images" in text)  # fmt: skip
+    assert f"test ECE {metrics['ece']:.4f} before, {metrics['ece_calibrated']:.4f} after" in text
+    assert (
+        f"keeps {100 * record['val_kept']:.1f} % of the validation images (chosen there) and "
+        f"{100 * metrics['ood_kept']:.1f} % of the test images" in text
+    )

@@ -62,5 +62,7 @@ def test_a_fresh_clone_pulls_the_demo_data_cleanly(tmp_path):
 
 
 def mtimes(root: Path) -> dict[str, int]:
-    return {str(path.relative_to(root)): path.stat().st_mtime_ns
-            for path in (root / "artifacts").rglob("*")}  # fmt: skip
+    return {
+        str(path.relative_to(root)): path.stat().st_mtime_ns
+        for path in (root / "artifacts").rglob("*")
+    }

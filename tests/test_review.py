@@ -23,11 +23,17 @@ def test_prepare_relabels_and_excludes_as_the_review_says_and_the_report_reconci
     write_good_images(data, classes=3, per_class=10)
     before = sorted(p.relative_to(data) for p in data.rglob("*") if p.is_file())
     review_file = tmp_path / review.REVIEW_FILE
-    review.save(review.Review(relabel={"class_0/img_001.png": "class_2"},
-                              exclude=["class_1/img_002.png", "class_1/img_004.png"],
-                              keep=["class_2/img_005.png"]), review_file)  # fmt: skip
-    out = prepare(data, tmp_path / "prepared", small_params(), tmp_path / "report",
-                  review_file=review_file)  # fmt: skip
+    review.save(
+        review.Review(
+            relabel={"class_0/img_001.png": "class_2"},
+            exclude=["class_1/img_002.png", "class_1/img_004.png"],
+            keep=["class_2/img_005.png"],
+        ),
+        review_file,
+    )
+    out = prepare(
+        data, tmp_path / "prepared", small_params(), tmp_path / "report", review_file=review_file
+    )
     used = manifest(out)
     assert used["class_0/img_001.png"][0] == "class_2"  # the file stays in class_0/
     assert "class_1/img_002.png" not in used and "class_1/img_004.png" not in used
@@ -50,7 +56,7 @@ def test_prepare_relabels_and_excludes_as_the_review_says_and_the_report_reconci
 
 
 @pytest.mark.parametrize(
-    "text, message",
+    ("text", "message"),
     [
         (
             "exclude: [class_0/img_999.png]\n",
@@ -68,8 +74,13 @@ def test_a_mistake_in_the_review_file_is_one_line_naming_it(tmp_path, text, mess
     review_file = tmp_path / review.REVIEW_FILE
     review_file.write_text(text)
     with pytest.raises(review.ReviewError) as caught:
-        prepare(data, tmp_path / "prepared", small_params(), tmp_path / "report",
-                review_file=review_file)  # fmt: skip
+        prepare(
+            data,
+            tmp_path / "prepared",
+            small_params(),
+            tmp_path / "report",
+            review_file=review_file,
+        )
     assert message in str(caught.value) and "\n" not in str(caught.value)
     assert str(caught.value).startswith(str(review_file))
     assert not (tmp_path / "prepared").exists()  # nothing half-written

@@ -39,17 +39,31 @@ def project_copy(tmp_path: Path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()
-            and ".headstart" not in p.parts}  # fmt: skip
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".headstart" not in p.parts
+    }
 
 
-@pytest.mark.parametrize("value", ["headstart", "tasks", ".", "/tmp/x", "data", "..",
-                                   "artifacts/../tasks", ".git/objects", "params.yaml"])  # fmt: skip
+@pytest.mark.parametrize(
+    "value",
+    [
+        "headstart",
+        "tasks",
+        ".",
+        "/tmp/x",
+        "data",
+        "..",
+        "artifacts/../tasks",
+        ".git/objects",
+        "params.yaml",
+    ],
+)
 def test_an_output_path_outside_the_allowed_area_is_one_line_and_touches_nothing(tmp_path, value):
     root = project_copy(tmp_path)
     before = snapshot(root)
-    result = run_cli("run", "--project", str(root), "-S",
-                     f"paths.baseline={value}")  # fmt: skip
+    result = run_cli("run", "--project", str(root), "-S", f"paths.baseline={value}")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "paths.baseline" in result.stderr
@@ -94,8 +108,11 @@ def test_owned_folders_are_replaced_and_stamped(tmp_path):
         with files.atomic_dir(target) as tmp:
             (tmp / "two.txt").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == [files.MARKER, "two.txt"]
-    assert files.read_marker(target) == {"written_by": "headstart", "step": "demo",
-                                         "params": {"a": 1}}  # fmt: skip
+    assert files.read_marker(target) == {
+        "written_by": "headstart",
+        "step": "demo",
+        "params": {"a": 1},
+    }
 
 
 def test_stale_temporaries_are_removed_but_nothing_else(tmp_path):
@@ -107,7 +124,10 @@ def test_stale_temporaries_are_removed_but_nothing_else(tmp_path):
     removed = files.remove_stale_temporaries([tmp_path])
     assert sorted(p.name for p in removed) == [".baseline.tmp-abc123", ".prepared.old-4242"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".baseline.tmp-notes.txt", ".other", "baseline"]  # fmt: skip
+        ".baseline.tmp-notes.txt",
+        ".other",
+        "baseline",
+    ]
 
 
 HOLDER = """
@@ -120,8 +140,9 @@ with workspace_lock(sys.argv[1]):
 
 
 def start_holder(root: Path) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE,
-                              text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -158,8 +179,9 @@ def test_a_waiting_writer_gets_the_lock_when_the_holder_ends(tmp_path):
 def fake_dvc_repro(root: Path, seconds: float) -> subprocess.Popen:
     """A process that looks like `dvc repro` running in `root` (its command line and folder),
     returned once it does (until its exec, a new process shows its parent's command line)."""
-    process = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})",
-                                "dvc", "repro"], cwd=root)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"import time; time.sleep({seconds})", "dvc", "repro"], cwd=root
+    )
     cmdline = Path(f"/proc/{process.pid}/cmdline")
     while b"repro" not in cmdline.read_bytes():
         time.sleep(0.01)
@@ -220,12 +242,16 @@ def test_symlinks_follow_one_policy_and_every_entry_is_reported(tmp_path):
     for n in range(3):
         (outside / "folder" / f"{n}.png").write_bytes(image_bytes(200 + n))
     links = {
-        "class_0/loop_a": "loop_b", "class_0/loop_b": "loop_a",
-        "class_0/dangling.png": "/nonexistent/x.png", "class_0/hostname.png": "/etc/hostname",
-        "class_1/outside.png": str(outside / "x.png"), "class_1/outside_folder": str(outside / "folder"),
+        "class_0/loop_a": "loop_b",
+        "class_0/loop_b": "loop_a",
+        "class_0/dangling.png": "/nonexistent/x.png",
+        "class_0/hostname.png": "/etc/hostname",
+        "class_1/outside.png": str(outside / "x.png"),
+        "class_1/outside_folder": str(outside / "folder"),
         "class_1/inside.png": str(data / "class_0" / "img_001.png"),
-        "class_1/inside_folder": str(data / "class_0"), "linked_class": str(outside / "folder"),
-    }  # fmt: skip
+        "class_1/inside_folder": str(data / "class_0"),
+        "linked_class": str(outside / "folder"),
+    }
     for link, target in links.items():
         os.symlink(target, data / link)
     (data / "class_0" / "fake\nquarantined line.png").write_bytes(b"not an image")
@@ -249,26 +275,35 @@ def test_symlinks_follow_one_policy_and_every_entry_is_reported(tmp_path):
     assert not any(line.startswith("quarantined line") for line in text.splitlines())
 
 
-@pytest.mark.parametrize("override, message", [
-    ("head.learning_rate=.inf", "head.learning_rate must be a finite number"),
-    ("baseline.learning_rate=.nan", "baseline.learning_rate must be a finite number"),
-    ("base.seed=4294967296", "base.seed must be in [0, 2**32)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("head.learning_rate=.inf", "head.learning_rate must be a finite number"),
+        ("baseline.learning_rate=.nan", "baseline.learning_rate must be a finite number"),
+        ("base.seed=4294967296", "base.seed must be in [0, 2**32)"),
+    ],
+)
 def test_non_finite_and_out_of_range_numbers_are_refused(override, message):
     with pytest.raises(params_module.ParamsError) as caught:
         params_module.load(ROOT / "params.yaml", [override])
     assert message in str(caught.value)
 
 
-@pytest.mark.parametrize("command", [["status"], ["run", "-S", "head.epochs=3"],
-                                     ["step", "prepare"]])  # fmt: skip
-@pytest.mark.parametrize("damage, message", [
-    (lambda text: text.replace("  epochs: 15\n", "  epochs: 15\n  epochs: 16\n", 1),
-     "duplicate key 'epochs'"),
-    (lambda text: text + "head: [unclosed\n", "not valid YAML"),
-    (lambda text: text.replace("  top_k: 3\n", ""), "missing key evaluate.top_k"),
-    (None, "not found"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "command", [["status"], ["run", "-S", "head.epochs=3"], ["step", "prepare"]]
+)
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda text: text.replace("  epochs: 15\n", "  epochs: 15\n  epochs: 16\n", 1),
+            "duplicate key 'epochs'",
+        ),
+        (lambda text: text + "head: [unclosed\n", "not valid YAML"),
+        (lambda text: text.replace("  top_k: 3\n", ""), "missing key evaluate.top_k"),
+        (None, "not found"),
+    ],
+)
 def test_broken_parameter_files_are_one_line_for_every_command(tmp_path, command, damage, message):
     params_file = tmp_path / "params.yaml"
     if damage is not None:
@@ -293,14 +328,16 @@ def test_a_loss_that_becomes_nan_stops_training_with_one_line(tmp_path):
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32") * 1e6
     y = np.arange(64) % 2
     data = training.dataset(x, y, 16)
-    with pytest.raises(UserError, match=r"head: the training loss became nan in epoch \d+; lower "
-                                        r"head.learning_rate"):  # fmt: skip
-        training.fit(model, data, data, "head", epochs=5, patience=5,
-                     target_accuracy=1.0)  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"head: the training loss became nan in epoch \d+; lower "
+        r"head.learning_rate",
+    ):
+        training.fit(model, data, data, "head", epochs=5, patience=5, target_accuracy=1.0)
 
 
 def test_strict_json_refuses_nan(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         files.write_json(tmp_path / "m.json", {"accuracy": float("nan")})
     assert not (tmp_path / "m.json").exists()
 
@@ -310,10 +347,10 @@ def test_a_bad_cached_weights_file_is_removed_before_the_advice_to_copy_one_ther
 
     cached = tmp_path / "w.h5"
     cached.write_bytes(b"corrupt")
-    with pytest.raises(DownloadError, match=f"download failed after 2 tries .*copy the file to "
-                                            f"{cached}"):  # fmt: skip
-        fetch((tmp_path / "missing.h5").as_uri(), "w.h5", "0" * 64, tmp_path, retries=2,
-              backoff=0)  # fmt: skip
+    with pytest.raises(
+        DownloadError, match=f"download failed after 2 tries .*copy the file to {cached}"
+    ):
+        fetch((tmp_path / "missing.h5").as_uri(), "w.h5", "0" * 64, tmp_path, retries=2, backoff=0)
     assert not cached.exists()
 
 
@@ -332,8 +369,9 @@ def headstart_process(root: Path, *args: str, api_url: str | None = None) -> sub
     logs = root.parent / "logs"
     logs.mkdir(exist_ok=True)
     with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
-        return subprocess.Popen(["headstart", *args], cwd=root, env=env, stdout=out, stderr=err,
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            ["headstart", *args], cwd=root, env=env, stdout=out, stderr=err, start_new_session=True
+        )
 
 
 def output_of(root: Path) -> str:
@@ -352,8 +390,11 @@ def kill_inside(root: Path, killed_in: str, api_url: str, *changes: str) -> None
     overrides = [arg for change in changes for arg in ("-S", change)]
     victim = headstart_process(root, "run", *overrides, api_url=api_url)
     try:
-        wait_for(lambda: any(killed_in in name for name in temporaries(root))
-                 or victim.poll() is not None)  # fmt: skip
+        wait_for(
+            lambda: (
+                any(killed_in in name for name in temporaries(root)) or victim.poll() is not None
+            )
+        )
         assert victim.poll() is None, output_of(root)
     finally:
         os.killpg(victim.pid, signal.SIGKILL)  # no clean-up code runs
@@ -374,16 +415,19 @@ def test_runs_killed_inside_steps_then_two_runs_at_once_end_clean_and_never_mix(
     kill_inside(root, ".transfer.tmp-", api_url, "baseline.epochs=2", "head.epochs=3")
 
     first = headstart_process(root, "run", "-S", "baseline.epochs=5", api_url=api_url)
-    wait_for(lambda: (root / ".headstart" / "lock").is_file()
-             and "baseline.epochs=5" in (root / ".headstart" / "lock").read_text())  # fmt: skip
+    wait_for(
+        lambda: (
+            (root / ".headstart" / "lock").is_file()
+            and "baseline.epochs=5" in (root / ".headstart" / "lock").read_text()
+        )
+    )
     second = run_in(root, "headstart", "run", "-S", "baseline.epochs=1", check=False)
     assert first.wait(timeout=600) == 0, output_of(root)
     assert second.returncode == 1
     assert second.stderr.strip().splitlines() == [
         f"error: {root}: another headstart run holds this workspace: pid {first.pid} "
-        f"(`headstart run -S baseline.epochs=5`, since "
-        + second.stderr.split("since ")[1].strip()
-    ]  # fmt: skip
+        f"(`headstart run -S baseline.epochs=5`, since " + second.stderr.split("since ")[1].strip()
+    ]
     log = (root.parent / "logs" / "stderr").read_text()
     assert "stale lock" in log, output_of(root)  # a warning: on the console
     run_log = (root / ".headstart" / "run.log").read_text()  # the first run's INFO lines
@@ -407,17 +451,21 @@ def test_runs_killed_inside_steps_then_two_runs_at_once_end_clean_and_never_mix(
 
 
 @pytest.mark.slow
-def test_status_and_run_complete_with_bad_links_in_the_data(trained_copy, trained_project,
-                                                            tmp_path):  # fmt: skip
+def test_status_and_run_complete_with_bad_links_in_the_data(
+    trained_copy, trained_project, tmp_path
+):
     root, api_url = trained_copy, trained_project.api_url
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "x.png").write_bytes(image_bytes(77))
-    for link, target in {"class_0/loop_a": "loop_b", "class_0/loop_b": "loop_a",
-                         "class_0/dangling.png": "/nonexistent.png",
-                         "class_0/hostname.png": "/etc/hostname",
-                         "class_1/outside.png": str(outside / "x.png"),
-                         "class_1/folder": str(outside)}.items():  # fmt: skip
+    for link, target in {
+        "class_0/loop_a": "loop_b",
+        "class_0/loop_b": "loop_a",
+        "class_0/dangling.png": "/nonexistent.png",
+        "class_0/hostname.png": "/etc/hostname",
+        "class_1/outside.png": str(outside / "x.png"),
+        "class_1/folder": str(outside),
+    }.items():
         os.symlink(target, root / "data" / link)
     status = run_in(root, "headstart", "status")
     assert "prepare    stale" in status.stdout
@@ -430,8 +478,9 @@ def test_status_and_run_complete_with_bad_links_in_the_data(trained_copy, traine
     report = (root / "artifacts/data-report/report.txt").read_text()
     for name in ("loop_a", "loop_b", "dangling.png", "hostname.png", "outside.png", "folder"):
         assert name in report
-    failed = run_in(root, "headstart", "run", "-S", "prepare.min_per_class=50", check=False,
-                    api_url=api_url)  # fmt: skip
+    failed = run_in(
+        root, "headstart", "run", "-S", "prepare.min_per_class=50", check=False, api_url=api_url
+    )
     assert failed.returncode == 1
     assert "Traceback" not in failed.stderr
     errors = [line for line in failed.stderr.splitlines() if "rror" in line]
@@ -439,8 +488,11 @@ def test_status_and_run_complete_with_bad_links_in_the_data(trained_copy, traine
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.slow
@@ -451,8 +503,10 @@ def test_dvc_repro_after_a_hand_edit_deletes_nothing(trained_copy):
     root = trained_copy
     (root / "mystuff").mkdir()
     (root / "mystuff" / "notes.txt").write_text("precious\n")
-    outputs = {name: tree(root / "artifacts" / name) for name in ("prepared", "baseline",
-               "metrics", "plots")}  # fmt: skip
+    outputs = {
+        name: tree(root / "artifacts" / name)
+        for name in ("prepared", "baseline", "metrics", "plots")
+    }
     originals = {name: (root / name).read_bytes() for name in ("README.md", "Makefile")}
     git_objects = sorted((root / ".git" / "objects").rglob("*"))
     params_text = (root / "params.yaml").read_text()
@@ -505,8 +559,10 @@ def test_a_full_disk_in_a_step_is_one_line_and_keeps_the_previous_output(tmp_pat
     assert not [p for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("table, kept", [("", False), ('{"read": {}, "wr', False),
-                                         ('{"read": {}, "write": {}}', True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("table", "kept"),
+    [("", False), ('{"read": {}, "wr', False), ('{"read": {}, "write": {}}', True)],
+)
 def test_taking_over_a_stale_lock_removes_dvcs_damaged_lock_table(tmp_path, table, kept):
     """A run killed while DVC rewrote .dvc/tmp/rwlock leaves it cut short: every later DVC
     call then fails with a JSON traceback. The run that takes over the stale lock removes it

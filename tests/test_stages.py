@@ -118,8 +118,10 @@ def test_the_library_imports_tasks_and_flows_only_in_the_command_line():
 
 
 def calls(path: Path, function: str) -> bool:
-    return any(isinstance(node, ast.Call) and getattr(node.func, "id", None) == function
-               for node in ast.walk(ast.parse(path.read_text())))  # fmt: skip
+    return any(
+        isinstance(node, ast.Call) and getattr(node.func, "id", None) == function
+        for node in ast.walk(ast.parse(path.read_text()))
+    )
 
 
 def test_the_steps_that_start_tensorflow_are_those_whose_code_imports_it():
@@ -128,13 +130,16 @@ def test_the_steps_that_start_tensorflow_are_those_whose_code_imports_it():
     converts), and one whose modules cannot (prepare, plots) must not pay its ~7 s start in a
     `headstart run` or a `dvc repro` stage."""
     imports = {
-        step.name: any(name.split(".")[0] in ("tensorflow", "keras")
-                       for module in closure(f"tasks.{step.name}")
-                       for name in imported_names(module_file(module)))
+        step.name: any(
+            name.split(".")[0] in ("tensorflow", "keras")
+            for module in closure(f"tasks.{step.name}")
+            for name in imported_names(module_file(module))
+        )
         for step in STEPS
-    }  # fmt: skip
-    starts_itself = {step.name for step in STEPS
-                     if calls(module_file(f"tasks.{step.name}"), "start_tensorflow")}  # fmt: skip
+    }
+    starts_itself = {
+        step.name for step in STEPS if calls(module_file(f"tasks.{step.name}"), "start_tensorflow")
+    }
     assert starts_itself == {"export"}
     assert {step.name: step.tensorflow or step.name in starts_itself for step in STEPS} == imports
     assert [step.name for step in STEPS if not step.tensorflow] == ["prepare", "plots", "export"]

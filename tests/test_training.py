@@ -52,8 +52,11 @@ def test_baseline_artifacts(project):
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.h5"))  # no training checkpoint kept as an output
     logged = sorted(f.relative_to(out).as_posix() for f in out.glob("dvclive/**/*.tsv"))
-    assert logged == [f"dvclive/plots/metrics/baseline/{split}/{metric}.tsv"
-                      for split in ("eval", "train") for metric in ("accuracy", "loss")]  # fmt: skip
+    assert logged == [
+        f"dvclive/plots/metrics/baseline/{split}/{metric}.tsv"
+        for split in ("eval", "train")
+        for metric in ("accuracy", "loss")
+    ]
     with open(out / "dvclive/plots/metrics/baseline/train/loss.tsv") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     assert 1 <= len(rows) <= params.baseline.epochs
@@ -145,8 +148,12 @@ def test_metrics_files_have_flat_keys_and_the_headline_is_the_release_as_shipped
             assert len(list(csv.DictReader(handle))) == metrics["test_images"]
     headline = read_json(metrics_dir / "headline.json")
     release = figures["release"]
-    shown = {"loss": "loss_calibrated", "ece": "ece_calibrated", "accuracy": "accuracy",
-             "macro_f1": "macro_f1"}  # fmt: skip
+    shown = {
+        "loss": "loss_calibrated",
+        "ece": "ece_calibrated",
+        "accuracy": "accuracy",
+        "macro_f1": "macro_f1",
+    }
     for key, figure in shown.items():
         assert headline[key] == pytest.approx(release[figure], abs=5e-5), key
     for name in ("baseline", "transfer", "ensemble"):
@@ -161,8 +168,10 @@ def test_every_head_configuration_is_scored_and_the_choice_recorded(project):
     names = [c["name"] for c in selection["candidates"]]
     assert names == ["linear", "small", "dense"]
     assert selection["chosen"] in names and selection["reason"].startswith("3-fold CV")
-    assert all(0 <= c["cv_accuracy"] <= 1 and 1 <= c["best_epochs"] <= c["epochs_run"]
-               for c in selection["candidates"])  # fmt: skip
+    assert all(
+        0 <= c["cv_accuracy"] <= 1 and 1 <= c["best_epochs"] <= c["epochs_run"]
+        for c in selection["candidates"]
+    )
     finished = [c for c in selection["candidates"] if c["dropped"] is None]
     assert selection["chosen"] in [c["name"] for c in finished]
     dense = selection["candidates"][2]
@@ -170,8 +179,9 @@ def test_every_head_configuration_is_scored_and_the_choice_recorded(project):
     curve = read_json(out / "learning_curve.json")["points"]
     assert list(curve) == ["10%", "25%", "50%", "100%"]
     sizes = [point["images"] for point in curve.values()]
-    assert sizes == sorted(sizes) and sizes[-1] == len(np.load(
-        params.path("prepared", root) / "train_labels.npy"))  # fmt: skip
+    assert sizes == sorted(sizes) and sizes[-1] == len(
+        np.load(params.path("prepared", root) / "train_labels.npy")
+    )
 
 
 def test_the_seed_head_can_be_pinned(project, tmp_path):
@@ -228,8 +238,9 @@ def test_an_ensemble_release_is_the_weighted_mean_of_its_members(project, tmp_pa
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
     x = np.random.default_rng(1).uniform(0, 255, (4, 45, 37, 3)).astype("float32")
     resized = keras.layers.Resizing(params.base.image_size, params.base.image_size)(x)
-    expected = (0.3 * np.asarray(transfer(x, training=False))
-                + 0.7 * np.asarray(baseline(resized, training=False)))  # fmt: skip
+    expected = 0.3 * np.asarray(transfer(x, training=False)) + 0.7 * np.asarray(
+        baseline(resized, training=False)
+    )
     assert np.allclose(np.asarray(loaded(x)), expected, atol=1e-5)
 
 
@@ -243,7 +254,8 @@ def test_selection_is_recorded_and_the_release_is_evaluated(project):
     winner = read_json(metrics_dir / f"{selection['winner']}.json")
     assert release["accuracy"] == pytest.approx(winner["accuracy"])
     assert winner["released"] and winner["val_accuracy"] == pytest.approx(
-        selection["candidates"][selection["winner"]]["val_accuracy"])  # fmt: skip
+        selection["candidates"][selection["winner"]]["val_accuracy"]
+    )
 
 
 def test_classification_metrics_by_hand():
@@ -262,9 +274,15 @@ def test_plots_are_written(project):
     root, params = project
     out = params.path("plots", root)
     names = sorted(p.name for p in out.iterdir() if p.name != MARKER)
-    figures = ["baseline_confusion.png", "curves.png", "learning_curve.png",
-               "release_confusion.png", "release_reliability.png", "release_samples.png",
-               "transfer_confusion.png"]  # fmt: skip
+    figures = [
+        "baseline_confusion.png",
+        "curves.png",
+        "learning_curve.png",
+        "release_confusion.png",
+        "release_reliability.png",
+        "release_samples.png",
+        "transfer_confusion.png",
+    ]
     sheets = {"suspects.png", "off_topic.png", "near_duplicates.png"}  # drawn when not empty
     assert [n for n in names if n not in sheets] == sorted([*figures, "doctor.json"])
     from PIL import Image
@@ -407,9 +425,15 @@ def test_predict_follows_the_preprocessing_record_beside_the_model(tmp_path, res
     model = keras.Model(inputs, dense(red))
     dense.set_weights([np.array([[8.0, 0.0], [0, 0], [0, 0]], "float32"), np.zeros(2, "float32")])
     model.save(tmp_path / "model.keras")
-    (tmp_path / "labels.json").write_text(json.dumps({
-        "classes": ["red", "dark"], "image_size": 16,
-        "preprocessing": images.preprocessing(16, resize)}))  # fmt: skip
+    (tmp_path / "labels.json").write_text(
+        json.dumps(
+            {
+                "classes": ["red", "dark"],
+                "image_size": 16,
+                "preprocessing": images.preprocessing(16, resize),
+            }
+        )
+    )
     Image.new("RGB", (40, 10), (255, 0, 0)).save(tmp_path / "wide.png")  # pad: 3/4 black
     [result] = predict_paths(tmp_path / "model.keras", [tmp_path / "wide.png"], top_k=2)
     expected = np.asarray(model(images.load(tmp_path / "wide.png", 16, resize)[None]))[0]

@@ -21,8 +21,9 @@ POOL = "headstart"  # the work pool prefect.yaml names
 DEPLOYMENT = "headstart-retrain/scheduled-retraining"
 
 
-def test_a_worker_runs_the_deployed_retraining_in_the_project(trained_copy, trained_project,
-                                                              tmp_path):  # fmt: skip
+def test_a_worker_runs_the_deployed_retraining_in_the_project(
+    trained_copy, trained_project, tmp_path
+):
     root = trained_copy
     shutil.copy(ROOT / "prefect.yaml", root / "prefect.yaml")  # the file under review
     shutil.rmtree(root / "artifacts/plots")  # something for the run to rebuild (plots only)
@@ -39,9 +40,14 @@ def test_a_worker_runs_the_deployed_retraining_in_the_project(trained_copy, trai
     # elsewhere: the worker starts outside the project (prefect.yaml's pull step moves each run
     # into HEADSTART_ROOT); --run-once: it runs what is due, waits for it, and exits by itself
     env = {**command_env(api_url), "HEADSTART_ROOT": str(root)}
-    worker = subprocess.run(["prefect", "worker", "start", "--pool", POOL, "--run-once",
-                             "--limit", "1"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    worker = subprocess.run(
+        ["prefect", "worker", "start", "--pool", POOL, "--run-once", "--limit", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     output = f"{worker.stdout[-4000:]}\n{worker.stderr[-4000:]}"
     assert worker.returncode == 0, output
     assert flow_run_state(api_url, run_id.group(1)) == "COMPLETED", output
