@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from common import table
-from heldout import CLASSES, SOURCE, fashion_images, make_project, run_pipeline, write_pngs
+from heldout import SOURCE, fashion_images, make_project, run_pipeline, write_pngs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,12 +40,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def held_out_images(folder: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+def held_out_images(folder: Path, prepared: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out images decoded as prepare decodes them, and their labels in the project's
+    class order (labels.json: sorted folder names, not Fashion-MNIST's)."""
     from headstart import images
+    from headstart.files import read_json
 
+    labels = read_json(prepared / "labels.json")
     files = sorted(folder.glob("*/*.png"))
+    size = labels["image_size"]
     x = np.stack([images.load(f, size, "pad") for f in files]).astype("float32")
-    y = np.array([CLASSES.index(f.parent.name) for f in files])
+    y = np.array([labels["classes"].index(f.parent.name) for f in files])
     return x, y
 
 
@@ -108,15 +113,12 @@ def main(argv=None) -> None:
     project = make_project(work / "project", pixels, train)
     write_pngs(pixels, heldout, work / "heldout")
     sys.path.insert(0, str(project))
-    from headstart.artifacts import image_size
     from headstart.metrics import per_image_loss
 
     scores: dict[str, list[tuple[float, float]]] = {}
     for seed in args.seeds:
         run = run_pipeline(project, seed, args.overrides)
-        x_held, y_held = held_out_images(
-            work / "heldout", image_size(project / "artifacts/prepared")
-        )
+        x_held, y_held = held_out_images(work / "heldout", project / "artifacts/prepared")
         found, temperatures = rules(member_probabilities(project, x_held))
         print(f"[seed {seed}] {run['released']} {temperatures}", file=sys.stderr, flush=True)
         for name, p in found.items():

@@ -95,7 +95,9 @@ def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_B
         else np.zeros(0, bool)
     )
     index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    counts, mean_confidence, accuracy = [], [], []
+    counts: list[int] = []
+    mean_confidence: list[float | None] = []
+    accuracy: list[float | None] = []
     ece = 0.0
     for b in range(bins):
         members = index == b

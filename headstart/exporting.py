@@ -110,7 +110,7 @@ def _run_litert(target: Path) -> Runner:
     with native_noise_dropped():
         interpreter = Interpreter(model_path=str(target))
     (given,), (returned,) = interpreter.get_input_details(), interpreter.get_output_details()
-    shape = [None]
+    shape: list[tuple[int, ...] | None] = [None]
 
     def run(batch: np.ndarray) -> np.ndarray:
         if shape[0] != batch.shape:

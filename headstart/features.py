@@ -283,10 +283,10 @@ def assemble(
     must be there with its full row count and one width: else a UserError naming it, and the
     cache is left as it was."""
     rows = _rows(prepared_dir, views)
-    shards = plan(prepared_dir, views, shards, batch_size)
+    pieces = plan(prepared_dir, views, shards, batch_size)
     folder = shards_dir(features_dir, key)
-    width = None
-    for shard in shards:
+    width = 0
+    for shard in pieces:
         path = folder / shard.file_name
         if not path.is_file():
             raise UserError(f"{path}: feature shard missing (its task did not finish); run again")
@@ -305,7 +305,7 @@ def assemble(
             split: _open(tmp / f"{split}_features.npy", images * n_views, width)
             for split, (images, n_views) in rows.items()
         }
-        for shard in shards:
+        for shard in pieces:
             row = shard.view * rows[shard.split][0] + shard.start
             outs[shard.split][row : row + shard.stop - shard.start] = np.load(
                 folder / shard.file_name, mmap_mode="r"

@@ -108,11 +108,10 @@ def decode(data: bytes, size: int, resize: str = "pad", max_pixels: int = 89_478
         try:
             image.seek(0)  # animated images: the first frame
             image.load()
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
+            upright = _to_rgb(ImageOps.exif_transpose(image))
         except Exception as err:
             raise BadImage(f"cannot decode {image.format or 'image'} ({err})") from None
-    array = np.asarray(_fit(image, size, resize), dtype=np.uint8)
+    array = np.asarray(_fit(upright, size, resize), dtype=np.uint8)
     if array.shape != (size, size, 3):  # never expected; guard the contract
         raise BadImage(f"decoded to unexpected shape {array.shape}")
     return array

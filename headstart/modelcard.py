@@ -13,6 +13,7 @@ import csv
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -57,7 +58,12 @@ def bootstrap_intervals(
             macro_f1(labels[rows], predicted[rows], classes),
         ),
     }
-    result = {"images": int(len(labels)), "resamples": resamples, "seed": seed, "level": level}
+    result: dict[str, Any] = {
+        "images": int(len(labels)),
+        "resamples": resamples,
+        "seed": seed,
+        "level": level,
+    }
     for name, (value, resampled) in values.items():
         low, high = np.percentile(resampled, [tail, 100 - tail])
         result[name] = {"value": value, "low": float(low), "high": float(high)}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -155,7 +156,7 @@ def choose_threshold(scores: np.ndarray, keep: float) -> float:
 
 def save(detector: Detector, folder: Path | str, record: dict) -> None:
     folder = Path(folder)
-    arrays = {"centroids": detector.centroids.astype(np.float32)}
+    arrays: dict[str, Any] = {"centroids": detector.centroids.astype(np.float32)}
     if detector.whitening is not None:
         arrays["whitening"] = detector.whitening.astype(np.float32)
     np.savez(folder / OOD_ARRAYS, **arrays)

@@ -86,7 +86,9 @@ def check_inputs(name: str, params: Params, root: Path | str) -> None:
     }
     for dep in stages.get(name, {}).get("deps", []):
         key = re.fullmatch(r"\$\{paths\.(\w+)\}(/.*)?", str(dep))
-        producer = producers.get(f"${{paths.{key.group(1)}}}") if key else None
+        if key is None:
+            continue
+        producer = producers.get(f"${{paths.{key.group(1)}}}")
         if producer and producer != name:
             files.require(
                 params.path(key.group(1), root) / (key.group(2) or "").lstrip("/"), producer

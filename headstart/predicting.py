@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,7 @@ def predict_paths(
     inputs: list[Path],
     top_k: int = 1,
     reject: bool = False,
-    export_dirs: list[Path] = (),
+    export_dirs: Sequence[Path] = (),
 ) -> list[dict]:
     """One result per image file: {"file", "top": [(label, probability), ...], "calibrated",
     "runtime"} or {"file", "error"} for a file that cannot be read (the rest still run).
@@ -241,7 +242,7 @@ def predict_paths(
     k = min(top_k, len(classes))
     for index, (row, p) in enumerate(zip(rows, probabilities, strict=True)):
         result = results[row]
-        if scores is not None:
+        if scores is not None and detector is not None:
             result.update(
                 ood_score=float(scores[index]),
                 ood_threshold=detector.threshold,

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from typing import Any, TextIO
 
 LOG_INTERVAL = 10.0  # seconds between plain log lines
 BAR_INTERVAL = 0.1  # seconds between updates of the rich bar
@@ -59,8 +59,9 @@ class Tracker:
         self.description, self.unit, self.logger = description, unit, logger
         self.interval = interval
         self.started = time.monotonic()
-        self._bar = self._task = None
-        self._artifact_id = None
+        self._bar: Any = None  # rich.progress.Progress, while drawn
+        self._task: Any = None
+        self._artifact_id: Any = None  # the Prefect artifact's UUID
         self._log_due = self._bar_due = self._artifact_due = float("inf")
         self._due = float("inf")
 
@@ -122,7 +123,9 @@ class Tracker:
                 progress=0.0,
                 key=key,
                 description=f"{self.description}: {self.total} {self.unit}",
-                _sync=True,
+                # private: forces the synchronous call inside Prefect's async machinery (pinned
+                # prefect==3.x in pyproject; its public sync path returns a coroutine in a flow)
+                _sync=True,  # type: ignore[call-arg]
             )
         except Exception as err:  # progress display must never fail the step
             self.logger.warning("%s: no Prefect progress artifact (%s)", self.description, err)
@@ -151,7 +154,7 @@ class Tracker:
         try:
             from prefect.artifacts import update_progress_artifact
 
-            update_progress_artifact(self._artifact_id, progress=percent, _sync=True)
+            update_progress_artifact(self._artifact_id, progress=percent, _sync=True)  # type: ignore[call-arg]  # see _start_artifact
         except Exception as err:  # progress display must never fail the step
             self.logger.warning(
                 "%s: Prefect progress artifact not updated (%s)", self.description, err
