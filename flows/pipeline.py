@@ -30,7 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from headstart import dvcstate, features
 from headstart import params as params_module
-from headstart.artifacts import REPORT_FILE
+from headstart.artifacts import REPORT_FILE, SELECTION_FILE
 from headstart.errors import UserError
 from headstart.files import read_json
 from headstart.lock import handoff_token, record_prefect_server, workspace_lock
@@ -267,7 +267,7 @@ def headline(name: str, params, root: Path) -> str:
             f"{totals['test']} test), {totals['quarantined']} quarantined"
         )
     if name == "select":
-        selection = read_json(params.path("release", root) / "selection.json")
+        selection = read_json(params.path("release", root) / SELECTION_FILE)
         return f"released {selection['winner']}"
     if name == "evaluate":
         release = read_json(params.path("metrics", root) / "release.json")

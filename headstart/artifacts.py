@@ -11,6 +11,12 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 MODEL_FILE = "model.keras"  # every model folder: model.keras + labels.json beside it
 LABELS_FILE = "labels.json"
+SELECTION_FILE = "selection.json"
+MANIFEST_FILE = "manifest.csv"
+TRANSFER_RECORD = "transfer.json"
+HEAD_SELECTION_FILE = "head_selection.json"
+WEIGHTS_RECORD = "weights.json"
+FEATURES_RECORD = "features.json"
 # the split record: every used image's split, by content (git-tracked at the project root, read
 # and rewritten by prepare, so adding images never moves one and a fresh clone splits the same)
 SPLIT_RECORD = "splits.csv"

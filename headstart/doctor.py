@@ -26,7 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.artifacts import OUT_OF_FOLD_FILE, PROBABILITIES_FILE, REPORT_FILE, load_features
+from headstart.artifacts import (
+    LABELS_FILE,
+    MANIFEST_FILE,
+    OUT_OF_FOLD_FILE,
+    PROBABILITIES_FILE,
+    REPORT_FILE,
+    load_features,
+)
 from headstart.files import read_json
 
 log = logging.getLogger("headstart.doctor")
@@ -89,7 +96,7 @@ def strong_evidence(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray
 
 
 def _files(prepared: Path, split: str) -> list[str]:
-    with open(prepared / "manifest.csv", newline="") as handle:
+    with open(prepared / MANIFEST_FILE, newline="") as handle:
         return [row["file"] for row in csv.DictReader(handle) if row["split"] == split]
 
 
@@ -99,7 +106,7 @@ def examine(
     """Every finding: `label_issues` (file, split, given, suggested, self_confidence),
     `off_topic` (file, label, ood_score, threshold), `label_conflicts` (near-duplicate groups
     across classes, from prepare's report). Files a person marked `keep` are left out."""
-    classes = read_json(prepared / "labels.json")["classes"]
+    classes = read_json(prepared / LABELS_FILE)["classes"]
     suspects = []
     sources = {"train": transfer / OUT_OF_FOLD_FILE, "val": transfer / PROBABILITIES_FILE}
     for split, source in sources.items():

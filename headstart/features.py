@@ -26,7 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.artifacts import BACKBONE_FILE, DROP_PAGES_EVERY, SPLITS, drop_pages, load_split
+from headstart.artifacts import (
+    BACKBONE_FILE,
+    DROP_PAGES_EVERY,
+    FEATURES_RECORD,
+    MANIFEST_FILE,
+    SPLITS,
+    drop_pages,
+    load_split,
+)
 from headstart.augment import layers_for, view_policies
 from headstart.errors import UserError
 from headstart.files import atomic_dir, read_json, read_marker, sha256_file, write_json
@@ -55,7 +63,7 @@ def cache_key(prepared_dir: Path, backbone_dir: Path, views: tuple[str, ...], se
     names each source file's content and split; the parameters prepare ran with say how they
     were decoded: `prepare.resize` changes the pixels, not the manifest), views and seed."""
     digest = hashlib.sha256()
-    for path in (backbone_dir / BACKBONE_FILE, prepared_dir / "manifest.csv"):
+    for path in (backbone_dir / BACKBONE_FILE, prepared_dir / MANIFEST_FILE):
         digest.update(sha256_file(path).encode())
     prepared_with = (read_marker(prepared_dir) or {}).get("params", {})
     digest.update(json.dumps(prepared_with, sort_keys=True).encode())
@@ -79,7 +87,7 @@ def params_key(params, root: Path | str) -> str:
 
 
 def is_current(features_dir: Path, key: str) -> bool:
-    record = features_dir / "features.json"
+    record = features_dir / FEATURES_RECORD
     return record.exists() and read_json(record).get("key") == key
 
 
@@ -219,7 +227,7 @@ def cache_features(
             out.flush()
             del out
         _labels(tmp, prepared_dir, rows)
-        write_json(tmp / "features.json", _record(key, views, width, rows))
+        write_json(tmp / FEATURES_RECORD, _record(key, views, width, rows))
     log.info("head: cached features of %d images in %.1fs", total, time.perf_counter() - started)
     return features_dir
 
@@ -314,6 +322,6 @@ def assemble(
             out.flush()
         del outs
         _labels(tmp, prepared_dir, rows)
-        write_json(tmp / "features.json", _record(key, views, width, rows))
+        write_json(tmp / FEATURES_RECORD, _record(key, views, width, rows))
     shutil.rmtree(shards_root(features_dir), ignore_errors=True)
     return features_dir

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.artifacts import load_split
+from headstart.artifacts import LABELS_FILE, load_split
 from headstart.files import read_json
 
 
@@ -71,7 +71,7 @@ def evaluate_model(
 
     from headstart.training import predict
 
-    classes = read_json(prepared_dir / "labels.json")["classes"]
+    classes = read_json(prepared_dir / LABELS_FILE)["classes"]
     x, y = load_split(prepared_dir, split)
     probabilities = predict(keras.saving.load_model(model_path), x)
     metrics, confusion = classification_metrics(probabilities, y, classes, top_k)

@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from headstart.artifacts import LABELS_FILE, MODEL_FILE, REPORT_FILE
+from headstart.artifacts import (
+    LABELS_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    REPORT_FILE,
+    SELECTION_FILE,
+    TRANSFER_RECORD,
+    WEIGHTS_RECORD,
+)
 from headstart.calibration import CALIBRATION_FILE
 from headstart.errors import UserError
 from headstart.files import read_json, require, sha256_file
@@ -133,7 +141,7 @@ def training_choices(root: Path, params) -> list[tuple[str, str]]:
     if report_path.is_file() and "image_size" in (report := read_json(report_path)):
         size = report["image_size"]
         choices.append(("image size", f"{size['size']} px ({size['reason']})"))
-    transfer_path = params.path("transfer", root) / "transfer.json"
+    transfer_path = params.path("transfer", root) / TRANSFER_RECORD
     if transfer_path.is_file():
         record = read_json(transfer_path)
         if "augment" in record:
@@ -164,7 +172,7 @@ def collect(root: Path | str, params: Params, exports: dict) -> dict:
             "limitations (every model card carries its text)"
         )
     classes = read_json(require(release / LABELS_FILE, "select"))["classes"]
-    selection = read_json(require(release / "selection.json", "select"))
+    selection = read_json(require(release / SELECTION_FILE, "select"))
     report = read_json(require(params.path("data_report", root) / REPORT_FILE, "prepare"))
     labels, predicted = _test_predictions(metrics, classes)
     confusion = read_json(require(metrics / "release_confusion.json", "evaluate"))
@@ -196,13 +204,13 @@ def collect(root: Path | str, params: Params, exports: dict) -> dict:
             "path": params.paths.data,
             "dvc": data_version(root / f"{params.paths.data}.dvc"),
             "manifest": f"{params.paths.prepared}/manifest.csv",
-            "manifest_sha256": sha256_file(require(prepared / "manifest.csv", "prepare")),
+            "manifest_sha256": sha256_file(require(prepared / MANIFEST_FILE, "prepare")),
             "totals": report["totals"],
             "per_class": report["per_class"],
             "near_duplicate_groups": report.get("near_duplicates", {}).get("count", 0),
             "relabelled": len(report.get("review", {}).get("relabelled", [])),
         },
-        "backbone": read_json(require(weights / "weights.json", "weights")),
+        "backbone": read_json(require(weights / WEIGHTS_RECORD, "weights")),
         "choices": training_choices(root, params),
         "parameters": to_dict(params),
         "code": code_revision(root),

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart import calibration, images
+from headstart.artifacts import LABELS_FILE
 from headstart.errors import UserError
 from headstart.files import read_json
 from headstart.progress import progress
@@ -73,7 +74,7 @@ def _backbone(model_dir: Path):
     """The release's copy of the frozen backbone (its features give the OOD score)."""
     path = _require_backbone(model_dir)
     backbone = _load_model(path, "it")
-    size = read_json(model_dir / "labels.json")["image_size"]
+    size = read_json(model_dir / LABELS_FILE)["image_size"]
     if tuple(backbone.input_shape[1:3]) != (size, size):
         raise UserError(
             f"{path}: takes {backbone.input_shape[1]} px images but labels.json says "
@@ -175,7 +176,7 @@ def predict_paths(
     and agreed with it on every test image (see `_checked_export`); else "keras". TensorFlow
     loads only for Keras, and only once every check that needs none has passed."""
     model_path = Path(model_path)
-    labels_path = model_path.parent / "labels.json"
+    labels_path = model_path.parent / LABELS_FILE
     if model_path.is_dir():
         raise UserError(
             f"{model_path}: a folder, not a .keras model file; give the model file "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from headstart.artifacts import EXPORT_RECORD_FILE, REPORT_FILE
+from headstart.artifacts import EXPORT_RECORD_FILE, REPORT_FILE, SELECTION_FILE
 from headstart.calibration import CALIBRATION_FILE
 from headstart.files import read_json
 from headstart.modelcard import CARD_FILE, NOTES_FILE, training_choices
@@ -77,7 +77,7 @@ def doctor_lines(root: Path, params) -> list[str]:
 
 def candidates_table(root: Path, params) -> list[str]:
     """Every candidate with validation and test figures, the released one marked, and why."""
-    selection_path = params.path("release", root) / "selection.json"
+    selection_path = params.path("release", root) / SELECTION_FILE
     metrics_dir = params.path("metrics", root)
     if not selection_path.exists() or not (metrics_dir / "release.json").exists():
         return []

@@ -6,7 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from headstart.artifacts import LIVE_DIR, MODEL_FILE, load_split
+from headstart.artifacts import LABELS_FILE, LIVE_DIR, MODEL_FILE, load_split
 from headstart.files import atomic_dir, read_json, require, save_keras, write_json
 from headstart.params import Params
 from headstart.summaries import write_summary
@@ -22,7 +22,7 @@ def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) 
     prepared_dir = Path(prepared_dir)
     p, seed = params.baseline, params.base.seed
     keras.utils.set_random_seed(seed)
-    classes = read_json(require(prepared_dir / "labels.json", "prepare"))["classes"]
+    classes = read_json(require(prepared_dir / LABELS_FILE, "prepare"))["classes"]
     x_train, y_train = load_split(prepared_dir, "train")
     x_val, y_val = load_split(prepared_dir, "val")
     strategy = training.strategy(params.base.devices)
@@ -43,7 +43,7 @@ def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) 
         save_keras(model, tmp / MODEL_FILE)
         write_summary(model, tmp / "summary.txt")
         write_json(tmp / "training.json", {"replicas": strategy.num_replicas_in_sync})
-        shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")
+        shutil.copy(prepared_dir / LABELS_FILE, tmp / LABELS_FILE)
     return Path(out_dir)
 
 

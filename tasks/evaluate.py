@@ -20,9 +20,12 @@ import numpy as np
 from headstart import calibration, features, ood
 from headstart.artifacts import (
     BACKBONE_FILE,
+    LABELS_FILE,
+    MANIFEST_FILE,
     MODEL_FILE,
     PROBABILITIES_FILE,
     PRODUCERS,
+    SELECTION_FILE,
     load_features,
     load_probabilities,
     load_split,
@@ -102,13 +105,13 @@ def evaluate(
     from headstart.training import predict
 
     prepared_dir = Path(prepared_dir)
-    classes = read_json(require(prepared_dir / "labels.json", "prepare"))["classes"]
+    classes = read_json(require(prepared_dir / LABELS_FILE, "prepare"))["classes"]
     for name, folder in model_dirs.items():
         require(
             folder / (PROBABILITIES_FILE if name == "transfer" else MODEL_FILE), PRODUCERS[name]
         )
-    selection = read_json(model_dirs["release"] / "selection.json")
-    with open(prepared_dir / "manifest.csv") as handle:
+    selection = read_json(model_dirs["release"] / SELECTION_FILE)
+    with open(prepared_dir / MANIFEST_FILE) as handle:
         test_files = [row["file"] for row in csv.DictReader(handle) if row["split"] == "test"]
     x, labels = load_split(prepared_dir, "test")
     probabilities = {  # the transfer model's were recorded by head (no second backbone pass)

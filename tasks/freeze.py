@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from headstart.artifacts import BACKBONE_FILE, image_size, weights_file_name
+from headstart.artifacts import BACKBONE_FILE, WEIGHTS_RECORD, image_size, weights_file_name
 from headstart.errors import UserError
 from headstart.files import atomic_dir, read_json, save_keras, write_json
 from headstart.params import Params
@@ -20,7 +20,7 @@ def frozen_backbone(weights_dir: Path | str, params: Params, image_size: int):
 
     backbone = backbones.get(params.base.backbone)
     weights_dir = Path(weights_dir)
-    record = weights_dir / "weights.json"
+    record = weights_dir / WEIGHTS_RECORD
     if not record.exists() or read_json(record)["backbone"] != backbone.name:
         raise UserError(
             f"{weights_dir}: no weights for {backbone.name}; run `headstart step weights`"

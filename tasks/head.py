@@ -16,10 +16,13 @@ import numpy as np
 
 from headstart.artifacts import (
     BACKBONE_FILE,
+    HEAD_SELECTION_FILE,
+    LABELS_FILE,
     LIVE_DIR,
     MODEL_FILE,
     OUT_OF_FOLD_FILE,
     PROBABILITIES_FILE,
+    TRANSFER_RECORD,
     Rows,
     image_size,
     load_features,
@@ -97,7 +100,7 @@ def train_head(
     features_dir = Path(features_dir)
     p, seed = params.head, params.base.seed
     keras.utils.set_random_seed(seed)
-    classes = read_json(require(prepared_dir / "labels.json", "prepare"))["classes"]
+    classes = read_json(require(prepared_dir / LABELS_FILE, "prepare"))["classes"]
     extractor = keras.saving.load_model(require(backbone_dir / BACKBONE_FILE, "freeze"))
     timings = {}
     started = time.perf_counter()
@@ -127,8 +130,8 @@ def train_head(
         save_keras(transfer, tmp / MODEL_FILE)
         save_keras(head, tmp / "head.keras")
         write_summary(transfer, tmp / "summary.txt")
-        shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")
-        write_json(tmp / "transfer.json", record)
+        shutil.copy(prepared_dir / LABELS_FILE, tmp / LABELS_FILE)
+        write_json(tmp / TRANSFER_RECORD, record)
     write_timings(out_dir, timings)
     return Path(out_dir)
 
@@ -271,7 +274,7 @@ def _chosen_head(features_dir: Path, classes: int, params: Params, tmp: Path, li
     }.items():
         live.log_metric(f"head/{key}", value, plot=False)
     write_json(
-        tmp / "head_selection.json",
+        tmp / HEAD_SELECTION_FILE,
         {
             "chosen": chosen.config.name,
             "reason": reason,

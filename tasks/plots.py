@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.artifacts import LIVE_DIR, PRODUCERS, load_split, read_history
+from headstart.artifacts import LIVE_DIR, MANIFEST_FILE, PRODUCERS, load_split, read_history
 from headstart.files import atomic_dir, read_json, require, write_json
 from headstart.params import Params
 from headstart.review import REVIEW_FILE
@@ -135,7 +135,7 @@ def _data_doctor(prepared: Path, sources: dict[str, Path], tmp: Path) -> dict:
 
 def _rows_by_file(prepared: Path) -> dict[str, tuple[str, int]]:
     """file -> (split, row in that split's arrays), from the manifest."""
-    with open(prepared / "manifest.csv", newline="") as handle:
+    with open(prepared / MANIFEST_FILE, newline="") as handle:
         return {row["file"]: (row["split"], int(row["index"])) for row in csv.DictReader(handle)}
 
 

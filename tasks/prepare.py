@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart import images, neardup, review, sizing
-from headstart.artifacts import LABELS_FILE, REPORT_FILE, SPLIT_RECORD, SPLITS
+from headstart.artifacts import LABELS_FILE, MANIFEST_FILE, REPORT_FILE, SPLIT_RECORD, SPLITS
 from headstart.errors import UserError
 from headstart.files import atomic_dir, write_json, write_text
 from headstart.params import Params, Paths
@@ -628,7 +628,7 @@ def _write(out: Path, seen: list[_Seen], classes: list[str], decoded: int, size:
     there are (a memory-mapped copy would map every page of both files into the process)."""
     index = {name: i for i, name in enumerate(classes)}
     pixels = size * size * 3
-    with open(out / "manifest.csv", "w", newline="") as handle:
+    with open(out / MANIFEST_FILE, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "sha256", "label", "split", "index"])
         for split in SPLITS:

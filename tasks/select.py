@@ -25,8 +25,12 @@ import numpy as np
 from headstart import calibration, ood
 from headstart.artifacts import (
     BACKBONE_FILE,
+    FEATURES_RECORD,
+    LABELS_FILE,
     MODEL_FILE,
     PROBABILITIES_FILE,
+    SELECTION_FILE,
+    TRANSFER_RECORD,
     image_size,
     load_features,
     load_probabilities,
@@ -167,9 +171,9 @@ def select(
 
     prepared_dir, baseline_dir, transfer_dir = map(Path, (prepared_dir, baseline_dir, transfer_dir))
     features_dir, backbone_dir = Path(features_dir), Path(backbone_dir)
-    classes = read_json(require(prepared_dir / "labels.json", "prepare"))["classes"]
+    classes = read_json(require(prepared_dir / LABELS_FILE, "prepare"))["classes"]
     require(backbone_dir / BACKBONE_FILE, "freeze")
-    require(features_dir / "features.json", "head")
+    require(features_dir / FEATURES_RECORD, "head")
     baseline = keras.saving.load_model(require(baseline_dir / MODEL_FILE, "baseline"))
     transfer = keras.saving.load_model(require(transfer_dir / MODEL_FILE, "head"))
     require(transfer_dir / PROBABILITIES_FILE, "head")
@@ -185,16 +189,16 @@ def select(
     winner, reason, metrics = choose(probabilities, y_val)
     calibrated = calibration.fit(probabilities[winner], y_val)
     detector, detector_record = fit_detector(features_dir, prepared_dir, len(classes), params)
-    finetuned = read_json(transfer_dir / "transfer.json").get("finetune", {}).get("kept", False)
+    finetuned = read_json(transfer_dir / TRANSFER_RECORD).get("finetune", {}).get("kept", False)
     model = release_model(winner, baseline, transfer, image_size(prepared_dir), weight)
     with atomic_dir(out_dir) as tmp:
         save_keras(model, tmp / MODEL_FILE)
-        shutil.copy(prepared_dir / "labels.json", tmp / "labels.json")
+        shutil.copy(prepared_dir / LABELS_FILE, tmp / LABELS_FILE)
         write_json(tmp / calibration.CALIBRATION_FILE, calibrated)
         shutil.copy(backbone_dir / BACKBONE_FILE, tmp / BACKBONE_FILE)
         ood.save(detector, tmp, detector_record)
         write_json(
-            tmp / "selection.json",
+            tmp / SELECTION_FILE,
             {
                 "winner": winner,
                 "reason": reason,

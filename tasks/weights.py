@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from headstart.artifacts import weights_file_name
+from headstart.artifacts import WEIGHTS_RECORD, weights_file_name
 from headstart.download import fetch, hash_kind
 from headstart.errors import UserError
 from headstart.files import atomic_dir, file_digest, sha256_file, write_json, write_timings
@@ -82,7 +82,7 @@ def fetch_weights(out_dir: Path | str, params: Params) -> Path:
         target = tmp / weights_file_name(backbone.name)
         model.save_weights(target)
         write_json(
-            tmp / "weights.json",
+            tmp / WEIGHTS_RECORD,
             {
                 "backbone": backbone.name,
                 "source": origin,
