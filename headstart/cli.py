@@ -10,11 +10,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from headstart import quiet
 from headstart.errors import UserError
 
+
+class _OneErrorPath(TyperGroup):
+    """Every command's user-fixable failure (a UserError, whatever raised it) ends here: one
+    line on stderr, `error: ...`, and exit status 1. Anything else is a bug and keeps its
+    traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+
+
 app = typer.Typer(
+    cls=_OneErrorPath,
     help="headstart: a transfer-learning image classifier, orchestrated by Prefect, versioned by DVC.",
     no_args_is_help=True,
     add_completion=False,
@@ -83,11 +99,6 @@ def _log_to_stderr() -> None:
     logging.getLogger("headstart").addHandler(handler)
 
 
-def _fail(err: BaseException) -> typer.Exit:
-    typer.echo(f"error: {err}", err=True)
-    return typer.Exit(1)
-
-
 @app.command()
 def step(
     name: Annotated[
@@ -107,15 +118,12 @@ def step(
 
     _log_to_stderr()
     token = os.environ.get(TOKEN_ENV)  # a flow's Dask worker: that flow lends its lock
-    try:
-        step = tasks.get(name)
-        params = params_module.load(project / params_module.PARAMS_FILE)
-        if not wait:  # (with --wait, a run holding the workspace may be making them)
-            pipeline.check_inputs(name, params, project)  # before TensorFlow: an instant error
-        with borrowed(project, token):
-            out = step.run(params, project, wait=wait)
-    except UserError as err:
-        raise _fail(err) from None
+    step = tasks.get(name)
+    params = params_module.load(project / params_module.PARAMS_FILE)
+    if not wait:  # (with --wait, a run holding the workspace may be making them)
+        pipeline.check_inputs(name, params, project)  # before TensorFlow: an instant error
+    with borrowed(project, token):
+        out = step.run(params, project, wait=wait)
     typer.echo(f"{name}: wrote {out}")
 
 
@@ -164,45 +172,40 @@ def run(
     root = project.resolve()
     params_file = root / params_module.PARAMS_FILE
     before = None
-    try:
-        if workers != 1 or dask_address:
-            from flows.pipeline import check_scale
+    if workers != 1 or dask_address:
+        from flows.pipeline import check_scale
 
-            check_scale(workers, dask_address)  # before anything starts
-        # the lock first: -S rewrites params.yaml, which a running flow is reading
-        with workspace_lock(root, wait=wait):
-            try:
-                if set_ and params_file.is_file():
-                    before = params_file.read_text()
-                    params_module.write_overrides(params_file, set_)
-                params = params_module.load(params_file)
-                synced = dvcstate.sync_data(root, params.paths.data, data)
-                if synced:
-                    typer.echo(synced, err=True)
-                if not force and _nothing_to_run(root, params):
-                    return
-                from flows.pipeline import pipeline_flow  # (TensorFlow: when a step needs it)
+        check_scale(workers, dask_address)  # before anything starts
+    # the lock first: -S rewrites params.yaml, which a running flow is reading
+    with workspace_lock(root, wait=wait):
+        try:
+            if set_ and params_file.is_file():
+                before = params_file.read_text()
+                params_module.write_overrides(params_file, set_)
+            params = params_module.load(params_file)
+            synced = dvcstate.sync_data(root, params.paths.data, data)
+            if synced:
+                typer.echo(synced, err=True)
+            if not force and _nothing_to_run(root, params):
+                return
+            from flows.pipeline import pipeline_flow  # (TensorFlow: when a step needs it)
 
-                quiet.hide_user_error_tracebacks()
-                quiet.console_to_file(root / STATE_DIR / "run.log")
-                result = pipeline_flow(
-                    root=str(root),
-                    force=force,
-                    workers=workers,
-                    dask_address=dask_address,
-                    data="keep",
-                    echo=not quiet.verbose(),
-                )
-            except BaseException as err:
-                if before is not None and params_file.read_text() != before:
-                    write_text(params_file, before)
-                    if isinstance(err, UserError):
-                        raise UserError(
-                            f"{err} (params.yaml is back as it was before -S)"
-                        ) from None
-                raise
-    except UserError as err:
-        raise _fail(err) from None
+            quiet.hide_user_error_tracebacks()
+            quiet.console_to_file(root / STATE_DIR / "run.log")
+            result = pipeline_flow(
+                root=str(root),
+                force=force,
+                workers=workers,
+                dask_address=dask_address,
+                data="keep",
+                echo=not quiet.verbose(),
+            )
+        except BaseException as err:
+            if before is not None and params_file.read_text() != before:
+                write_text(params_file, before)
+                if isinstance(err, UserError):
+                    raise UserError(f"{err} (params.yaml is back as it was before -S)") from None
+            raise
     typer.echo(result["summary"])
 
 
@@ -232,11 +235,8 @@ def status(project: ProjectOption = Path(".")) -> None:
     from headstart import dvcstate
     from headstart import params as params_module
 
-    try:
-        params_module.load(project / params_module.PARAMS_FILE)
-        stale = dvcstate.stale_stages(project)
-    except UserError as err:
-        raise _fail(err) from None
+    params_module.load(project / params_module.PARAMS_FILE)
+    stale = dvcstate.stale_stages(project)
     from tasks import STEP_NAMES
 
     for name in STEP_NAMES:
@@ -268,18 +268,15 @@ def review(
     from headstart.doctor import DOCTOR_FILE
     from headstart.files import read_json
 
-    try:
-        params = params_module.load(project / params_module.PARAMS_FILE)
-        found_file = params.path("plots", project) / DOCTOR_FILE
-        if not found_file.is_file():
-            raise UserError(
-                f"{found_file}: missing; run `headstart run` first (the plots step writes it)"
-            )
-        found = read_json(found_file)
-        review_file = project / review_module.REVIEW_FILE
-        decided = review_module.load(review_file)
-    except UserError as err:
-        raise _fail(err) from None
+    params = params_module.load(project / params_module.PARAMS_FILE)
+    found_file = params.path("plots", project) / DOCTOR_FILE
+    if not found_file.is_file():
+        raise UserError(
+            f"{found_file}: missing; run `headstart run` first (the plots step writes it)"
+        )
+    found = read_json(found_file)
+    review_file = project / review_module.REVIEW_FILE
+    decided = review_module.load(review_file)
     issues = [s for s in found["label_issues"] if s["file"] not in decided.named()]
     strong = [s for s in issues if s["strong"]]
     typer.echo(
@@ -344,20 +341,17 @@ def predict(
     Probabilities are calibrated when the model's folder holds calibration.json (a release)."""
     from headstart import predicting
 
-    try:
-        exports = []
-        if inputs and inputs[0].suffix == ".keras":
-            model, inputs = inputs[0], inputs[1:]
-        else:
-            from headstart import params as params_module
-            from headstart.artifacts import MODEL_FILE
+    exports = []
+    if inputs and inputs[0].suffix == ".keras":
+        model, inputs = inputs[0], inputs[1:]
+    else:
+        from headstart import params as params_module
+        from headstart.artifacts import MODEL_FILE
 
-            params = params_module.load(project / params_module.PARAMS_FILE)
-            model = params.path("release", project) / MODEL_FILE
-            exports = [params.path("export", project)]  # used when made from this very model
-        results = predicting.predict_paths(model, inputs, top_k, reject=reject, export_dirs=exports)
-    except UserError as err:
-        raise _fail(err) from None
+        params = params_module.load(project / params_module.PARAMS_FILE)
+        model = params.path("release", project) / MODEL_FILE
+        exports = [params.path("export", project)]  # used when made from this very model
+    results = predicting.predict_paths(model, inputs, top_k, reject=reject, export_dirs=exports)
     typer.echo(predicting.render(results, as_json))
     if not as_json and any(r.get("calibrated") and "top" in r for r in results):
         typer.echo("(probabilities calibrated: the temperature in calibration.json)", err=True)
@@ -378,10 +372,7 @@ def schedule(
     """Serve a Prefect deployment that retrains on a schedule (needs a real Prefect server)."""
     from flows import scheduling
 
-    try:
-        scheduling.serve(project.resolve(), name=name, cron=cron, interval=interval, data=data)
-    except UserError as err:
-        raise _fail(err) from None
+    scheduling.serve(project.resolve(), name=name, cron=cron, interval=interval, data=data)
 
 
 if __name__ == "__main__":
