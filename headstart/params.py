@@ -475,6 +475,20 @@ def load(path: Path | str = "params.yaml", overrides: list[str] | None = None) -
     return params
 
 
+# Settings that say how work is done, not what it produces: no stage depends on them, so changing
+# one reruns nothing (dvc.yaml leaves them out; the model card does not list them).
+OPERATIONAL = ("weights.cache_dir", "weights.retries", "export.latency_runs")
+
+
+def result_settings(params: Params) -> dict[str, Any]:
+    """`to_dict` without the OPERATIONAL settings: every setting a result depends on."""
+    settings = to_dict(params)
+    for name in OPERATIONAL:
+        section, key = name.split(".")
+        del settings[section][key]
+    return settings
+
+
 def to_dict(params: Params) -> dict[str, Any]:
     """Sections -> keys -> values, lists as lists (as params.yaml, JSON and DVC hold them)."""
     return {

@@ -526,16 +526,24 @@ def test_a_run_prints_one_line_per_step_and_the_summary_and_nothing_on_stderr(
     assert "Finished in state Completed()" in verbose.stderr
 
 
-def test_how_the_weights_are_fetched_retrains_nothing(trained_copy):
-    """weights.retries and weights.cache_dir say how the checksum-verified file is fetched, not
-    what it is: changing them leaves every model step up to date (they made weights, freeze and
-    everything after it run again)."""
+def test_operational_settings_retrain_nothing(trained_copy):
+    """How the checksum-verified weights are fetched (weights.retries, weights.cache_dir) and
+    how many calls time each export (export.latency_runs) change no result: every step stays
+    up to date (they made weights, freeze and everything after it run again), and the model
+    card, which lists every setting a result depends on, does not list them."""
     params_module.write_overrides(
-        trained_copy / "params.yaml", ["weights.retries=7", "weights.cache_dir=~/elsewhere"]
+        trained_copy / "params.yaml",
+        ["weights.retries=7", "weights.cache_dir=~/elsewhere", "export.latency_runs=3"],
     )
+    assert set(params_module.OPERATIONAL) == {
+        "weights.retries",
+        "weights.cache_dir",
+        "export.latency_runs",
+    }
     status = run_in(trained_copy, "headstart", "status").stdout
-    # only export: the model card lists every parameter (its exports are kept, see test_export)
-    assert [line.split()[0] for line in status.splitlines() if "stale" in line] == ["export"]
+    assert [line.split()[0] for line in status.splitlines() if "stale" in line] == []
+    card = (trained_copy / "artifacts" / "export" / "MODEL_CARD.md").read_text()
+    assert "retries:" not in card and "latency_runs:" not in card and "min_agreement:" in card
     params_module.write_overrides(
         trained_copy / "params.yaml", ["base.backbone=efficientnet_lite2"]
     )
