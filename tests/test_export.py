@@ -65,9 +65,19 @@ def test_params_hold_the_export_section_and_path():
 
 
 def test_the_export_stage_tracks_every_parameter_the_card_lists():
+    """The stage's params, expanded to keys, are exactly every setting but the operational ones
+    (what modelcard lists), so a change to any listed setting rewrites the card."""
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["export"]
-    sections = [field.name for field in dataclasses.fields(params_module.Params)]
-    assert sorted(stage["params"]) == sorted(sections)
+    every = params_module.to_dict(params_module.Params())
+    listed = {
+        f"{section}.{key}"
+        for entry in stage["params"]
+        for section in [entry.split(".")[0]]
+        for key in ([entry.split(".")[1]] if "." in entry else every[section])
+    }
+    card = params_module.result_settings(params_module.Params())
+    assert listed == {f"{section}.{key}" for section in card for key in card[section]}
+    assert not listed & set(params_module.OPERATIONAL)
     assert {"${paths.data}", modelcard.NOTES_FILE} <= set(stage["deps"])
     assert (ROOT / modelcard.NOTES_FILE).is_file()
 
