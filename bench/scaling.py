@@ -35,7 +35,10 @@ from PIL import Image
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_demo_data import CLASSES, SOURCE, read_idx
 
-STEPS = ("prepare", "baseline", "weights", "freeze", "head", "select", "evaluate")
+sys.path.insert(0, str(ROOT))
+from tasks import STEP_NAMES
+
+STEPS = STEP_NAMES[: STEP_NAMES.index("evaluate") + 1]  # the steps up to the test figures
 REPORTED = ("prepare", "baseline", "head", "select", "evaluate")
 DEFAULT_SETS = ["baseline.epochs=1", "export.formats=[saved_model]"]
 

@@ -308,7 +308,7 @@ def real_lite0_project(tmp_path_factory) -> tuple[Path, params_module.Params]:
             (root / "data" / classes.name).mkdir(parents=True)
             for image in sorted(classes.iterdir())[:40]:
                 shutil.copy(image, root / "data" / classes.name / image.name)
-        for name in ("prepare", "baseline", "weights", "freeze", "head", "select"):
+        for name in tasks.STEP_NAMES[: tasks.STEP_NAMES.index("select") + 1]:
             tasks.get(name).run(params, root)
 
     folder, _ = built_once(tmp_path_factory, "real-lite0", build)

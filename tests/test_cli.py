@@ -9,6 +9,8 @@ import sys
 import yaml
 from conftest import ROOT, run_cli
 
+from tasks import STEP_NAMES
+
 HEAVY = ("tensorflow", "keras", "prefect", "dvc")
 
 
@@ -29,10 +31,7 @@ def test_help_imports_no_heavy_module():
 def test_unknown_step_is_one_line_error():
     result = run_cli("step", "train", "--project", str(ROOT))
     assert result.returncode == 1
-    assert result.stderr.strip() == (
-        "error: unknown step 'train' (steps: prepare, baseline, weights, freeze, head, select, "
-        "evaluate, plots, export)"
-    )
+    assert result.stderr.strip() == f"error: unknown step 'train' (steps: {', '.join(STEP_NAMES)})"
 
 
 def test_prefect_yaml_deploys_the_retraining_flow():
