@@ -52,7 +52,7 @@ def test_cross_validation_learns_separable_features_and_scores_every_image_once(
     )
     assert result.hits.shape == (30, len(y))
     assert result.held_out.sum() == len(y)
-    assert result.curve[0] < 1.0 or result.score == 1.0
+    assert np.allclose(result.curve, result.hits.mean(axis=1))  # pooled: each image once
     assert result.score >= 0.95
     assert result.score == pytest.approx(result.best_hits.mean(), abs=0.05)
     unseen = result.best_out_of_fold
@@ -76,26 +76,32 @@ def test_cross_validation_stops_after_patience_epochs_without_improvement():
         classes=3,
         patience=4,
     )
-    assert len(result.curve) == result.best_epochs + 4 or len(result.curve) < 50
+    assert len(result.curve) == int(np.argmax(result.curve)) + 1 + 4 < 50
 
 
 def test_views_of_one_image_share_its_fold_and_only_first_views_are_scored():
-    x, y = blobs()
-    twice = np.concatenate([x, x + 0.01])
-    result = heads.cross_validate(
-        heads.candidates(8, 0.0)[0],
-        twice,
-        np.tile(y, 2),
-        len(y),
-        folds=3,
-        epochs=3,
-        batch_size=16,
-        learning_rate=1e-2,
-        seed=1,
-        classes=3,
-        patience=3,
-    )
-    assert result.hits.shape == (3, len(y))
+    """Random labels on random features: nothing to learn, only to memorise. A second view of
+    each image (nearly the same row) in another fold than its first would let a wide head
+    memorise it and score far above chance; in the same fold, the held-out images stay new."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (90, 16)).astype("float32")
+    y = rng.integers(0, 3, 90)
+    wide = heads.HeadConfig("wide", 256, 0.0, 0.0, 0)
+    common = {
+        "folds": 3,
+        "epochs": 40,
+        "batch_size": 16,
+        "learning_rate": 1e-2,
+        "seed": 1,
+        "classes": 3,
+        "patience": 40,
+    }
+    views = heads.cross_validate(wide, np.concatenate([x, x + 0.01]), np.tile(y, 2), 90, **common)
+    assert views.hits.shape == (40, 90)  # first views only
+    assert views.curve.max() < 0.6
+    # the same rows as 180 separate images: copies land in other folds and are memorised
+    leaked = heads.cross_validate(wide, np.concatenate([x, x + 0.01]), np.tile(y, 2), 180, **common)
+    assert leaked.curve.max() > 0.7  # ~2/3 of the copies sit in another fold
 
 
 def test_the_final_keras_head_computes_what_was_trained(tmp_path):
