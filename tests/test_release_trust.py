@@ -161,7 +161,27 @@ def test_evaluate_refuses_a_feature_cache_of_another_backbone(project, tmp_path)
 def test_the_reliability_diagram_is_drawn(project):
     root, params = project
     figure = params.path("plots", root) / "release_reliability.png"
-    assert Image.open(figure).size[0] > 500
+    assert Image.open(figure).size == (1100, 480)  # both panels: 11 x 4.8 in at 100 dpi
+
+
+def test_the_reliability_diagram_shows_each_filled_bins_accuracy_and_confidence():
+    from headstart import calibration, plotting
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 200)
+    logits = rng.normal(0, 2, (200, 3)) + 3 * np.eye(3)[labels]
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    before = calibration.reliability(probabilities, labels)
+    after = calibration.reliability(calibration.apply_temperature(probabilities, 1.7), labels)
+    figure = plotting.reliability_diagram(before, after, 1.7)
+    for ax, table in zip(figure.axes, (before, after), strict=True):
+        filled = [i for i, n in enumerate(table["counts"]) if n]
+        assert [bar.get_height() for bar in ax.patches] == pytest.approx(
+            [table["accuracy"][i] for i in filled]
+        )
+        marks = ax.collections[0].get_offsets()[:, 1]
+        assert list(marks) == pytest.approx([table["confidence"][i] for i in filled])
+    assert "T = 1.70" in figure.axes[1].get_title()
 
 
 def test_predict_reports_the_temperature_scaled_probabilities(project, tmp_path):

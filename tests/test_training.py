@@ -287,7 +287,36 @@ def test_plots_are_written(project):
     assert [n for n in names if n not in sheets] == sorted([*figures, "doctor.json"])
     from PIL import Image
 
-    assert Image.open(out / "curves.png").size[0] > 500
+    assert Image.open(out / "curves.png").size == (1100, 700)  # two models: 2 x 5.5 in x 7 in
+
+
+def test_the_curves_show_each_models_training_and_validation_values():
+    from headstart import plotting
+
+    histories = {
+        "baseline": {
+            "accuracy": [0.5, 0.8],
+            "val_accuracy": [0.4, 0.7],
+            "loss": [1.0, 0.5],
+            "val_loss": [1.2, 0.7],
+        },
+        "transfer": {
+            "accuracy": [0.6, 0.9, 0.95],
+            "val_accuracy": [0.6, 0.8, 0.85],
+            "loss": [0.9, 0.3, 0.2],
+            "val_loss": [0.8, 0.5, 0.45],
+        },
+    }
+    axes = plotting.training_curves(histories).axes
+    assert len(axes) == 4
+    for column, (name, history) in enumerate(histories.items()):
+        for row, metric in enumerate(("accuracy", "loss")):
+            ax = axes[row * 2 + column]
+            assert ax.get_title() == f"{name}: training and validation {metric}"
+            training, validation = ax.get_lines()
+            assert list(training.get_ydata()) == history[metric]
+            assert list(validation.get_ydata()) == history[f"val_{metric}"]
+            assert list(training.get_xdata()) == list(range(1, len(history["loss"]) + 1))
 
 
 def test_finetune_moves_top_convolutions_but_never_batchnorm_statistics(tmp_path):
