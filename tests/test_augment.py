@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import small_params
+from helpers import small_params
 from PIL import Image, ImageDraw
 
 import tasks

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, write_good_images
+from helpers import ROOT, write_good_images
 
 
 @pytest.mark.slow

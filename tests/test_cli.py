@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import yaml
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 from tasks import STEP_NAMES
 

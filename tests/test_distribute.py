@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import built_once, small_params, write_good_images, write_random_backbone
+from helpers import built_once, small_params, write_good_images, write_random_backbone
 
 import tasks
 from headstart.artifacts import load_split

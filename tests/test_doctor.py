@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import yaml
-from conftest import class_pattern, run_in
+from helpers import class_pattern, run_in
 
 from headstart.doctor import label_issues
 

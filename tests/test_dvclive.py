@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_in, small_params
+from helpers import ROOT, run_in, small_params
 
 from headstart import training
 from headstart.artifacts import read_history
@@ -123,7 +123,8 @@ def test_b_dvc_logs_afterwards():
 def test_dvc_still_logs_after_a_test_that_captured_its_first_import(tmp_path):
     """The two tests above, in this order, with the project's conftest: without its early
     `import dvc`, the second fails with DVC's LoggingException (a closed capture stream)."""
-    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    for name in ("conftest.py", "helpers.py"):
+        shutil.copy(ROOT / "tests" / name, tmp_path / name)
     (tmp_path / "test_order.py").write_text(CAPTURED_FIRST)
     result = subprocess.run(
         [

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, built_once, cli_here, run_cli
+from helpers import ROOT, built_once, cli_here, run_cli
 
 import tasks
 from headstart import exporting, modelcard

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, command_env, run_in
+from helpers import ROOT, command_env, run_in
 
 from headstart import dvcstate
 from headstart import params as params_module
@@ -103,7 +103,7 @@ def constant_model(release: Path, answer: int, classes: int) -> None:
 
 
 def test_promotion_uses_the_release_and_keeps_a_better_champion(trained_copy):
-    from conftest import write_good_images
+    from helpers import write_good_images
 
     import tasks
     from headstart.promotion import promote_from_params
@@ -173,7 +173,7 @@ def test_cli_status_here_and_from_another_folder_and_a_refused_override(trained_
 def test_a_run_after_adding_images_records_them_and_a_refused_value_is_taken_back(trained_copy):
     """`headstart run` needs no `dvc add` after images are added; a -S value that a step refuses
     leaves params.yaml as it was; `--data pull` refuses to check out over unrecorded files."""
-    from conftest import cli_here, write_good_images
+    from helpers import cli_here, write_good_images
 
     params_text = (trained_copy / "params.yaml").read_text()
     write_good_images(trained_copy / "data", classes=2, per_class=2, start=300)
@@ -322,7 +322,7 @@ def test_scheduled_retraining_records_added_images_retrains_and_reports(
     """The retrain flow as the schedule calls it, tick by tick: images copied into data/ without
     `dvc add` are recorded as a new data.dvc and trained on; a tick that fails says why in one
     line and the next one, after the cause is gone, succeeds; an idle tick does nothing."""
-    from conftest import class_pattern, write_good_images
+    from helpers import class_pattern, write_good_images
 
     from flows.scheduling import retrain_flow
 
@@ -493,7 +493,7 @@ def test_the_next_run_stops_the_temporary_server_of_a_killed_run(trained_copy):
 
 
 def test_headstart_export_leaves_dvc_status_clean(trained_copy):
-    from conftest import cli_here
+    from helpers import cli_here
 
     params_module.write_overrides(trained_copy / "params.yaml", ["export.latency_runs=3"])
     result = cli_here("export", cwd=trained_copy)

@@ -78,7 +78,7 @@ import sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, sys.argv[2])
-from conftest import small_params
+from helpers import small_params
 from tasks import prepare
 root = Path(sys.argv[1])
 params = small_params(base={"image_size": 96})

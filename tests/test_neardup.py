@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import small_params
+from helpers import small_params
 from PIL import Image, ImageEnhance
 
 from headstart import images, neardup

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, class_pattern, git_clone, run_cli, small_params, write_good_images
+from helpers import ROOT, class_pattern, git_clone, run_cli, small_params, write_good_images
 
 from headstart import images
 from headstart.artifacts import load_split
@@ -69,7 +69,7 @@ def test_prepared_arrays_match_manifest_and_labels(messy_data, tmp_path):
 
 
 def test_decode_normalises_odd_images():
-    from conftest import exif_rotated_jpeg
+    from helpers import exif_rotated_jpeg
 
     portrait = images.decode(exif_rotated_jpeg(), 40, "stretch")
     top, bottom = portrait[5, 20], portrait[35, 20]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, small_params, write_good_images
+from helpers import run_cli, small_params, write_good_images
 
 from headstart import progress as progress_module
 from headstart.progress import progress

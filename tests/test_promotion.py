@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run_cli
+from helpers import run_cli
 
 from headstart import params as params_module
 from headstart.promotion import binomial_tail, mcnemar, promote, promote_from_params, recall_check

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import class_pattern, cli_here, git_clone, run_in
+from helpers import class_pattern, cli_here, git_clone, run_in
 
 pytestmark = pytest.mark.slow
 

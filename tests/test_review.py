@@ -7,7 +7,7 @@ import csv
 import json
 
 import pytest
-from conftest import small_params, write_good_images
+from helpers import small_params, write_good_images
 
 from headstart import review
 from tasks.prepare import prepare

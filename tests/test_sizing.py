@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import small_params
+from helpers import small_params
 from PIL import Image
 
 import tasks

@@ -11,7 +11,7 @@ import importlib
 from pathlib import Path
 
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 from tasks import STEP_NAMES, STEPS
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_here, real_lite0_project, run_cli, small_params, stepped_project
+from helpers import cli_here, real_lite0_project, run_cli, small_params, stepped_project
 
 import tasks
 from headstart import backbones

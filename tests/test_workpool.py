@@ -13,7 +13,7 @@ import subprocess
 import urllib.request
 
 import pytest
-from conftest import ROOT, command_env, run_in
+from helpers import ROOT, command_env, run_in
 
 pytestmark = pytest.mark.slow
 
