@@ -185,7 +185,9 @@ def score(project: Path, heldout: Path) -> dict[str, float]:
     if selection_file.is_file():  # the ensemble as select weighed it, and a no-tie-rule choice
         selection = json.loads(selection_file.read_text())
         w = selection["ensemble_transfer_weight"]
-        probs["ensemble"] = w * probs["transfer"] + (1 - w) * probs["baseline"]
+        from headstart.metrics import ensemble_probabilities
+
+        probs["ensemble"] = ensemble_probabilities(probs["baseline"], probs["transfer"], w)
         candidates = selection["candidates"]
         best_val = max(candidates, key=lambda n: candidates[n]["val_accuracy"])
         probs["best-val"] = probs[best_val]

@@ -59,9 +59,19 @@ def classification_metrics(
 
 
 def ensemble_probabilities(baseline: np.ndarray, transfer: np.ndarray, share: float) -> np.ndarray:
-    """The ensemble's probabilities: `share` of the transfer model's plus the rest of the
-    baseline's (what the released ensemble model computes)."""
-    return share * transfer + (1.0 - share) * baseline
+    """The ensemble's probabilities: the weighted geometric mean of the two models' (the mean of
+    their log-probabilities, `share` on the transfer model's), normalised; what the released
+    ensemble computes from the two models' logits. On 3,000 held-out Fashion-MNIST images it
+    beat the arithmetic mean in accuracy and log-loss in each seed (bench/mixing.py): a member
+    that is sure an image is not of a class vetoes it, where the arithmetic mean lets the other
+    member's confidence through."""
+    floor = np.finfo(np.float64).tiny
+    log_p = share * np.log(np.maximum(np.asarray(transfer, np.float64), floor)) + (
+        1.0 - share
+    ) * np.log(np.maximum(np.asarray(baseline, np.float64), floor))
+    log_p -= log_p.max(axis=1, keepdims=True)
+    p = np.exp(log_p)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def evaluate_model(

@@ -95,7 +95,7 @@ def candidates_table(root: Path, params) -> list[str]:
             else name
         )
         if name == "ensemble":
-            label += " (mean of both)"
+            label += " (geometric mean of both)"
         lines.append(
             f"| {label} | {val['val_accuracy']:.4f} | {val['val_macro_f1']:.4f} | "
             f"{test['accuracy']:.4f} | {test['macro_f1']:.4f} | {mark} |"

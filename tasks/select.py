@@ -2,7 +2,8 @@
 artifacts/release/ (the model we ship).
 
 Candidates: the baseline CNN, the transfer model (fine-tuned when fine-tuning is on and kept),
-and the ensemble, the mean of the two models' probabilities. The ensemble is released unless a
+and the ensemble, the geometric mean of the two models' probabilities (the mean of their
+log-probabilities, normalised: a softmax over the mean of their logits). The ensemble is released unless a
 member is clearly better on validation (`choose`). The test split is never read here. The release is one end-to-end Keras
 model whatever won: raw RGB image of any size in, class probabilities out (the ensemble holds
 both networks).
@@ -49,7 +50,7 @@ from headstart.params import Params
 log = logging.getLogger("headstart.select")
 
 
-# the transfer model's share in the ensemble: an equal mean. A share tuned on the validation
+# the transfer model's share in the ensemble: an equal (geometric) mean. A share tuned on the validation
 # split (by accuracy, or by log-loss unless not clearly better) lost 1-2 points to the equal mean
 # on held-out data in every seed measured: ~200 validation images mostly fit their noise, and the
 # tuned share followed the members' calibration, not their accuracy (bench/RESULTS.md)
@@ -117,15 +118,42 @@ def release_model(winner: str, baseline, transfer, image_size: int, weight: floa
     )
     if winner == "baseline":
         return keras.Model(inputs, baseline(resized, training=False), name="release_baseline")
-    mixed = layers.Add(name="weighted_mean")(
+    # the weighted geometric mean of the two (metrics.ensemble_probabilities): a softmax over
+    # the weighted sum of their logits, each member's last Dense layer without its softmax
+    head = transfer.get_layer("head")
+    backbone = next(
+        layer for layer in transfer.layers if isinstance(layer, keras.Model) and layer is not head
+    )
+    baseline_body = _body(baseline, "baseline")(resized, training=False)
+    transfer_body = _body(head, "transfer")(backbone(resized, training=False), training=False)
+    baseline_logits = _logits(baseline, "baseline")(baseline_body)
+    transfer_logits = _logits(head, "transfer")(transfer_body)
+    mixed = layers.Add(name="weighted_logits")(
         [
-            layers.Rescaling(weight, name="transfer_share")(transfer(inputs, training=False)),
-            layers.Rescaling(1.0 - weight, name="baseline_share")(
-                baseline(resized, training=False)
-            ),
+            layers.Rescaling(weight, name="transfer_share")(transfer_logits),
+            layers.Rescaling(1.0 - weight, name="baseline_share")(baseline_logits),
         ]
     )
-    return keras.Model(inputs, mixed, name="release_ensemble")
+    outputs = layers.Activation("softmax", name="geometric_mean")(mixed)
+    return keras.Model(inputs, outputs, name="release_ensemble")
+
+
+def _body(model, name: str):
+    """`model` up to the input of its last layer (the Dense softmax named "probabilities")."""
+    import keras
+
+    return keras.Model(model.inputs, model.get_layer("probabilities").input, name=f"{name}_body")
+
+
+def _logits(model, name: str):
+    """`model`'s last Dense layer without its softmax: the same weights, linear."""
+    from keras import layers
+
+    last = model.get_layer("probabilities")
+    dense = layers.Dense(last.units, name=f"{name}_logits")
+    dense.build(last.input.shape)
+    dense.set_weights(last.get_weights())
+    return dense
 
 
 def fit_detector(

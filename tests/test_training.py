@@ -225,9 +225,10 @@ def test_evaluate_fails_when_the_release_is_not_the_candidate_select_named(proje
         tasks.get("evaluate").run(params, copy)
 
 
-def test_an_ensemble_release_is_the_weighted_mean_of_its_members(project, tmp_path):
+def test_an_ensemble_release_is_the_weighted_geometric_mean_of_its_members(project, tmp_path):
     import keras
 
+    from headstart.metrics import ensemble_probabilities
     from tasks.select import release_model
 
     root, params = project
@@ -238,10 +239,14 @@ def test_an_ensemble_release_is_the_weighted_mean_of_its_members(project, tmp_pa
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
     x = np.random.default_rng(1).uniform(0, 255, (4, 45, 37, 3)).astype("float32")
     resized = keras.layers.Resizing(params.base.image_size, params.base.image_size)(x)
-    expected = 0.3 * np.asarray(transfer(x, training=False)) + 0.7 * np.asarray(
-        baseline(resized, training=False)
+    product = (
+        np.asarray(transfer(x, training=False), np.float64) ** 0.3
+        * np.asarray(baseline(resized, training=False), np.float64) ** 0.7
     )
+    expected = product / product.sum(axis=1, keepdims=True)
     assert np.allclose(np.asarray(loaded(x)), expected, atol=1e-5)
+    members = (np.asarray(baseline(resized)), np.asarray(transfer(x)))
+    assert np.allclose(ensemble_probabilities(*members, 0.3), expected, atol=1e-5)
 
 
 def test_selection_is_recorded_and_the_release_is_evaluated(project):
