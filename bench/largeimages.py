@@ -119,9 +119,10 @@ def write_patches(folder: Path, part: str, per_class: int, seed: int) -> None:
                 patch(region, rng).save(path, quality=92)
 
 
-def chosen_size(project: Path) -> int:
+def chosen_size(project: Path) -> dict:
+    """The size prepare decoded to, and why (prepare's report)."""
     report = json.loads((project / "artifacts" / "data-report" / "report.json").read_text())
-    return int(report["image_size"])
+    return report["image_size"]
 
 
 def score(project: Path, heldout: Path) -> dict[str, float]:
@@ -227,7 +228,8 @@ def main(argv=None) -> dict:
             runs[seed] = {
                 "seconds": child["seconds"],
                 "peak_mib": child["peak_mib"],
-                "image_size": chosen_size(project),
+                "image_size": chosen_size(project)["size"],
+                "size_reason": chosen_size(project)["reason"],
                 "accuracy": score(project, work / "heldout"),
             }
             print(f"[{config} seed {seed}] {runs[seed]}", file=sys.stderr, flush=True)
