@@ -19,6 +19,7 @@ each run trained at is read from prepare's report (artifacts/data-report/report.
     python bench/largeimages.py                                  # auto vs 96 px, seeds 1 2 3
     python bench/largeimages.py --configs auto 96 auto-noaug auto-finetune
     python bench/largeimages.py --configs 96 --seeds 1 --tag check   # one run (minutes)
+    python bench/largeimages.py --show bench/out/largeimages-*.json  # one table from outputs
 """
 
 from __future__ import annotations
@@ -119,10 +120,21 @@ def write_patches(folder: Path, part: str, per_class: int, seed: int) -> None:
                 patch(region, rng).save(path, quality=92)
 
 
-def chosen_size(project: Path) -> dict:
-    """The size prepare decoded to, and why (prepare's report)."""
-    report = json.loads((project / "artifacts" / "data-report" / "report.json").read_text())
-    return report["image_size"]
+def choices(project: Path) -> dict:
+    """What the run chose: the size prepare decoded to (and why), the transfer head, its
+    augmentation, whether fine-tuning was kept, and the released candidate."""
+    artifacts = project / "artifacts"
+    size = json.loads((artifacts / "data-report" / "report.json").read_text())["image_size"]
+    transfer = json.loads((artifacts / "transfer" / "transfer.json").read_text())
+    selection = json.loads((artifacts / "release" / "selection.json").read_text())
+    return {
+        "image_size": size["size"],
+        "size_reason": size["reason"],
+        "head": transfer["config"],
+        "augment": transfer.get("augment"),
+        "finetune_kept": transfer.get("finetune", {}).get("kept"),
+        "released": selection["winner"],
+    }
 
 
 def score(project: Path, heldout: Path) -> dict[str, float]:
@@ -170,16 +182,18 @@ def cell(stats: dict | None) -> str:
 
 
 def report(results: dict[str, dict]) -> str:
-    header = ("configuration", "size", "release", "transfer", "baseline", "s per run")
+    """Held-out accuracy mean ± sd (per seed) of each model, per configuration."""
+    shown = ("release", "transfer", "baseline")
+    header = ("configuration", "size", *shown, "s per run")
     rows = []
-    for config, result in results.items():
+    for result in results.values():
         summary = result["summary"]
         sizes = sorted({run["image_size"] for run in result["runs"].values()})
         rows.append(
             (
-                " ".join(f"-S {item}" for item in CONFIGS[config]) or "defaults (auto)",
+                " ".join(f"-S {item}" for item in result["overrides"]) or "defaults (auto)",
                 "/".join(str(s) for s in sizes),
-                *(cell(summary.get(name)) for name in MODELS),
+                *(cell(summary.get(name)) for name in shown),
                 f"{summary['seconds']['mean']:.0f}",
             )
         )
@@ -193,6 +207,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=["auto", "96"])
+    parser.add_argument(
+        "--show",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="print one table from earlier outputs (bench/out/largeimages-*.json); run nothing",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="base.seed values")
     parser.add_argument("--per-class", type=int, default=57, help="patches per class in data/")
     parser.add_argument("--heldout", type=int, default=50, help="held-out patches per class")
@@ -206,6 +227,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.show:
+        results = {}
+        for path in args.show:
+            results.update(json.loads(path.read_text())["configs"])
+        print(report(results))
+        return results
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before scoring imports TensorFlow
     work = args.work or Path(tempfile.mkdtemp(prefix="largeimages-"))
     if work.exists() and any(work.iterdir()):
@@ -228,8 +255,7 @@ def main(argv=None) -> dict:
             runs[seed] = {
                 "seconds": child["seconds"],
                 "peak_mib": child["peak_mib"],
-                "image_size": chosen_size(project)["size"],
-                "size_reason": chosen_size(project)["reason"],
+                **choices(project),
                 "accuracy": score(project, work / "heldout"),
             }
             print(f"[{config} seed {seed}] {runs[seed]}", file=sys.stderr, flush=True)
