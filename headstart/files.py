@@ -195,3 +195,10 @@ def save_keras(model, path: Path | str) -> Path:
             target.writestr(fixed, data)
     os.replace(tmp, path)
     return path
+
+
+def write_summary(model, path: Path | str) -> Path:
+    """A Keras model's summary as a text artifact (what `model.summary()` prints)."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=110)
+    return write_text(path, "\n".join(lines) + "\n")

@@ -7,9 +7,8 @@ import shutil
 from pathlib import Path
 
 from headstart.artifacts import LABELS_FILE, LIVE_DIR, MODEL_FILE, load_split
-from headstart.files import atomic_dir, read_json, require, save_keras, write_json
+from headstart.files import atomic_dir, read_json, require, save_keras, write_json, write_summary
 from headstart.params import Params
-from headstart.summaries import write_summary
 
 log = logging.getLogger("headstart.baseline")
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from headstart.artifacts import BACKBONE_FILE, WEIGHTS_RECORD, image_size, weights_file_name
 from headstart.errors import UserError
-from headstart.files import atomic_dir, read_json, save_keras, write_json
+from headstart.files import atomic_dir, read_json, save_keras, write_json, write_summary
 from headstart.params import Params
-from headstart.summaries import write_summary
 
 log = logging.getLogger("headstart.freeze")
 

@@ -39,9 +39,16 @@ from headstart.features import (
     params_views,
     shards_dir,
 )
-from headstart.files import atomic_dir, read_json, require, save_keras, write_json, write_timings
+from headstart.files import (
+    atomic_dir,
+    read_json,
+    require,
+    save_keras,
+    write_json,
+    write_summary,
+    write_timings,
+)
 from headstart.params import Params
-from headstart.summaries import write_summary
 
 log = logging.getLogger("headstart.head")
 
