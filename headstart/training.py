@@ -256,11 +256,12 @@ def inference_fn(model: keras.Model):
     every call with a plain tensor, which is harmless, so the warning is silenced here.
     """
     if model not in _COMPILED:
-        warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
         spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        _COMPILED[model] = tf.function(
-            lambda batch: model(batch, training=False), input_signature=[spec]
-        )
+        function = tf.function(lambda batch: model(batch, training=False), input_signature=[spec])
+        with warnings.catch_warnings():  # Keras warns while tracing only: trace it here, once
+            warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
+            function.get_concrete_function()
+        _COMPILED[model] = function
     return _COMPILED[model]
 
 
