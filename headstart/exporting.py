@@ -132,6 +132,12 @@ def _to_onnx(model, image_size: int, target: Path, output_name: str = OUTPUT_NAM
     this project's transfer head.)"""
     import tensorflow as tf
     import tf2onnx
+
+    # Two private imports, on purpose: Keras's own patch that makes tf2onnx 1.17 work with
+    # NumPy 2 (what `export(format="onnx")` applies; keras is pinned ==3.15.1 in pyproject for
+    # it), and TensorFlow's freezing of a concrete function (what tf2onnx.convert.from_function
+    # does inside, pinned with tensorflow-cpu ==2.21.0). The export step's parity check on the
+    # test split catches a conversion that breaks after an upgrade.
     from keras.src.export.tf2onnx_lib import patch_tf2onnx
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
