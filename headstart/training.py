@@ -7,12 +7,14 @@ import logging
 import warnings
 import weakref
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from headstart.artifacts import Rows
+from headstart.files import write_json
 from headstart.progress import progress
 
 log = logging.getLogger("headstart.training")
@@ -178,28 +180,57 @@ def fit(
     return history.history
 
 
-def live_logger(directory: Path | str):
-    """A `dvclive.Live` that writes only under `directory`: per-epoch values in
-    `plots/metrics/<name>.tsv` (columns step, value), the latest of each plus summary values in
-    `metrics.json`. Use it as a context manager; files are final when it exits.
+class LiveLog:
+    """Per-epoch and summary values in DVCLive's file layout, written directly under one folder:
+    `plots/metrics/<name>.tsv` (columns step and the name's last part) for each plotted value,
+    and `metrics.json` with the latest of every value, nested by the parts of its name, and the
+    step. dvc.yaml lists these files, so `dvc plots`, `dvc metrics` and `dvc exp show` read them
+    as DVCLive's; nothing else is written, no repository is opened and nothing is sent anywhere
+    (DVCLive's own `Live` runs `dvc init` in a Git repository without DVC and can post to DVC
+    Studio: it needed three private methods overridden, so an exact pin)."""
 
-    dvc.yaml lists these files, so DVCLive itself makes no dvc.yaml, report or experiment, opens
-    no Git or DVC repository (a plain `Live` runs `dvc init` in a Git repository without DVC and,
-    under `dvc exp run`, `git add`s its folder) and sends nothing to DVC Studio.
-    """
-    from dvclive import Live
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+        self.step = 0
+        self._latest: dict[str, Any] = {}
+        self._unsaved = False
 
-    class LocalLive(Live):
-        def _init_dvc(self):
-            pass
+    def __enter__(self) -> LiveLog:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return self
 
-        def _init_studio(self):
-            self._studio_events_to_skip.update(("start", "data", "done"))
+    def __exit__(self, *exc_info) -> None:
+        if self._unsaved:
+            self._save()
 
-        def post_data_to_studio(self):
-            pass
+    def log_metric(self, name: str, value, plot: bool = True) -> None:
+        node = self._latest
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        self._unsaved = True
+        if plot:
+            path = self.directory / "plots" / "metrics" / f"{name}.tsv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new = not path.exists()
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write((f"step\t{leaf}\n" if new else "") + f"{self.step}\t{value}\n")
 
-    return LocalLive(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
+    def next_step(self) -> None:
+        """The values logged so far belong to this step: save them, then count the next."""
+        self._save()
+        self.step += 1
+
+    def _save(self) -> None:
+        write_json(self.directory / "metrics.json", {**self._latest, "step": self.step})
+        self._unsaved = False
+
+
+def live_logger(directory: Path | str) -> LiveLog:
+    """Where a training step logs its per-epoch and summary values (see `LiveLog`); use it as a
+    context manager: the files are final when it exits."""
+    return LiveLog(directory)
 
 
 def live_name(name: str, key: str) -> str:
