@@ -109,7 +109,7 @@ import logging
 
 
 def test_a_first_import_of_dvc_while_capfd_captures(capfd):
-    import dvclive.studio  # imports dvc, as training.live_logger does
+    import dvc.repo  # imports dvc, as headstart.dvcstate does
 
 
 def test_b_dvc_logs_afterwards():
