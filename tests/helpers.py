@@ -15,12 +15,6 @@ import sys
 from pathlib import Path
 from unittest import mock
 
-# DVC binds its console log handlers to sys.stdout/sys.stderr when first imported (dvc/__init__
-# calls dvc.logger.setup()). Imported here, under pytest's session-wide capture: otherwise a test
-# using capfd or capsys that happens to be the first in its worker to import it (through headstart.dvcstate)
-# leaves DVC logging into a stream closed at that test's end, and every later in-process DVC
-# commit in that worker fails ("I/O operation on closed file" on "Updating lock file").
-import dvc  # noqa: F401
 import numpy as np
 import yaml
 from PIL import Image
