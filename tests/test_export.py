@@ -601,7 +601,14 @@ def test_the_model_card_names_what_the_run_used(project):
         for file, info in result["files"].items():
             assert f"| `{file}` | `{info['sha256']}` |" in card
     parameters = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
-    assert parameters == params_module.to_dict(params)
+    expected = params_module.to_dict(params)  # every setting but how work is done
+    for section, key in (
+        ("weights", "cache_dir"),
+        ("weights", "retries"),
+        ("export", "latency_runs"),
+    ):
+        del expected[section][key]
+    assert parameters == expected
     calibration = (
         read_json(params.path("release", root) / "calibration.json")
         if (params.path("release", root) / "calibration.json").is_file()
