@@ -117,3 +117,39 @@ def headstart_run(project: Path, seed: int, overrides: list[str]) -> dict:
     return run_child(
         [str(BIN / "headstart"), "run", *sets], cwd=project, env={"PYTHONPATH": pythonpath}
     )
+
+
+def add_overrides(parser) -> None:
+    """`--set SECTION.KEY=VALUE` (repeatable) into `args.overrides`: parameter overrides."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="parameter override (repeatable)",
+    )
+
+
+def clone_commit(project: Path) -> str:
+    """The commit whose code a `clone_with_data` clone runs (its own last commit adds data)."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD~1"],
+        cwd=project,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def save_result(name: str, result: dict, work: Path, keep: bool) -> Path:
+    """`bench/out/<name>.json`; the work folder is removed unless `keep`."""
+    import shutil
+
+    from headstart.files import write_json
+
+    out = write_json(ROOT / "bench" / "out" / f"{name}.json", result)
+    print(f"wrote {out}" + ("" if keep else f"; removing {work}"), file=sys.stderr)
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return out

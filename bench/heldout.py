@@ -25,15 +25,21 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, clone_with_data, headstart_run, table
+from common import (
+    ROOT,
+    add_overrides,
+    clone_commit,
+    clone_with_data,
+    headstart_run,
+    save_result,
+    table,
+)
 from PIL import Image
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -57,14 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--heldout", type=int, default=3000, help="held-out images in total")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="base.seed values")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="parameter override (repeatable)",
-    )
+    add_overrides(parser)
     parser.add_argument("--data-seed", type=int, default=0, help="which images are drawn")
     parser.add_argument("--source", type=Path, default=SOURCE, help="Fashion-MNIST IDX folder")
     parser.add_argument("--work", type=Path, help="new or empty folder to keep (default: temp)")
@@ -241,13 +240,7 @@ def main(argv=None) -> dict:
     project = make_project(work / "project", pixels, train)
     write_pngs(pixels, heldout, work / "heldout")
     sys.path.insert(0, str(project))  # score with the clone's code, like the pipeline runs
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD~1"],
-        cwd=project,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    commit = clone_commit(project)
     runs = {}
     for seed in args.seeds:
         print(f"[seed {seed}] headstart run in {project}", file=sys.stderr, flush=True)
@@ -272,12 +265,7 @@ def main(argv=None) -> dict:
         "runs": runs,
         "summary": summary,
     }
-    from headstart.files import write_json
-
-    out = write_json(ROOT / "bench" / "out" / f"heldout-{result['tag']}.json", result)
-    print(f"wrote {out}" + ("" if args.work else f"; removing {work}"), file=sys.stderr)
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
+    save_result(f"heldout-{result['tag']}", result, work, keep=bool(args.work))
     return result
 
 

@@ -28,15 +28,13 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, clone_with_data, headstart_run, table
+from common import clone_commit, clone_with_data, headstart_run, save_result, table
 from PIL import Image, ImageEnhance, ImageFilter
 
 MODELS = ("baseline", "transfer", "release")
@@ -260,13 +258,7 @@ def main(argv=None) -> dict:
             }
             print(f"[{config} seed {seed}] {runs[seed]}", file=sys.stderr, flush=True)
         results[config] = {"overrides": CONFIGS[config], "runs": runs, "summary": summarize(runs)}
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD~1"],
-        cwd=project,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    commit = clone_commit(project)
     print(report(results))
     result = {
         "tag": args.tag or commit,
@@ -284,12 +276,7 @@ def main(argv=None) -> dict:
         },
         "configs": results,
     }
-    from headstart.files import write_json
-
-    out = write_json(ROOT / "bench" / "out" / f"largeimages-{result['tag']}.json", result)
-    print(f"wrote {out}" + ("" if args.work else f"; removing {work}"), file=sys.stderr)
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
+    save_result(f"largeimages-{result['tag']}", result, work, keep=bool(args.work))
     return result
 
 

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import table
+from common import add_overrides, table
 from heldout import SOURCE, fashion_images, make_project, run_pipeline, write_pngs
 
 
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--heldout", type=int, default=3000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_overrides(parser)
     parser.add_argument("--source", type=Path, default=SOURCE)
     return parser.parse_args(argv)
 

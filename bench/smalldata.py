@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, clone_with_data, headstart_run, table
+from common import ROOT, add_overrides, clone_with_data, headstart_run, table
 from heldout import data_per_class, draw_images
 from PIL import Image
 
@@ -73,14 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--sets", nargs="+", choices=SETS, help="data sets (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="base.seed values")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="parameter override (repeatable)",
-    )
+    add_overrides(parser)
     parser.add_argument("--commit", default="HEAD", help="the project's code to run")
     parser.add_argument("--tag", help="output name: bench/out/smalldata-TAG.json (default: commit)")
     parser.add_argument("--data-seed", type=int, default=0, help="which images are drawn")
