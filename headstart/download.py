@@ -43,6 +43,14 @@ def check_url(url: str) -> None:
     raise DownloadError(f"refusing to download {url}: only https:// URLs are allowed")
 
 
+def url_allowed(url: str) -> bool:
+    try:
+        check_url(url)
+    except DownloadError:
+        return False
+    return True
+
+
 def fetch(
     url: str,
     file_name: str,

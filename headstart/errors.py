@@ -10,6 +10,10 @@ class UserError(ValueError):
     """Bad input, settings or environment; the message names the file or setting and the fix."""
 
 
+class ParamsError(UserError):
+    """A bad value in params.yaml (or an override)."""
+
+
 # the machine's failures (not a bug, not a converter that cannot handle a model)
 _ENVIRONMENT_ERRNOS = (
     errno.ENOSPC,

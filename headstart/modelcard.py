@@ -31,7 +31,7 @@ from headstart.calibration import CALIBRATION_FILE
 from headstart.errors import UserError
 from headstart.files import read_json, require, sha256_file
 from headstart.metrics import macro_f1
-from headstart.params import Params, result_settings
+from headstart.params import Params, to_dict
 
 CARD_FILE = "MODEL_CARD.md"
 NOTES_FILE = "MODEL_CARD_NOTES.md"  # at the project root: the user's intended use / limitations
@@ -212,7 +212,7 @@ def collect(root: Path | str, params: Params, exports: dict) -> dict:
         },
         "backbone": read_json(require(weights / WEIGHTS_RECORD, "weights")),
         "choices": training_choices(root, params),
-        "parameters": result_settings(params),
+        "parameters": to_dict(params, operational=False),
         "code": code_revision(root),
         "test": bootstrap_intervals(labels, predicted, len(classes), params.base.seed),
         "calibration": calibration,

@@ -76,7 +76,7 @@ def test_the_export_stage_tracks_every_parameter_the_card_lists():
         for section in [entry.split(".")[0]]
         for key in ([entry.split(".")[1]] if "." in entry else every[section])
     }
-    card = params_module.result_settings(params_module.Params())
+    card = params_module.to_dict(params_module.Params(), operational=False)
     assert listed == {f"{section}.{key}" for section in card for key in card[section]}
     assert not listed & set(params_module.OPERATIONAL)
     assert {"${paths.data}", modelcard.NOTES_FILE} <= set(stage["deps"])
