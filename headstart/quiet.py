@@ -83,30 +83,35 @@ def native_noise_dropped() -> Iterator[None]:
 
 
 class _HideUserErrors(logging.Filter):
-    """Drop Prefect's log records about a run that failed on a UserError (its tracebacks and its
-    "Finished in state Failed" lines): the CLI prints that error as one line. Real bugs pass."""
+    """Drop Prefect's log records about a run that failed on a UserError: the CLI prints that
+    error as one line. Keyed on the exception's type: the record carrying the exception marks its
+    Prefect run(s), and that run's later error lines without one ("Finished in state Failed")
+    are dropped too. Real bugs pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_runs: set[str] = set()  # Prefect run ids that failed on a UserError
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("prefect"):
             return True
+        runs = {
+            str(getattr(record, key))
+            for key in ("flow_run_id", "task_run_id")
+            if getattr(record, key, None)
+        }
         error = record.exc_info[1] if record.exc_info else None
-        while error is not None:
-            if isinstance(error, UserError):
-                return False
+        while error is not None and not isinstance(error, UserError):
             error = error.__cause__ or error.__context__
-        message = record.getMessage()
-        return not any(
-            f"{name}(" in message or f"{name}: " in message for name in _user_error_names()
+        if error is not None:
+            self.failed_runs |= runs
+            return False
+        return (
+            bool(record.exc_info) or record.levelno < logging.ERROR or not runs & self.failed_runs
         )
 
 
-def _user_error_names() -> set[str]:
-    names, pending = set(), [UserError]
-    while pending:
-        cls = pending.pop()
-        names.add(cls.__name__)
-        pending += cls.__subclasses__()
-    return names
+_HIDE = _HideUserErrors()
 
 
 def hide_user_error_tracebacks() -> None:
@@ -114,7 +119,7 @@ def hide_user_error_tracebacks() -> None:
     prints or logs it as one line); none with --verbose."""
     if verbose():
         return
-    hide = _HideUserErrors()
+    hide = _HIDE
     loggers = [
         logging.getLogger(),
         *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)),
