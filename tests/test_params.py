@@ -63,3 +63,16 @@ def test_an_override_changes_its_own_line_only(tmp_path):
     assert len(lines) == len(original.splitlines())
     changed = [b for a, b in zip(original.splitlines(), lines, strict=True) if a != b]
     assert [line.split("#")[0].strip() for line in changed] == ["top_k: 2"]
+
+
+def test_the_projects_params_file_holds_the_schemas_defaults():
+    """The dataclasses hold the defaults; params.yaml is the user's copy of them (a missing key's
+    error line quotes the dataclass default, so the two must agree)."""
+    assert P.to_dict(P.load(ROOT / "params.yaml")) == P.to_dict(P.Params())
+
+
+def test_a_choice_outside_its_literal_names_the_choices():
+    with pytest.raises(P.ParamsError, match=r"head.optimizer must be one of adam, sgd, rmsprop"):
+        P.from_dict({"head": {"optimizer": "lbfgs"}})
+    with pytest.raises(P.ParamsError, match=r"export.formats must list each of saved_model"):
+        P.from_dict({"export": {"formats": ["onnx", "tflite"]}})
