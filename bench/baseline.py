@@ -8,6 +8,7 @@ held-out images, decoded as `headstart predict` decodes them.
 
     python bench/baseline.py                          # 96 and 224 px, seed and pooled, seeds 1 2 3
     python bench/baseline.py --sizes 64 --seeds 1     # a quick check
+    python bench/baseline.py --sizes 96 --archs pooled --augments none shift flip_shift
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ ARCHS = ("seed", "pooled")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 224])
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument(
+        "--augments", nargs="+", default=["none"], help="baseline.augment policies to compare"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--per-class", type=int, default=100, help="training images per class")
     parser.add_argument("--heldout", type=int, default=1000, help="held-out images in total")
@@ -71,15 +76,15 @@ def main(argv=None) -> dict:
             defaults, base=dataclasses.replace(defaults.base, image_size=size)
         )
         tasks.get("prepare").run(params, work)
-        for arch in ARCHS:
+        for arch, policy in [(a, p) for a in args.archs for p in args.augments]:
             found = []
             for seed in args.seeds:
                 run = dataclasses.replace(
                     params,
                     base=dataclasses.replace(params.base, seed=seed),
-                    baseline=dataclasses.replace(params.baseline, arch=arch),
+                    baseline=dataclasses.replace(params.baseline, arch=arch, augment=policy),
                 )
-                out = work / f"baseline-{size}-{arch}-{seed}"
+                out = work / f"baseline-{size}-{arch}-{policy}-{seed}"
                 started = time.perf_counter()
                 fit_baseline(params.path("prepared", work), out, run)
                 seconds = time.perf_counter() - started
@@ -94,14 +99,15 @@ def main(argv=None) -> dict:
                         ),
                     }
                 )
-                print(f"[{size} px {arch} seed {seed}] {found[-1]}", file=sys.stderr, flush=True)
+                print(f"[{size} px {arch} {policy} seed {seed}] {found[-1]}", file=sys.stderr)
                 shutil.rmtree(out)
             accuracies = [f["heldout"] for f in found]
-            runs[f"{size}-{arch}"] = found
+            runs[f"{size}-{arch}-{policy}"] = found
             rows.append(
                 (
                     size,
                     arch,
+                    policy,
                     found[0]["weights"],
                     found[0]["mib"],
                     round(statistics.median(f["seconds"] for f in found), 1),
@@ -112,6 +118,7 @@ def main(argv=None) -> dict:
     header = (
         "px",
         "baseline.arch",
+        "baseline.augment",
         "weights",
         "model.keras MiB",
         "step s (median)",

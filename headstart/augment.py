@@ -25,15 +25,15 @@ def view_policies(augment: str, views: int) -> tuple[str, ...]:
     return ("none", *(policy for policy in chosen for _ in range(views - 1)))
 
 
-def layers_for(policy: str) -> list:
+def layers_for(policy: str, seed: int | None = None) -> list:
     """Keras preprocessing layers applying `policy` (none: no layer)."""
     from keras import layers
 
-    flip = [layers.RandomFlip("horizontal")]
+    flip = [layers.RandomFlip("horizontal", seed=seed)]
     shift = [
-        layers.RandomTranslation(SHIFT, SHIFT, fill_mode="constant"),
-        layers.RandomRotation(ROTATION, fill_mode="constant"),
-        layers.RandomZoom(SHIFT, fill_mode="constant"),
+        layers.RandomTranslation(SHIFT, SHIFT, fill_mode="constant", seed=seed),
+        layers.RandomRotation(ROTATION, fill_mode="constant", seed=seed),
+        layers.RandomZoom(SHIFT, fill_mode="constant", seed=seed),
     ]
     return {"none": [], "flip": flip, "shift": shift, "flip_shift": flip + shift}[policy]
 

@@ -77,6 +77,7 @@ class Prepare(Section):
 
 class Baseline(Section):
     arch: BaselineArch = "pooled"
+    augment: AugmentPolicy = "none"  # inside its training input pipeline (headstart/augment.py)
     epochs: PosInt = 15
     batch_size: PosInt = 32
     learning_rate: PosFloat = 1e-3

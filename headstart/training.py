@@ -23,7 +23,9 @@ log = logging.getLogger("headstart.training")
 IN_MEMORY_LIMIT = 64 * 2**20  # arrays up to this size are batched from memory
 
 
-def dataset(x, y, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+def dataset(
+    x, y, batch_size: int, shuffle: bool = False, seed: int = 0, augment: list | None = None
+) -> tf.data.Dataset:
     """Batches of (float32 inputs, int labels) from arrays (memory-mapped is fine).
 
     Arrays up to IN_MEMORY_LIMIT are read once and batched inside TensorFlow (fast for small
@@ -59,6 +61,8 @@ def dataset(x, y, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.d
         data = tf.data.Dataset.from_generator(batches, output_signature=signature)
         data = data.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
     data = data.map(lambda a, b: (tf.cast(a, tf.float32), b))
+    for layer in augment or []:  # Keras preprocessing layers, random in each batch and epoch
+        data = data.map(lambda a, b, layer=layer: (layer(a, training=True), b))
     options = tf.data.Options()
     options.autotune.enabled = False
     return data.prefetch(2).with_options(options)

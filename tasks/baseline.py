@@ -16,7 +16,7 @@ log = logging.getLogger("headstart.baseline")
 def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) -> Path:
     import keras
 
-    from headstart import models, training
+    from headstart import augment, models, training
 
     prepared_dir = Path(prepared_dir)
     p, seed = params.baseline, params.base.seed
@@ -31,7 +31,14 @@ def fit_baseline(prepared_dir: Path | str, out_dir: Path | str, params: Params) 
     with atomic_dir(out_dir) as tmp, training.live_logger(tmp / LIVE_DIR) as live:
         training.fit(
             model,
-            training.dataset(x_train, y_train, p.batch_size, shuffle=True, seed=seed),
+            training.dataset(
+                x_train,
+                y_train,
+                p.batch_size,
+                shuffle=True,
+                seed=seed,
+                augment=augment.layers_for(p.augment, seed),
+            ),
             training.dataset(x_val, y_val, p.batch_size),
             "baseline",
             p.epochs,

@@ -475,3 +475,22 @@ def test_predict_follows_the_preprocessing_record_beside_the_model(tmp_path, res
     elsewise = np.asarray(model(images.load(tmp_path / "wide.png", 16, other)[None]))[0]
     assert dict(result["top"])["red"] == pytest.approx(float(expected[0]), abs=1e-6)
     assert abs(float(elsewise[0]) - float(expected[0])) > 0.1  # the modes do differ here
+
+
+def test_the_baselines_augmentation_changes_each_image_each_epoch_and_flips_only_when_asked():
+    from headstart import augment, training
+
+    x = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3)).astype("uint8")
+    y = np.arange(8)
+
+    def epochs(policy: str) -> list[np.ndarray]:
+        data = training.dataset(x, y, 8, augment=augment.layers_for(policy, seed=1))
+        return [next(iter(data))[0].numpy() for _ in range(2)]
+
+    plain, (first, second) = epochs("none"), epochs("shift")
+    assert np.array_equal(plain[0], x) and np.array_equal(plain[1], x)
+    assert not np.allclose(first, x) and not np.allclose(first, second)
+    flipped = epochs("flip")[0]
+    mirrored = [np.array_equal(flipped[i], x[i][:, ::-1]) for i in range(8)]
+    kept = [np.array_equal(flipped[i], x[i]) for i in range(8)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True)) and any(mirrored) and any(kept)
