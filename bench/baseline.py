@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, machine, table
+from common import ROOT, add_overrides, machine, table
 from heldout import SOURCE, fashion_images, write_pngs
 
 ARCHS = ("seed", "pooled")
@@ -41,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--per-class", type=int, default=100, help="training images per class")
     parser.add_argument("--heldout", type=int, default=1000, help="held-out images in total")
     parser.add_argument("--source", type=Path, default=SOURCE, help="Fashion-MNIST IDX folder")
+    add_overrides(parser)
     return parser.parse_args(argv)
 
 
@@ -69,7 +70,7 @@ def main(argv=None) -> dict:
     pixels, train, heldout = fashion_images(args.source, args.per_class, args.heldout)
     write_pngs(pixels, train, work / "data")
     write_pngs(pixels, heldout, work / "heldout")
-    defaults = params_module.load(ROOT / "params.yaml")
+    defaults = params_module.load(ROOT / "params.yaml", args.overrides)
     rows, runs = [], {}
     for size in args.sizes:
         params = dataclasses.replace(
