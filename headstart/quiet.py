@@ -29,15 +29,19 @@ STARTUP_NOISE = re.compile(
 )
 
 
-_VERBOSE = {"on": False}  # `headstart --verbose`: the one switch (start-up lines, tracebacks)
+# the one switch (start-up lines, tracebacks): `headstart --verbose` sets it, so the processes a
+# command starts (Dask workers, `headstart step` under `dvc repro`) inherit it; set it yourself to
+# see everything from `dvc repro`
+VERBOSE_ENV = "HEADSTART_VERBOSE"
 
 
 def set_verbose(on: bool) -> None:
-    _VERBOSE["on"] = on
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
 
 
 def verbose() -> bool:
-    return _VERBOSE["on"]
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def start_tensorflow() -> None:

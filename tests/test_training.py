@@ -396,6 +396,11 @@ def test_predict_verbose_shows_tensorflow_start_up_lines(project):
     verbose = run_cli("-v", "predict", str(model), str(image), TF_CPP_MIN_LOG_LEVEL="0")
     assert verbose.returncode == 0, verbose.stderr
     assert STARTUP_NOISE.search(verbose.stderr)
+    # the environment switch, as `dvc repro` passes it on to the `headstart step` it runs
+    switched = run_cli(
+        "predict", str(model), str(image), TF_CPP_MIN_LOG_LEVEL="0", HEADSTART_VERBOSE="1"
+    )
+    assert switched.returncode == 0 and STARTUP_NOISE.search(switched.stderr), switched.stderr
 
 
 def test_predict_uses_the_release_by_default(project, tmp_path):
