@@ -205,6 +205,7 @@ def _scalar(value: Any, kind: type) -> Any:
 
 
 _WANTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_OR_AUTO = {int: "a number of pixels or auto", bool: "true, false or auto"}  # `X | Literal["auto"]`
 
 
 def _read(name: str, value: Any, kind: Any) -> Any:
@@ -214,13 +215,14 @@ def _read(name: str, value: Any, kind: Any) -> Any:
         if value is not None and not isinstance(value, (list, tuple)):
             raise ParamsError(f"params: {name} must be a list, e.g. [a, b] (got {value!r})")
         return tuple(_read(name, item, choices[0]) for item in value or ())
-    if int in choices and value == "auto":  # a number of pixels, or auto
+    auto = Literal["auto"] in choices  # a value, or auto
+    if auto and value == "auto":
         return value
-    scalar = int if int in choices else str if typing.get_origin(kind) is Literal else kind
+    scalar = choices[0] if auto else str if typing.get_origin(kind) is Literal else kind
     try:
         read = _scalar(value, scalar)
     except (TypeError, ValueError):
-        wanted = "a number of pixels or auto" if int in choices else _WANTED[scalar]
+        wanted = _OR_AUTO[scalar] if auto else _WANTED[scalar]
         raise ParamsError(f"params: {name} must be {wanted} (got {value!r})") from None
     if scalar is float and not math.isfinite(read):
         raise ParamsError(f"params: {name} must be a finite number (got {value!r})")
