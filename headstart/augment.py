@@ -10,7 +10,8 @@ View 0 of every image is the image as it is; `view_policies` names the policy of
 
 from __future__ import annotations
 
-POLICIES = ("none", "flip", "shift", "flip_shift")  # simplest first: ties go to the simpler
+from headstart.params import AUGMENT_POLICIES as POLICIES  # simplest first: ties go to it
+
 AUGMENTED = POLICIES[1:]
 SHIFT = 0.1  # fraction of the image: translation, zoom
 ROTATION = 0.05  # fraction of a full turn (18 degrees)

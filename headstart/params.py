@@ -44,7 +44,7 @@ Fraction = Annotated[float, Rule(lambda v: 0 < v < 1, "must be between 0 and 1 (
 Backbone = Literal["efficientnet_lite0", "efficientnet_lite2", "efficientnetb0", "inceptionv3"]
 BaselineArch = Literal["pooled", "seed"]  # pooled: any size; seed: Flatten + Dense 512
 HeadConfig = Literal["auto", "linear", "small", "dense", "seed"]  # auto: CV picks; seed: as-is
-AugmentPolicy = Literal["none", "flip", "shift", "flip_shift"]  # headstart/augment.py
+AugmentPolicy = Literal["none", "flip", "shift", "flip_shift"]  # simplest first (augment.py)
 ExportFormat = Literal["saved_model", "litert", "onnx"]  # exporting.py converts to each
 OodMethod = Literal["mahalanobis", "cosine"]  # distance to the nearest class centroid
 PromotionRule = Literal["mcnemar", "at_least"]  # significant improvement | test accuracy >=
@@ -112,7 +112,7 @@ class Head(Section):
     class_weight: Literal["none", "balanced"] = "none"
     augment: Annotated[
         Literal["auto", AugmentPolicy],
-        Rule(None, "must be auto or one of none, flip, shift, flip_shift"),
+        Rule(None, f"must be auto or one of {', '.join(AUGMENT_POLICIES)}"),
     ] = "auto"
     views: PosInt = 2
 
@@ -159,7 +159,7 @@ class Export(Section):
         tuple[ExportFormat, ...],
         Rule(
             lambda v: set(v) <= set(EXPORT_FORMATS) and len(set(v)) == len(v),
-            "must list each of saved_model, litert, onnx at most once",
+            f"must list each of {', '.join(EXPORT_FORMATS)} at most once",
         ),
     ] = EXPORT_FORMATS
     min_agreement: Annotated[
