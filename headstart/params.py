@@ -101,7 +101,7 @@ class Head:
 
 @dataclass(frozen=True)
 class Finetune:
-    enabled: bool = False
+    enabled: bool | str = "auto"  # true, false, or auto (within base.budget: headstart/sizing.py)
     blocks: int = 2
     learning_rate: float = 1e-5
     epochs: int = 3
@@ -273,6 +273,15 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         except ParamsError:
             raise ParamsError(
                 f"params: {name} must be a number of pixels or auto (got {value!r})"
+            ) from None
+    if kind == bool | str:  # true or false, or auto
+        if value == "auto":
+            return value
+        try:
+            return _coerce(name, value, bool)
+        except ParamsError:
+            raise ParamsError(
+                f"params: {name} must be true, false or auto (got {value!r})"
             ) from None
     if typing.get_origin(kind) is tuple:  # a list of strings
         if value is None:
