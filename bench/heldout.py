@@ -140,19 +140,20 @@ def make_project(target: Path, pixels: np.ndarray, train: dict) -> Path:
 
 def run_pipeline(project: Path, seed: int, overrides: list[str]) -> dict:
     """`headstart run` in the clone, with the clone's own code: wall seconds, peak MiB, training
-    images, the released candidate and the chosen transfer head."""
+    images, the released candidate, the chosen transfer head and what fine-tuning did."""
     child = headstart_run(project, seed, overrides)
     report = json.loads((project / "artifacts" / "data-report" / "report.json").read_text())
     train_images = sum(counts["train"] for counts in report["per_class"].values())
     artifacts = project / "artifacts"
     released = json.loads((artifacts / "release" / "selection.json").read_text())["winner"]
-    head = json.loads((artifacts / "transfer" / "transfer.json").read_text())["config"]
+    transfer = json.loads((artifacts / "transfer" / "transfer.json").read_text())
     return {
         "seconds": child["seconds"],
         "peak_mib": child["peak_mib"],
         "train_images": train_images,
         "released": released,
-        "head": head,
+        "head": transfer["config"],
+        "finetune": transfer.get("finetune", {}).get("outcome"),
     }
 
 

@@ -148,15 +148,15 @@ def training_choices(root: Path, params) -> list[tuple[str, str]]:
             choices.append(("augmentation", f"{record['augment']} ({record['augment_reason']})"))
         tuned = record.get("finetune")
         if tuned:
-            kept = "kept" if tuned["kept"] else "discarded"
-            choices.append(
-                (
-                    "fine-tuning",
-                    f"{kept} (validation accuracy "
-                    f"{tuned['val_accuracy_before']:.4f} -> {tuned['val_accuracy_after']:.4f})",
-                )
-            )
+            choices.append(("fine-tuning", finetune_choice(tuned)))
     return choices
+
+
+def finetune_choice(tuned: dict) -> str:
+    """What the head step decided about fine-tuning and why (transfer.json's `finetune`)."""
+    if tuned["ran"]:
+        return f"{tuned['outcome']} ({tuned['reason']})"
+    return tuned["outcome"]
 
 
 def collect(root: Path | str, params: Params, exports: dict) -> dict:

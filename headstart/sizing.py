@@ -1,4 +1,5 @@
-"""`base.image_size: auto`: the training size from the images themselves, within a time budget.
+"""`base.image_size: auto` and `finetune.enabled: auto`: the training size from the images
+themselves, and whether to fine-tune, within a time budget (`base.budget`).
 
 A size above the images' own resolution only upscales (20 px digits gained nothing at 128 px),
 while 300 px photos lose detail at 96 px (0.763 -> 0.796 at 224 px on an inspection set): so
@@ -6,6 +7,8 @@ the size follows the images' median side, in steps of 32 px (the backbones' stri
 floor the backbone still works well at and the backbone's native size. The cost of a size
 grows with its square; the largest size whose estimated cost fits `base.budget` is taken, and
 the reason is recorded (prepare's labels.json and report, the run summary, the model card).
+Fine-tuning then runs only if its estimated cost fits in what is left of the budget after the
+size-dependent work (`finetune_decision`, recorded by the head step in transfer.json).
 
 The side that counts is the one that `prepare.resize` maps onto the square: the long side when
 padding (it becomes image_size), the short side when stretching.
@@ -41,6 +44,12 @@ FLOOR = 96  # below this the backbones' 32x downsampling leaves under 3x3 cells
 # epoch of the pooled baseline CNN. Both grow with the number of pixels.
 FEATURE_SECONDS = 0.0024
 BASELINE_EPOCH_SECONDS = 0.0010
+# Seconds per training image per epoch of fine-tuning EfficientNet-Lite0 at 96 px with its top
+# 2 blocks unfrozen (bench/finetune.py, bench/RESULTS.md), each further block's share, and the
+# fixed cost of a fine-tuning run (tracing, the end-to-end model's build and scoring).
+FINETUNE_EPOCH_SECONDS = 0.0045
+FINETUNE_BLOCK_SECONDS = 0.0008
+FINETUNE_FIXED_SECONDS = 5.0
 # The work budgeted for: the baseline's default epochs, one view of each training image (the
 # settings that shape it are the later steps' own: prepare does not depend on them)
 BASELINE_EPOCHS = 15
@@ -118,3 +127,58 @@ def choose(
             f"base.budget {budget_minutes:g} min"
         )
     return Choice(size, why, median, round(cost(size), 1))
+
+
+@dataclass(frozen=True)
+class FinetuneDecision:
+    run: bool
+    reason: str
+    estimate_s: float  # estimated seconds of fine-tuning (0 when finetune.enabled: false)
+    budget_left_s: float  # base.budget less the estimated size-dependent work
+
+
+def finetune_seconds(
+    size: int,
+    train: int,
+    evaluated: int,
+    relative_cost: float,
+    epochs: int,
+    blocks: int,
+) -> float:
+    """Seconds fine-tuning takes: `epochs` passes over the `train` images (forward through the
+    backbone, backward through its top `blocks`) and `evaluated` forward passes of one image
+    (validation after each epoch, before and after, the kept model's probabilities)."""
+    scale = (size / FLOOR) ** 2 * relative_cost
+    per_image_epoch = FINETUNE_EPOCH_SECONDS + FINETUNE_BLOCK_SECONDS * (blocks - 2)
+    return FINETUNE_FIXED_SECONDS + scale * (
+        per_image_epoch * epochs * train + FEATURE_SECONDS * evaluated
+    )
+
+
+def finetune_decision(
+    setting: bool | str, estimate_s: float, spent_s: float, budget_minutes: float
+) -> FinetuneDecision:
+    """Whether to fine-tune: `finetune.enabled` true or false decides; under auto, fine-tuning
+    runs when its estimate (`finetune_seconds`) fits in base.budget less `spent_s`, the estimated
+    size-dependent work already chosen (feature cache with its views, baseline)."""
+    left = budget_minutes * 60 - spent_s
+    estimate, left = round(estimate_s, 1), round(left, 1)
+    if setting is False:
+        return FinetuneDecision(False, "off (finetune.enabled: false)", 0.0, left)
+    if setting is True:
+        return FinetuneDecision(True, "forced by finetune.enabled: true", estimate, left)
+    if estimate <= left:
+        why = (
+            f"estimated {_minutes(estimate)} fits the {_minutes(left)} left of "
+            f"base.budget {budget_minutes:g} min"
+        )
+        return FinetuneDecision(True, why, estimate, left)
+    why = (
+        f"skipped: estimated {_minutes(estimate)} > budget left {_minutes(max(left, 0))} "
+        f"(base.budget {budget_minutes:g} min)"
+    )
+    return FinetuneDecision(False, why, estimate, left)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart import sizing
 from headstart.artifacts import (
     BACKBONE_FILE,
     HEAD_SELECTION_FILE,
@@ -126,9 +127,22 @@ def train_head(
         f_val, y_val = load_features(features_dir, "val")
         record["val_accuracy_head_only"] = _accuracy(head, f_val, y_val)
         live.log_metric("head/val_accuracy", record["val_accuracy_head_only"], plot=False)
-        if params.finetune.enabled:
+        decision = finetune_decision(prepared_dir, params)
+        record["finetune"] = {
+            "setting": params.finetune.enabled,
+            "ran": decision.run,
+            "kept": False,
+            "estimate_s": decision.estimate_s,
+            "budget_left_s": decision.budget_left_s,
+            "reason": decision.reason,
+            "outcome": decision.reason,  # replaced by what happened when it runs
+        }
+        log.info("head: fine-tuning %s", decision.reason)
+        if decision.run:
             started = time.perf_counter()
-            record.update(finetune(transfer, extractor, prepared_dir, params, tmp, live))
+            record["finetune"].update(
+                finetune(transfer, extractor, prepared_dir, params, tmp, live)
+            )
             timings["finetune"] = time.perf_counter() - started
             # a fresh, uncompiled wrapper around the same (tuned) layers: the saved model then
             # carries no optimizer state from fine-tuning
@@ -398,6 +412,27 @@ def _accuracy(model, x, y) -> float:
     return float(np.mean(np.argmax(training.predict(model, x), axis=1) == y)) if len(y) else 0.0
 
 
+def finetune_decision(prepared_dir: Path, params: Params) -> sizing.FinetuneDecision:
+    """Whether the head step fine-tunes (`finetune.enabled`; under auto, whether its estimated
+    cost on this machine fits in base.budget less the estimated cost of the feature cache, with
+    its views, and of the baseline at the prepared size: headstart/sizing.py)."""
+    f, name = params.finetune, params.base.backbone
+    counts = {s: len(np.load(prepared_dir / f"{s}_labels.npy")) for s in ("train", "val", "test")}
+    size, cost = image_size(prepared_dir), sizing.RELATIVE_COST[name]
+    estimate = sizing.finetune_seconds(
+        size,
+        counts["train"],
+        counts["val"] * (f.epochs + 2) + counts["val"] + counts["test"],
+        cost,
+        f.epochs,
+        f.blocks,
+    )
+    spent = sizing.estimate_seconds(
+        size, sum(counts.values()), cost, views=len(params_views(params))
+    )
+    return sizing.finetune_decision(f.enabled, estimate, spent, params.base.budget)
+
+
 def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path, live) -> dict:
     """Unfreeze the top `finetune.blocks` blocks (BatchNormalization stays frozen), train on
     images at a low learning rate, and keep the result only if validation accuracy improves.
@@ -451,13 +486,13 @@ def finetune(transfer, extractor, prepared_dir: Path, params: Params, tmp: Path,
     }.items():
         live.log_metric(f"finetune/{key}", value, plot=False)
     return {
-        "finetune": {
-            "val_accuracy_before": before,
-            "val_accuracy_after": after,
-            "kept": kept,
-            "blocks": f.blocks,
-            "replicas": strategy.num_replicas_in_sync,
-        }
+        "val_accuracy_before": before,
+        "val_accuracy_after": after,
+        "kept": kept,
+        "blocks": f.blocks,
+        "replicas": strategy.num_replicas_in_sync,
+        "outcome": f"ran and {'kept' if kept else 'dropped'}: validation accuracy "
+        f"{before:.4f} -> {after:.4f}" + ("" if kept else ", no better"),
     }
 
 

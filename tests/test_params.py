@@ -13,6 +13,7 @@ from headstart import params as P
 def test_project_params_file_is_valid_and_frozen():
     params = P.load(ROOT / "params.yaml")
     assert params.base.image_size == "auto" and params.head.augment == "auto"
+    assert params.finetune.enabled == "auto"
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.base.seed = 1  # type: ignore[misc]
 
@@ -28,6 +29,8 @@ def test_project_params_file_is_valid_and_frozen():
         ({"base": {"image_size": 16}}, "base.image_size must be >= 32"),
         ({"base": {"image_size": "big"}}, "base.image_size must be a number of pixels or auto"),
         ({"head": {"augment": "mirror"}}, "head.augment must be auto or one of none, flip"),
+        ({"finetune": {"enabled": "maybe"}}, "finetune.enabled must be true, false or auto"),
+        ({"finetune": {"enabled": 1}}, "finetune.enabled must be true, false or auto"),
         ({"base": {"backbone": "resnet"}}, "base.backbone must be one of"),
         ({"baseline": {"epochs": "many"}}, "baseline.epochs must be an integer"),
         ({"baseline": {"arch": "resnet"}}, "baseline.arch must be one of pooled, seed"),
@@ -37,6 +40,11 @@ def test_project_params_file_is_valid_and_frozen():
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(P.ParamsError, match=message.replace("(", r"\(")):
         P.from_dict(raw)
+
+
+def test_finetune_enabled_is_true_false_or_auto():
+    for value, expected in ((True, True), ("false", False), ("auto", "auto")):
+        assert P.from_dict({"finetune": {"enabled": value}}).finetune.enabled == expected
 
 
 def test_overrides_are_written_with_comments_kept(tmp_path):

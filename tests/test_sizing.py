@@ -1,9 +1,11 @@
-"""base.image_size auto: the size follows the images' own resolution, within the budget."""
+"""base.image_size auto: the size follows the images' own resolution, within the budget;
+finetune.enabled auto: fine-tuning runs when its estimated cost fits what is left of it."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import small_params
 from PIL import Image
 
@@ -72,3 +74,39 @@ def test_prepare_with_auto_decodes_at_the_chosen_size_and_records_why(tmp_path):
     assert "median side 200 px" in report["image_size"]["reason"]
     train = tmp_path / "artifacts/prepared/train_images.npy"
     assert __import__("numpy").load(train, mmap_mode="r").shape[1:] == (192, 192, 3)
+
+
+def finetune_cost(size=96, train=1000, evaluated=0, relative=1.0, epochs=3, blocks=2) -> float:
+    return sizing.finetune_seconds(size, train, evaluated, relative, epochs, blocks)
+
+
+def test_finetuning_cost_grows_with_images_pixels_epochs_blocks_and_backbone():
+    fixed = finetune_cost(train=0)
+    variable = finetune_cost() - fixed
+    assert finetune_cost(train=2000) - fixed == pytest.approx(2 * variable)
+    assert finetune_cost(size=192) - fixed == pytest.approx(4 * variable)
+    assert finetune_cost(epochs=6) - fixed == pytest.approx(2 * variable)
+    assert finetune_cost(relative=2.2) - fixed == pytest.approx(2.2 * variable)
+    assert finetune_cost(blocks=1) < finetune_cost() < finetune_cost(blocks=4)
+    assert finetune_cost(evaluated=500) > finetune_cost()
+    # bench/finetune.py on this machine: 3.6-4.8 ms per image and epoch at 96 px, 2 blocks
+    assert 3 * 1000 * 0.0036 <= variable <= 3 * 1000 * 0.0048
+
+
+def test_finetuning_auto_runs_only_when_its_estimate_fits_what_is_left_of_the_budget():
+    fits = sizing.finetune_decision("auto", estimate_s=50, spent_s=60, budget_minutes=2)
+    assert fits.run and fits.estimate_s == 50 and fits.budget_left_s == 60
+    assert fits.reason == "estimated 50.0 s fits the 1.0 min left of base.budget 2 min"
+    over = sizing.finetune_decision("auto", estimate_s=70, spent_s=60, budget_minutes=2)
+    assert not over.run
+    assert over.reason == "skipped: estimated 1.2 min > budget left 1.0 min (base.budget 2 min)"
+    spent = sizing.finetune_decision("auto", estimate_s=10, spent_s=200, budget_minutes=2)
+    assert not spent.run and spent.budget_left_s == -80
+    assert "> budget left 0.0 s" in spent.reason
+
+
+def test_finetuning_true_or_false_decides_whatever_the_budget():
+    forced = sizing.finetune_decision(True, estimate_s=1e6, spent_s=0, budget_minutes=1)
+    assert forced.run and forced.reason == "forced by finetune.enabled: true"
+    off = sizing.finetune_decision(False, estimate_s=1, spent_s=0, budget_minutes=1000)
+    assert not off.run and off.reason == "off (finetune.enabled: false)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from headstart.artifacts import load_features
 from headstart.errors import UserError
 from headstart.files import MARKER, read_json
 from headstart.metrics import classification_metrics
+from headstart.runsummary import run_summary
 
 
 @pytest.fixture(scope="module")
@@ -367,6 +369,52 @@ def test_finetune_step_keeps_the_better_model_and_records_it(project, tmp_path):
     saved = keras.saving.load_model(tuned.path("transfer", copy) / "model.keras")
     extractor = saved.get_layer("efficientnet_lite0_features")
     assert not extractor.trainable_weights  # saved frozen again, ready for inference
+
+
+def test_finetune_auto_runs_when_it_fits_the_budget_and_the_summary_says_so(project):
+    root, params = project
+    assert params.finetune.enabled == "auto"  # the default
+    record = read_json(params.path("transfer", root) / "transfer.json")["finetune"]
+    assert record["setting"] == "auto" and record["ran"]
+    assert 0 < record["estimate_s"] <= record["budget_left_s"] < 30 * 60
+    verdict = "kept" if record["val_accuracy_after"] > record["val_accuracy_before"] else "dropped"
+    assert record["kept"] == (verdict == "kept")
+    assert record["outcome"].startswith(f"ran and {verdict}: validation accuracy ")
+    assert record["reason"].endswith("left of base.budget 30 min")
+    summary = run_summary(root, params, tasks.STEP_NAMES, [], [], {})
+    assert f"fine-tuning: {record['outcome']} ({record['reason']})" in summary
+
+
+def test_finetune_auto_is_skipped_and_recorded_when_over_the_budget(project, tmp_path):
+    root, _ = project
+    copy = Path(shutil.copytree(root, tmp_path / "copy", symlinks=True))
+    tight = small_params(base={"budget": 0.01})  # 0.6 s: under fine-tuning's fixed cost alone
+    tasks.get("head").run(tight, copy)
+    out = tight.path("transfer", copy)
+    record = read_json(out / "transfer.json")["finetune"]
+    assert not record["ran"] and not record["kept"] and "val_accuracy_after" not in record
+    assert record["budget_left_s"] < 0.6 < record["estimate_s"]
+    assert record["outcome"] == record["reason"]
+    assert re.fullmatch(
+        r"skipped: estimated [\d.]+ s > budget left [\d.]+ s \(base.budget 0.01 min\)",
+        record["reason"],
+    )
+    assert not (out / "dvclive/plots/metrics/finetune").exists()
+    summary = run_summary(copy, tight, tasks.STEP_NAMES, [], [], {})
+    assert f"fine-tuning: {record['reason']}" in summary
+
+
+def test_the_finetuning_budget_counts_the_feature_cache_views(project, monkeypatch):
+    from headstart import sizing
+    from tasks.head import finetune_decision
+
+    root, params = project
+    monkeypatch.setattr(sizing, "FEATURE_SECONDS", 1.0)  # a slow machine: tenths of s show
+    prepared = params.path("prepared", root)
+    four_views = finetune_decision(prepared, params)  # head.augment auto: plain + 3 policies
+    one_view = finetune_decision(prepared, small_params(head={"augment": "none"}))
+    assert one_view.budget_left_s > four_views.budget_left_s
+    assert one_view.estimate_s == four_views.estimate_s
 
 
 def test_predict_cli_reports_bad_files_and_classifies_the_rest(project, tmp_path):
