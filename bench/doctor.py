@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=["relabel-strong", "exclude-strong"],
         help="review decisions tried on the noisy project, each followed by a rerun",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="review-and-rerun rounds per policy (a user's loop)"
+    )
     return parser.parse_args(argv)
 
 
@@ -180,12 +183,20 @@ POLICIES = {
 
 
 def write_review(project: Path, policy: str, issues: list[dict]) -> dict[str, int]:
-    """The policy's decisions written into the clone's data-review.yaml: counts per section."""
+    """The policy's decisions on the suspects not decided yet, added to the clone's
+    data-review.yaml (as `headstart review` does): counts per section, in all."""
     from headstart import review
 
-    decided = review.Review(**POLICIES[policy](issues))
+    decided = review.load(project / review.REVIEW_FILE)
+    new = POLICIES[policy]([s for s in issues if s["file"] not in decided.named()])
+    decided.relabel.update(new.get("relabel", {}))
+    decided.exclude += new.get("exclude", [])
     review.save(decided, project / review.REVIEW_FILE)
     return {"relabel": len(decided.relabel), "exclude": len(decided.exclude)}
+
+
+def doctor_findings(project: Path) -> dict:
+    return json.loads((project / "artifacts/plots/doctor.json").read_text())
 
 
 def main(argv=None) -> dict:
@@ -219,7 +230,7 @@ def main(argv=None) -> dict:
             if name == "noisy":
                 split_of = manifest(project)
                 seen = {f for f in flipped if split_of.get(f) in ("train", "val")}
-                found = json.loads((project / "artifacts/plots/doctor.json").read_text())
+                found = doctor_findings(project)
                 every = {s["file"] for s in found["label_issues"]}
                 ours = {s["file"] for s in found["label_issues"] if s["strong"]}
                 theirs, theirs_cut = cleanlab_flags(project)
@@ -234,16 +245,20 @@ def main(argv=None) -> dict:
                     off_topic=len(found["off_topic"]),
                 )
                 for policy in args.policies:
-                    decided = write_review(project, policy, found["label_issues"])
-                    reviewed = headstart_run(project, seed, OVERRIDES)
-                    runs.setdefault(policy, {})[seed] = {
-                        "seconds": reviewed["seconds"],
-                        "heldout": release_accuracy(project, work / "heldout"),
-                        **decided,
-                    }
-                    print(
-                        f"[seed {seed}] {policy}: {runs[policy][seed]}", file=sys.stderr, flush=True
-                    )
+                    issues = found["label_issues"]
+                    for round_ in range(1, args.rounds + 1):  # review, rerun, review again
+                        decided = write_review(project, policy, issues)
+                        reviewed = headstart_run(project, seed, OVERRIDES)
+                        key = policy if round_ == 1 else f"{policy} x{round_}"
+                        runs.setdefault(key, {})[seed] = {
+                            "seconds": reviewed["seconds"],
+                            "heldout": release_accuracy(project, work / "heldout"),
+                            **decided,
+                        }
+                        print(
+                            f"[seed {seed}] {key}: {runs[key][seed]}", file=sys.stderr, flush=True
+                        )
+                        issues = doctor_findings(project)["label_issues"]
                     subprocess.run(
                         ["git", "checkout", "-q", "data-review.yaml"], cwd=project, check=True
                     )
@@ -277,10 +292,14 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def reviewed_names(runs: dict) -> list[str]:
+    return [name for name in runs if name.split(" ")[0] in POLICIES]
+
+
 def report_text(runs: dict) -> str:
     rows = [
         (name, _mean_sd([r["heldout"] for r in runs[name].values()]))
-        for name in ("clean", "noisy", *POLICIES, "copies")
+        for name in ("clean", "noisy", *reviewed_names(runs), "copies")
         if runs.get(name)
     ]
     lines = [table(rows, ("project", "release held-out accuracy")), ""]
@@ -289,7 +308,7 @@ def report_text(runs: dict) -> str:
     if paired:  # per seed: the drop the noise caused and the part of it each review won back
         drop = [clean[s]["heldout"] - noisy[s]["heldout"] for s in paired]
         rows = [("noise: clean - noisy", _mean_sd(drop), "")]
-        for policy in POLICIES:
+        for policy in reviewed_names(runs):
             if all(s in runs.get(policy, {}) for s in paired):
                 gain = [runs[policy][s]["heldout"] - noisy[s]["heldout"] for s in paired]
                 share = statistics.mean(gain) / statistics.mean(drop) if any(drop) else 0.0
