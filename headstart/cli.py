@@ -327,7 +327,8 @@ def review(
     elif issues or off_topic or found["label_conflicts"] or leaks:  # nothing accepted: say how
         typer.echo(
             f"Decide in {review_module.REVIEW_FILE} (relabel / exclude / keep), or "
-            "`headstart review --accept N`; the next run applies it."
+            "`headstart review --exclude-strong` (or --accept-strong, --accept N); the next "
+            "run applies it."
         )
 
 
