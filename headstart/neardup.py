@@ -36,8 +36,8 @@ HASH_BITS = _LOW * _LOW
 HASH_WORDS = HASH_BITS // 64
 _WINDOW = 3.5  # the window's side, in radii of gyration of the content around its centre
 _GREY = np.array([0.299, 0.587, 0.114], dtype=np.float64)  # ITU-R BT.601 luma
-# or whose coefficient ranks correlate at least this much: chosen on 5,000 clean Fashion-MNIST
-# train images and 1,000 copies of others (bench/neardup.py), flagging under 0.5 % of the clean
+# images whose coefficient ranks correlate at least this much are linked too: chosen on copies
+# and clean images synthesised from Fashion-MNIST train images (bench/neardup.py)
 MIN_CORRELATION = 0.92
 # pairwise distances are computed this many (hash, hash) cells at a time: memory stays bounded
 _BLOCK_CELLS = 1 << 18  # 2 MiB per uint64 temporary
