@@ -2,22 +2,25 @@
 probabilities), accuracy after accepting its suggestions, and near-duplicates kept in one split.
 
 Fashion-MNIST TRAIN images outside the demo (never the official test split), as
-bench/heldout.py draws them (100 per class in the training split, 1,000 others held out). Three
+bench/heldout.py draws them (100 per class in the training split, --heldout others held out,
+the same for every project and seed, so differences are paired). Three
 projects (clones of this repository's committed state), each run with `headstart run -S
 base.seed=SEED -S export.formats=[]` for every seed:
 - clean: the images as they are;
 - noisy: `--noise` of the labels flipped uniformly to another class (the files written into
   the wrong class folder). The doctor's flagged train/val images are scored against the flips
   it could see (those prepare put in train or val), and so are cleanlab's
-  `find_label_issues` on the same out-of-sample probabilities; then every suggestion is
-  accepted (`headstart review --accept`) and the run repeated: the release's held-out accuracy
-  clean / noisy / after review;
+  `find_label_issues` on the same out-of-sample probabilities; then, for each of --policies
+  (POLICIES: which suggestions a person accepts, and whether as `relabel` or `exclude`), the
+  decisions are written into data-review.yaml and the run repeated: the release's held-out
+  accuracy clean / noisy / after each review, and per seed the share of the drop won back;
 - copies: 150 images re-encoded as JPEG q70-95, resized by up to ±10 %, cropped by up to 5 %,
   brightened by up to ±10 % (seeded), added beside their originals: how many pairs share a
   split, and the held-out accuracy against the clean run's.
 
     pip install -e ".[bench]"        # cleanlab (AGPL-3.0) for the comparison only
-    python bench/doctor.py           # 3 seeds, about 25 minutes here
+    python bench/doctor.py           # 3 seeds, about 40 minutes here
+    python bench/doctor.py --only clean noisy --policies exclude-strong  # the review loop
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import BIN, ROOT, clone_with_data, headstart_run, run_child, table
-from heldout import CLASSES, SOURCE, fashion_images, score, write_pngs
+from common import ROOT, clone_with_data, headstart_run, table
+from heldout import CLASSES, SOURCE, fashion_images, probabilities, write_pngs
 from PIL import Image, ImageEnhance
 
 OVERRIDES = ["export.formats=[]"]
@@ -45,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--per-class", type=int, default=100)
-    parser.add_argument("--heldout", type=int, default=1000)
+    parser.add_argument("--heldout", type=int, default=5000, help="held-out images in total")
     parser.add_argument("--noise", type=float, default=0.1, help="fraction of labels flipped")
     parser.add_argument("--copies", type=int, default=150, help="near-duplicates injected")
     parser.add_argument("--source", type=Path, default=SOURCE)
@@ -55,6 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("clean", "noisy", "copies"),
         default=["clean", "noisy", "copies"],
         help="projects to run",
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        choices=sorted(POLICIES),
+        default=["relabel-strong", "exclude-strong"],
+        help="review decisions tried on the noisy project, each followed by a rerun",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="review-and-rerun rounds per policy (a user's loop)"
     )
     return parser.parse_args(argv)
 
@@ -138,7 +151,52 @@ def cleanlab_flags(project: Path) -> tuple[set[str], set[str]]:
 
 
 def release_accuracy(project: Path, heldout: Path) -> float:
-    return score(project, heldout)["release"]
+    """The released model's accuracy on the held-out images (the other models are not scored)."""
+    probs, truth = probabilities(project / "artifacts/release/model.keras", heldout)
+    y = np.array([CLASSES.index(label) for label in truth])
+    return round(float(np.mean(probs.argmax(axis=1) == y)), 4)
+
+
+def _relabel_strong(issues: list[dict]) -> dict:
+    return {"relabel": {s["file"]: s["suggested"] for s in issues if s["strong"]}}
+
+
+def _exclude_strong(issues: list[dict]) -> dict:
+    return {"exclude": [s["file"] for s in issues if s["strong"]]}
+
+
+def _relabel_strong_exclude_rest(issues: list[dict]) -> dict:
+    return {**_relabel_strong(issues), "exclude": [s["file"] for s in issues if not s["strong"]]}
+
+
+def _exclude_all(issues: list[dict]) -> dict:
+    return {"exclude": [s["file"] for s in issues]}
+
+
+# what a person could accept from the doctor's list: the review file's sections per policy
+POLICIES = {
+    "relabel-strong": _relabel_strong,
+    "exclude-strong": _exclude_strong,
+    "relabel-strong-exclude-rest": _relabel_strong_exclude_rest,
+    "exclude-all": _exclude_all,
+}
+
+
+def write_review(project: Path, policy: str, issues: list[dict]) -> dict[str, int]:
+    """The policy's decisions on the suspects not decided yet, added to the clone's
+    data-review.yaml (as `headstart review` does): counts per section, in all."""
+    from headstart import review
+
+    decided = review.load(project / review.REVIEW_FILE)
+    new = POLICIES[policy]([s for s in issues if s["file"] not in decided.named()])
+    decided.relabel.update(new.get("relabel", {}))
+    decided.exclude += new.get("exclude", [])
+    review.save(decided, project / review.REVIEW_FILE)
+    return {"relabel": len(decided.relabel), "exclude": len(decided.exclude)}
+
+
+def doctor_findings(project: Path) -> dict:
+    return json.loads((project / "artifacts/plots/doctor.json").read_text())
 
 
 def main(argv=None) -> dict:
@@ -161,7 +219,7 @@ def main(argv=None) -> dict:
     makers = {"clean": lambda f: write_pngs(pixels, train, f), "noisy": noisy, "copies": copied}
     projects = {name: clone_with_data(work / name, makers[name]) for name in args.only}
     sys.path.insert(0, str(ROOT))
-    runs: dict[str, dict] = {name: {} for name in (*projects, "reviewed")}
+    runs: dict[str, dict] = {name: {} for name in projects}
     for seed in args.seeds:
         for name, project in projects.items():
             child = headstart_run(project, seed, OVERRIDES)
@@ -172,7 +230,7 @@ def main(argv=None) -> dict:
             if name == "noisy":
                 split_of = manifest(project)
                 seen = {f for f in flipped if split_of.get(f) in ("train", "val")}
-                found = json.loads((project / "artifacts/plots/doctor.json").read_text())
+                found = doctor_findings(project)
                 every = {s["file"] for s in found["label_issues"]}
                 ours = {s["file"] for s in found["label_issues"] if s["strong"]}
                 theirs, theirs_cut = cleanlab_flags(project)
@@ -186,18 +244,24 @@ def main(argv=None) -> dict:
                     cleanlab_cut=precision_recall(theirs_cut, seen),
                     off_topic=len(found["off_topic"]),
                 )
-                run_child([str(BIN / "headstart"), "review", "--accept-strong"], cwd=project)
-                reviewed = headstart_run(project, seed, OVERRIDES)
-                runs["reviewed"][seed] = {
-                    "seconds": reviewed["seconds"],
-                    "heldout": release_accuracy(project, work / "heldout"),
-                }
-                print(
-                    f"[seed {seed}] reviewed: {runs['reviewed'][seed]}", file=sys.stderr, flush=True
-                )
-                subprocess.run(
-                    ["git", "checkout", "-q", "data-review.yaml"], cwd=project, check=True
-                )
+                for policy in args.policies:
+                    issues = found["label_issues"]
+                    for round_ in range(1, args.rounds + 1):  # review, rerun, review again
+                        decided = write_review(project, policy, issues)
+                        reviewed = headstart_run(project, seed, OVERRIDES)
+                        key = policy if round_ == 1 else f"{policy} x{round_}"
+                        runs.setdefault(key, {})[seed] = {
+                            "seconds": reviewed["seconds"],
+                            "heldout": release_accuracy(project, work / "heldout"),
+                            **decided,
+                        }
+                        print(
+                            f"[seed {seed}] {key}: {runs[key][seed]}", file=sys.stderr, flush=True
+                        )
+                        issues = doctor_findings(project)["label_issues"]
+                    subprocess.run(
+                        ["git", "checkout", "-q", "data-review.yaml"], cwd=project, check=True
+                    )
             if name == "copies":
                 split_of = manifest(project)
                 report = json.loads((project / "artifacts/data-report/report.json").read_text())
@@ -228,13 +292,28 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def reviewed_names(runs: dict) -> list[str]:
+    return [name for name in runs if name.split(" ")[0] in POLICIES]
+
+
 def report_text(runs: dict) -> str:
     rows = [
         (name, _mean_sd([r["heldout"] for r in runs[name].values()]))
-        for name in ("clean", "noisy", "reviewed", "copies")
+        for name in ("clean", "noisy", *reviewed_names(runs), "copies")
         if runs.get(name)
     ]
     lines = [table(rows, ("project", "release held-out accuracy")), ""]
+    clean, noisy = runs.get("clean", {}), runs.get("noisy", {})
+    paired = [s for s in noisy if s in clean]
+    if paired:  # per seed: the drop the noise caused and the part of it each review won back
+        drop = [clean[s]["heldout"] - noisy[s]["heldout"] for s in paired]
+        rows = [("noise: clean - noisy", _mean_sd(drop), "")]
+        for policy in reviewed_names(runs):
+            if all(s in runs.get(policy, {}) for s in paired):
+                gain = [runs[policy][s]["heldout"] - noisy[s]["heldout"] for s in paired]
+                share = statistics.mean(gain) / statistics.mean(drop) if any(drop) else 0.0
+                rows.append((f"{policy} - noisy", _mean_sd(gain), f"{share:.2f}"))
+        lines += [table(rows, ("paired per seed", "points", "share of the drop won back")), ""]
     noisy = list(runs.get("noisy", {}).values())
     if not noisy:
         return "\n".join(lines)

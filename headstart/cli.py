@@ -257,12 +257,25 @@ def review(
     ] = 0,
     accept_strong: Annotated[
         bool,
-        typer.Option("--accept-strong", help="Write every suggestion marked * (strong evidence)."),
+        typer.Option(
+            "--accept-strong",
+            help="Write every suggestion marked * (strong evidence) as `relabel`.",
+        ),
+    ] = False,
+    exclude_strong: Annotated[
+        bool,
+        typer.Option(
+            "--exclude-strong",
+            help="Write every image marked * as `exclude` (its label is doubtful, the "
+            "suggested class not checked).",
+        ),
     ] = False,
     project: ProjectOption = Path("."),
 ) -> None:
     """List the images the data doctor doubts (likely label errors, off-topic images,
     near-duplicates across classes), from the last run's plots step."""
+    if sum([accept_strong, exclude_strong, accept > 0]) > 1:
+        raise UserError("review: choose one of --accept N, --accept-strong, --exclude-strong")
     from headstart import params as params_module
     from headstart import review as review_module
     from headstart.doctor import DOCTOR_FILE
@@ -299,19 +312,23 @@ def review(
     typer.echo(f"Test images almost identical to a training image (features): {len(leaks)}")
     for leak in leaks[:top]:
         typer.echo(f"      {leak['test']} ~ {leak['train']}  (cosine {leak['similarity']:.3f})")
-    accepted = strong if accept_strong else issues[:accept]
+    accepted = strong if accept_strong or exclude_strong else issues[:accept]
     if accepted:
         for s in accepted:
-            decided.relabel[s["file"]] = s["suggested"]
+            if exclude_strong:
+                decided.exclude.append(s["file"])
+            else:
+                decided.relabel[s["file"]] = s["suggested"]
         review_module.save(decided, review_file)
         typer.echo(
-            f"wrote {len(accepted)} relabel decision(s) to {review_file}; "
-            "check them, then `headstart run`"
+            f"wrote {len(accepted)} {'exclude' if exclude_strong else 'relabel'} decision(s) "
+            f"to {review_file}; check them, then `headstart run`"
         )
     elif issues or off_topic or found["label_conflicts"] or leaks:  # nothing accepted: say how
         typer.echo(
             f"Decide in {review_module.REVIEW_FILE} (relabel / exclude / keep), or "
-            "`headstart review --accept N`; the next run applies it."
+            "`headstart review --exclude-strong` (or --accept-strong, --accept N); the next "
+            "run applies it."
         )
 
 

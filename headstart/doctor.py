@@ -178,8 +178,8 @@ LEAK_ROWS = 512  # test rows compared at a time
 
 def possible_leaks(prepared: Path, features: Path) -> list[dict]:
     """Test images whose frozen-backbone features are almost those of a training image (cosine
-    similarity >= LEAK_SIMILARITY): copies the perceptual hash did not link (a larger crop, a
-    flip, another rendering), reported for a person to check. Highest first."""
+    similarity >= LEAK_SIMILARITY): copies prepare's near-duplicate tests did not link (a larger
+    crop, a flip, another rendering), reported for a person to check. Highest first."""
     train, _ = load_features(features, "train")
     test, _ = load_features(features, "test")
     images = len(np.load(prepared / "train_labels.npy"))

@@ -12,11 +12,17 @@ hash of the whole frame both misses cropped copies and joins distinct images:
 - the hash keeps the top-left 16 x 16 coefficients instead of 8 x 8, so distinct images of
   similar shape lie far apart: 256 bits, the DC term's always 0 (brightness, not content).
 Plain numpy (matrix products); a hash is HASH_WORDS uint64 words, compared by Hamming distance.
+
+A second test on the same coefficients links what the hash's one bit per coefficient loses: the
+ranks of the 255 AC coefficients (int8, centred), compared by their correlation (Spearman's rho
+of the two images' coefficients). A crop plus a resize of a garment that fills the frame moves
+many coefficients across the median (the hash's bits flip) while their order changes little.
+Two images are linked when either test passes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -30,8 +36,12 @@ HASH_BITS = _LOW * _LOW
 HASH_WORDS = HASH_BITS // 64
 _WINDOW = 3.5  # the window's side, in radii of gyration of the content around its centre
 _GREY = np.array([0.299, 0.587, 0.114], dtype=np.float64)  # ITU-R BT.601 luma
+# images whose coefficient ranks correlate at least this much are linked too: chosen on copies
+# and clean images synthesised from Fashion-MNIST train images (bench/neardup.py)
+MIN_CORRELATION = 0.92
 # pairwise distances are computed this many (hash, hash) cells at a time: memory stays bounded
 _BLOCK_CELLS = 1 << 18  # 2 MiB per uint64 temporary
+_RANK_BLOCK_CELLS = 1 << 20  # 4 MiB per float32 block of correlations
 
 
 def _window_matrices(size: int, starts: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -84,18 +94,48 @@ def _dct_matrix() -> np.ndarray:
     return matrix
 
 
+def _coefficients(arrays: np.ndarray, caller: str) -> np.ndarray:
+    """(N, HASH_BITS): the low-frequency DCT coefficients of the content-centred grey images,
+    the DC term first."""
+    arrays = np.asarray(arrays)
+    if arrays.ndim != 4 or arrays.shape[1] != arrays.shape[2] or arrays.shape[3] != 3:
+        raise ValueError(f"{caller}: expected N x S x S x 3 images, got shape {arrays.shape}")
+    low_pass = _dct_matrix()[:_LOW]
+    return (low_pass @ _aligned_grey(arrays) @ low_pass.T).reshape(len(arrays), HASH_BITS)
+
+
 def phashes(arrays: np.ndarray) -> np.ndarray:
     """The perceptual hashes (uint64, N x HASH_WORDS) of N square RGB images (uint8
     N x S x S x 3, as prepare decodes them)."""
-    arrays = np.asarray(arrays)
-    if arrays.ndim != 4 or arrays.shape[1] != arrays.shape[2] or arrays.shape[3] != 3:
-        raise ValueError(f"phashes: expected N x S x S x 3 images, got shape {arrays.shape}")
-    low_pass = _dct_matrix()[:_LOW]
-    low = (low_pass @ _aligned_grey(arrays) @ low_pass.T).reshape(len(arrays), HASH_BITS)
+    return _hashes(_coefficients(arrays, "phashes"))
+
+
+def _hashes(low: np.ndarray) -> np.ndarray:
     median = np.median(low[:, 1:], axis=1, keepdims=True)
     bits = low > median
     bits[:, 0] = False  # the DC term
     return np.packbits(bits, axis=1).view(">u8").astype(np.uint64)
+
+
+RANK_LENGTH = HASH_BITS - 1  # the AC coefficients
+_RANK_CENTRE = RANK_LENGTH // 2  # ranks 0..254 minus 127: -127..127, an int8
+# every rank vector is a permutation of the same values: one squared norm for all
+_RANK_NORM = float(sum((rank - _RANK_CENTRE) ** 2 for rank in range(RANK_LENGTH)))
+
+
+def _ranks(low: np.ndarray) -> np.ndarray:
+    order = np.argsort(low[:, 1:], axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(RANK_LENGTH)[None, :], axis=1)
+    return (ranks - _RANK_CENTRE).astype(np.int8)
+
+
+def signatures(arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(perceptual hashes, coefficient ranks) of N square RGB images (uint8 N x S x S x 3): the
+    hashes as `phashes` gives them, the ranks int8 N x RANK_LENGTH (compare with
+    `correlation` / `correlated_pairs`)."""
+    low = _coefficients(arrays, "signatures")
+    return _hashes(low), _ranks(low)
 
 
 def phash(array: np.ndarray) -> np.ndarray:
@@ -121,14 +161,21 @@ def distance(first: np.ndarray, second: np.ndarray) -> int:
     return int(popcount(np.bitwise_xor(first, second)).sum())
 
 
+def correlation(first: np.ndarray, second: np.ndarray) -> float:
+    """The correlation of two images' coefficient ranks (1: the same order)."""
+    return float(np.dot(first.astype(np.float64), second.astype(np.float64)) / _RANK_NORM)
+
+
 @dataclass(frozen=True)
 class NearDuplicates:
     """What `group` found: `groups`, each the ascending indices of images linked by chains of
     close pairs (two or more per group, ordered by their first index), and `pairs`, every
-    (i, j, distance) with i < j within the threshold."""
+    linked (i, j, Hamming distance) with i < j: within the distance threshold, or over it and
+    linked by their ranks' correlation (those also in `correlated`, with the correlation)."""
 
     groups: list[list[int]]
     pairs: list[tuple[int, int, int]]
+    correlated: dict[tuple[int, int], float] = field(default_factory=dict)
 
 
 def close_pairs(hashes: np.ndarray, max_distance: int = MAX_DISTANCE) -> list[tuple[int, int, int]]:
@@ -180,9 +227,52 @@ def components(count: int, pairs: list[tuple[int, int, int]]) -> list[list[int]]
     return sorted(members.values())
 
 
-def group(hashes: np.ndarray, max_distance: int = MAX_DISTANCE) -> NearDuplicates:
+def correlated_pairs(
+    ranks: np.ndarray, min_correlation: float = MIN_CORRELATION
+) -> list[tuple[int, int, float]]:
+    """Every (i, j, correlation), i < j, of coefficient ranks (int8, N x RANK_LENGTH) that
+    correlate at least `min_correlation`: every pair compared, a block of rows at a time."""
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or ranks.shape[1] != RANK_LENGTH:
+        raise ValueError(f"correlated_pairs: expected N x {RANK_LENGTH} ranks, got {ranks.shape}")
+    count = len(ranks)
+    scaled = ranks.astype(np.float32) / np.float32(np.sqrt(_RANK_NORM))
+    rows = max(1, _RANK_BLOCK_CELLS // max(count, 1))
+    found: list[tuple[int, int, float]] = []
+    for start in range(0, count, rows):
+        stop = min(start + rows, count)
+        similar = scaled[start:stop] @ scaled[start:].T
+        first, second = np.nonzero(similar >= min_correlation)
+        later = second > first
+        first, second = first[later], second[later]
+        found += zip(
+            (first + start).tolist(),
+            (second + start).tolist(),
+            similar[first, second].astype(float).tolist(),
+            strict=True,
+        )
+    return found
+
+
+def group(
+    hashes: np.ndarray,
+    max_distance: int = MAX_DISTANCE,
+    ranks: np.ndarray | None = None,
+    min_correlation: float = MIN_CORRELATION,
+) -> NearDuplicates:
     """The near-duplicate groups of `hashes` (uint64, N x words): images within
-    `max_distance` bits of another in the group, transitively (a chain of small changes is
-    still one group)."""
+    `max_distance` bits of another in the group, or (with `ranks`, from `signatures`) whose
+    coefficient ranks correlate at least `min_correlation`, transitively (a chain of small
+    changes is still one group)."""
     pairs = close_pairs(hashes, max_distance)
-    return NearDuplicates(components(len(hashes), pairs), pairs)
+    correlated: dict[tuple[int, int], float] = {}
+    if ranks is not None:
+        if len(ranks) != len(hashes):
+            raise ValueError(f"group: {len(hashes)} hashes but {len(ranks)} rank rows")
+        linked = {(i, j) for i, j, _ in pairs}
+        for i, j, rho in correlated_pairs(ranks, min_correlation):
+            if (i, j) not in linked:
+                correlated[i, j] = round(rho, 4)
+                pairs.append((i, j, distance(hashes[i], hashes[j])))
+        pairs.sort()
+    return NearDuplicates(components(len(hashes), pairs), pairs, correlated)

@@ -396,13 +396,15 @@ def _near_duplicates(items: list[_Seen], decoded: int, size: int) -> neardup.Nea
     pixels = size * size * 3
     rows = np.array([item.row for item in items])
     hashes = np.empty((len(items), neardup.HASH_WORDS), np.uint64)
+    ranks = np.empty((len(items), neardup.RANK_LENGTH), np.int8)
     step = max(1, HASH_PIXELS // (size * size))
     for start in range(0, len(items), step):
         block = rows[start : start + step]
         data = b"".join(os.pread(decoded, pixels, int(row) * pixels) for row in block)
         arrays = np.frombuffer(data, np.uint8).reshape(len(block), size, size, 3)
-        hashes[start : start + len(block)] = neardup.phashes(arrays)
-    return neardup.group(hashes, neardup.MAX_DISTANCE)
+        stop = start + len(block)
+        hashes[start:stop], ranks[start:stop] = neardup.signatures(arrays)
+    return neardup.group(hashes, neardup.MAX_DISTANCE, ranks, neardup.MIN_CORRELATION)
 
 
 REPORTED_PAIRS = 20  # per near-duplicate group, its closest linked pairs in the report
@@ -430,13 +432,21 @@ def near_duplicate_report(
                 "max_distance": max(distance for *_, distance in pairs),
                 "linked_pairs": len(pairs),
                 "closest_pairs": closest,
+                "correlated_pairs": [
+                    [items[i].path, items[j].path, found.correlated[i, j]]
+                    for i, j, _ in pairs
+                    if (i, j) in found.correlated
+                ],
             }
         )
     return {
         "method": f"perceptual hash ({neardup.HASH_BITS}-bit DCT of the content-centred grey "
-        f"image); images whose hashes differ in at most {neardup.MAX_DISTANCE} bits are linked, "
-        "a group is every image linked through a chain; a group always goes to one split",
+        f"image); images whose hashes differ in at most {neardup.MAX_DISTANCE} bits, or whose "
+        f"DCT coefficients' ranks correlate at least {neardup.MIN_CORRELATION} "
+        "(correlated_pairs), are linked, a group is every image linked through a chain; a "
+        "group always goes to one split",
         "max_distance": neardup.MAX_DISTANCE,
+        "min_correlation": neardup.MIN_CORRELATION,
         "count": len(groups),
         "images": sum(len(group["files"]) for group in groups),
         "groups": groups,

@@ -234,3 +234,73 @@ def test_a_group_across_classes_is_kept_whole_and_reported_as_a_label_conflict(t
 def test_hashing_refuses_arrays_that_are_not_square_rgb_images():
     with pytest.raises(ValueError, match="N x S x S x 3"):
         neardup.phashes(np.zeros((2, 32, 30, 3), dtype=np.uint8))
+
+
+def lfw_images() -> list[Image.Image]:
+    """scikit-image's 200 grey 25 x 25 photos (100 faces, then 100 other): real, small and
+    alike, like the demo's garments."""
+    skimage_data = pytest.importorskip("skimage.data")
+    return [
+        Image.fromarray((face * 255).round().astype(np.uint8)) for face in skimage_data.lfw_subset()
+    ]
+
+
+def crop_and_resize(image: Image.Image) -> bytes:
+    """One pixel in 25 (4 %) cropped off the top and the left, scaled back up to 27 px."""
+    return encoded(image.crop((1, 1, 25, 25)).resize((27, 27)))
+
+
+def test_coefficient_ranks_correlate_as_pearson_on_the_ranks_says():
+    rng = np.random.default_rng(3)
+    arrays = rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8)
+    hashes, ranks = neardup.signatures(arrays)
+    assert (hashes == neardup.phashes(arrays)).all()
+    assert sorted(ranks[0].tolist()) == list(range(-127, 128))  # a permutation of the ranks
+    expected = np.corrcoef(ranks[0].astype(float), ranks[1].astype(float))[0, 1]
+    assert neardup.correlation(ranks[0], ranks[1]) == pytest.approx(expected)
+    assert neardup.correlation(ranks[2], ranks[2]) == pytest.approx(1.0)
+
+
+def test_correlated_pairs_finds_exactly_the_planted_pairs_across_blocks():
+    """Random rank orders barely correlate; a copy with a few ranks swapped correlates
+    almost 1 and is found wherever it lies; a reversed order is not near."""
+    rng = np.random.default_rng(26)
+    base = np.arange(neardup.RANK_LENGTH) - neardup.RANK_LENGTH // 2
+    ranks = np.stack([rng.permutation(base) for _ in range(3000)]).astype(np.int8)
+    ranks[2999] = ranks[0]
+    ranks[2999, [0, 1]] = ranks[2999, [1, 0]]
+    ranks[1500] = -ranks[1499]
+    found = neardup.correlated_pairs(ranks)
+    assert [(i, j) for i, j, _ in found] == [(0, 2999)]
+    assert found[0][2] == pytest.approx(neardup.correlation(ranks[0], ranks[2999]), abs=1e-5)
+
+
+def test_a_crop_and_resize_the_hash_misses_is_linked_by_its_coefficient_ranks():
+    """A real photo cropped by 4 % and scaled up: its hash is over the threshold from the
+    original's, the ranks of its coefficients still correlate; no two of the 200 distinct
+    photos are linked either way."""
+    photos = lfw_images()
+    arrays = [images.decode(encoded(image), 96, "pad") for image in photos]
+    arrays.append(images.decode(crop_and_resize(photos[74]), 96, "pad"))
+    hashes, ranks = neardup.signatures(np.stack(arrays))
+    assert neardup.distance(hashes[74], hashes[200]) > neardup.MAX_DISTANCE
+    assert neardup.group(hashes).groups == []
+    found = neardup.group(hashes, ranks=ranks)
+    assert found.groups == [[74, 200]]
+    assert list(found.correlated) == [(74, 200)]
+    assert found.correlated[74, 200] >= neardup.MIN_CORRELATION
+
+
+def test_prepare_keeps_a_crop_and_resize_copy_with_its_original_and_reports_the_link(tmp_path):
+    data = tmp_path / "data"
+    for index, image in enumerate(lfw_images()):
+        folder = data / ("face" if index < 100 else "other")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"lfw_{index:03d}.png").write_bytes(encoded(image))
+    (data / "face" / "copy.png").write_bytes(crop_and_resize(lfw_images()[74]))
+    splits, near = run_prepare(data, tmp_path, "run")
+    pair = ["face/copy.png", "face/lfw_074.png"]
+    assert [g["files"] for g in near["groups"]] == [pair]
+    assert splits[pair[0]] == splits[pair[1]]
+    (correlated,) = near["groups"][0]["correlated_pairs"]
+    assert sorted(correlated[:2]) == pair and correlated[2] >= near["min_correlation"]

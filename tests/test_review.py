@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
-from helpers import small_params, write_good_images
+import yaml
+from helpers import ROOT, run_cli, small_params, write_good_images
 
 from headstart import review
 from tasks.prepare import prepare
@@ -94,3 +96,58 @@ def test_the_review_file_round_trips_and_an_empty_one_changes_nothing(tmp_path):
     review.save(review.Review(), path)
     assert review.load(path) == review.Review() and path.read_text().startswith("# headstart")
     assert review.load(tmp_path / "absent.yaml") == review.Review()
+
+
+def doctor_findings(project: Path) -> None:
+    """A project folder with the findings of a plots step: two strong suspects, one weak."""
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    suspects = [
+        ("a/one.png", "a", "b", True, 0.001),
+        ("b/two.png", "b", "c", True, 0.002),
+        ("c/three.png", "c", "a", False, 0.2),
+    ]
+    found = {
+        "label_issues": [
+            {
+                "file": f,
+                "split": "train",
+                "given": g,
+                "suggested": s,
+                "strong": st,
+                "self_confidence": p,
+            }
+            for f, g, s, st, p in suspects
+        ],
+        "off_topic": [],
+        "label_conflicts": [],
+        "possible_leaks": [],
+    }
+    (project / "artifacts/plots").mkdir(parents=True)
+    (project / "artifacts/plots/doctor.json").write_text(json.dumps(found))
+
+
+@pytest.mark.parametrize(
+    ("option", "section", "decided"),
+    [
+        ("--accept-strong", "relabel", {"a/one.png": "b", "b/two.png": "c"}),
+        ("--exclude-strong", "exclude", ["a/one.png", "b/two.png"]),
+    ],
+)
+def test_review_writes_the_strong_suspects_as_relabel_or_exclude(
+    tmp_path, option, section, decided
+):
+    doctor_findings(tmp_path)
+    result = run_cli("review", option, "--project", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((tmp_path / review.REVIEW_FILE).read_text()) == {section: decided}
+    assert f"wrote 2 {section} decision(s)" in result.stdout
+
+
+def test_review_takes_one_way_of_accepting(tmp_path):
+    doctor_findings(tmp_path)
+    result = run_cli("review", "--accept-strong", "--exclude-strong", "--project", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: review: choose one of --accept N, --accept-strong, --exclude-strong"
+    )
+    assert not (tmp_path / review.REVIEW_FILE).exists()
