@@ -30,7 +30,7 @@ from heldout import DEMO_PER_CLASS, SOURCE, fashion_images, read_idx, write_pngs
 from PIL import Image, ImageEnhance
 
 sys.path.insert(0, str(ROOT))
-from headstart import images, neardup, params
+from headstart import images, neardup, paramfile, params
 from tasks.prepare import prepare
 
 SIZE = 96  # the default image size: prepare hashes the decoded images
@@ -130,7 +130,7 @@ def doctor_copies(seeds: list[int]) -> tuple[list[tuple], dict]:
     distances, rhos = pair_links(first, second)
     linked = (distances <= neardup.MAX_DISTANCE) | (rhos >= neardup.MIN_CORRELATION)
     straddling = {}
-    raw = params.read_raw(ROOT / "params.yaml")
+    raw = paramfile.read_raw(ROOT / "params.yaml")
     for seed in seeds:
         raw["base"]["seed"] = seed
         out = prepare(work / "data", work / f"prepared-{seed}", params.from_dict(raw))

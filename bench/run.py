@@ -65,10 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def base_params(size: int | str, epochs: int, backbone_cache: Path):
+    from headstart import paramfile
     from headstart import params as params_module
 
-    raw = params_module.read_raw(ROOT / "params.yaml")
-    raw = params_module.apply_overrides(
+    raw = paramfile.read_raw(ROOT / "params.yaml")
+    raw = paramfile.apply_overrides(
         raw,
         [
             f"base.image_size={size}",

@@ -123,11 +123,16 @@ _RANK_CENTRE = RANK_LENGTH // 2  # ranks 0..254 minus 127: -127..127, an int8
 _RANK_NORM = float(sum((rank - _RANK_CENTRE) ** 2 for rank in range(RANK_LENGTH)))
 
 
-def _ranks(low: np.ndarray) -> np.ndarray:
-    order = np.argsort(low[:, 1:], axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(RANK_LENGTH)[None, :], axis=1)
-    return (ranks - _RANK_CENTRE).astype(np.int8)
+def _ranks(low: np.ndarray, rows: int = 512) -> np.ndarray:
+    """int8 ranks, `rows` images at a time (argsort's int64 temporaries stay small)."""
+    ranks = np.empty((len(low), RANK_LENGTH), dtype=np.int8)
+    values = np.arange(RANK_LENGTH, dtype=np.int16)[None, :] - _RANK_CENTRE
+    for start in range(0, len(low), rows):
+        order = np.argsort(low[start : start + rows, 1:], axis=1, kind="stable")
+        block = np.empty(order.shape, dtype=np.int16)
+        np.put_along_axis(block, order, values, axis=1)
+        ranks[start : start + rows] = block
+    return ranks
 
 
 def signatures(arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

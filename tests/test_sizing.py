@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from helpers import small_params
 from PIL import Image
@@ -61,10 +62,9 @@ def test_prepare_with_auto_decodes_at_the_chosen_size_and_records_why(tmp_path):
     data = tmp_path / "data"
     for label in ("a", "b"):
         (data / label).mkdir(parents=True)
-        for n in range(8):
-            Image.new("RGB", (200, 150), (40 * n, 100, 0 if label == "a" else 255)).save(
-                data / label / f"{n}.png"
-            )
+        for n in range(8):  # noise: no two alike (flat colours are near-duplicates of each other)
+            pixels = np.random.default_rng([n, label == "a"]).integers(0, 256, (150, 200, 3))
+            Image.fromarray(pixels.astype(np.uint8)).save(data / label / f"{n}.png")
     params = small_params(base={"image_size": "auto"}, prepare={"min_per_class": 2})
     tasks.get("prepare").run(params, tmp_path)
     labels = json.loads((tmp_path / "artifacts/prepared/labels.json").read_text())
