@@ -41,7 +41,7 @@ _GREY = np.array([0.299, 0.587, 0.114], dtype=np.float64)  # ITU-R BT.601 luma
 MIN_CORRELATION = 0.92
 # pairwise distances are computed this many (hash, hash) cells at a time: memory stays bounded
 _BLOCK_CELLS = 1 << 18  # 2 MiB per uint64 temporary
-_RANK_BLOCK_CELLS = 1 << 20  # 4 MiB per float32 block of correlations
+_RANK_BLOCK_CELLS = 1 << 18  # 1 MiB per float32 block of correlations
 
 
 def _window_matrices(size: int, starts: np.ndarray, widths: np.ndarray) -> np.ndarray:
