@@ -59,7 +59,7 @@ def test_the_first_flow_run_runs_every_step_and_records_it(trained_project):
     ]
     assert all((root / name).is_file() for name in ARTIFACTS)
     assert run_in(root, "dvc", "status", "--json").stdout.strip() == "{}"
-    assert "| transfer |" in first["summary"] and "quarantined" in first["summary"]
+    assert "| transfer " in first["summary"] and "quarantined" in first["summary"]
     assert "**Released**" in first["summary"] and "**released**" in first["summary"]
 
 
@@ -197,7 +197,7 @@ def test_a_run_after_adding_images_records_them_and_a_refused_value_is_taken_bac
     assert (trained_copy / "params.yaml").read_text() == params_text
     ran = cli_here("run", cwd=trained_copy)
     assert ran.returncode == 0, ran.stderr
-    assert "| transfer |" in ran.stdout
+    assert "| transfer " in ran.stdout
     report = json.loads((trained_copy / "artifacts/data-report/report.json").read_text())
     assert report["totals"]["used"] == 28  # the 24 first images and the 4 added
     assert run_in(trained_copy, "dvc", "status", "--json").stdout.strip() == "{}"  # data.dvc too
@@ -358,7 +358,7 @@ def test_scheduled_retraining_records_added_images_retrains_and_reports(
     assert any("data.dvc: 2 added (data/newcomer/new_010.png" in m for m in messages), messages
     assert any(m.startswith("prepare   ran in ") and " images (" in m for m in messages), messages
     summary = next(m for m in messages if m.startswith("retraining summary"))
-    assert "| transfer |" in summary and "**Promotion**: replaced" in summary  # new classes
+    assert "| transfer " in summary and "**Promotion**: replaced" in summary  # new classes
 
     idle = retrain_flow(root=root)
     assert idle == {"retrained": False, "promotion": None}
@@ -516,7 +516,7 @@ def test_a_run_prints_one_line_per_step_and_the_summary_and_nothing_on_stderr(
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines[: len(STEP_NAMES)]] == list(STEP_NAMES)
     assert all(" ran in " in line for line in lines[: len(STEP_NAMES)]), lines
-    assert "# headstart run" in result.stdout and "| transfer |" in result.stdout
+    assert "# headstart run" in result.stdout and "| transfer " in result.stdout
     assert len(lines) <= 60
     log = (trained_copy / ".headstart" / "run.log").read_text()
     assert "Finished in state Completed()" in log and "prepare: running" in log  # the rest
