@@ -118,7 +118,7 @@ class Head(Section):
 
 
 class Finetune(Section):
-    enabled: bool | Literal["auto"] = "auto"  # auto: within base.budget (headstart/sizing.py)
+    enabled: bool | Literal["auto"] = False  # auto: within base.budget (headstart/sizing.py)
     blocks: PosInt = 2
     learning_rate: PosFloat = 1e-5
     epochs: PosInt = 3

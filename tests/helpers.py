@@ -142,7 +142,7 @@ def small_params(**sections) -> params_module.Params:
         },
         "baseline": {"epochs": 2, "batch_size": 16},
         "head": {"epochs": 2, "batch_size": 16, "units": 32},
-        "finetune": {"epochs": 1, "batch_size": 8},
+        "finetune": {"enabled": "auto", "epochs": 1, "batch_size": 8},
         "plots": {"samples": 8},
     }
     for section, values in sections.items():

@@ -13,7 +13,7 @@ from headstart import params as P
 def test_project_params_file_is_valid_and_frozen():
     params = P.load(ROOT / "params.yaml")
     assert params.base.image_size == "auto" and params.head.augment == "auto"
-    assert params.finetune.enabled == "auto"
+    assert params.finetune.enabled is False
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.base.seed = 1  # type: ignore[misc]
 

@@ -373,7 +373,7 @@ def test_finetune_step_keeps_the_better_model_and_records_it(project, tmp_path):
 
 def test_finetune_auto_runs_when_it_fits_the_budget_and_the_summary_says_so(project):
     root, params = project
-    assert params.finetune.enabled == "auto"  # the default
+    assert params.finetune.enabled == "auto"  # the tiny projects' setting (small_params)
     record = read_json(params.path("transfer", root) / "transfer.json")["finetune"]
     assert record["setting"] == "auto" and record["ran"]
     assert 0 < record["estimate_s"] <= record["budget_left_s"] < 30 * 60
