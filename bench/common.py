@@ -119,15 +119,16 @@ def headstart_run(project: Path, seed: int, overrides: list[str]) -> dict:
     )
 
 
-def add_overrides(parser) -> None:
-    """`--set SECTION.KEY=VALUE` (repeatable) into `args.overrides`: parameter overrides."""
+def add_overrides(parser, always: str = "") -> None:
+    """`--set SECTION.KEY=VALUE` (repeatable) into `args.overrides`: parameter overrides;
+    `always`: the overrides the script adds itself, for the help text."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="parameter override (repeatable)",
+        help="parameter override (repeatable" + (f"; always: {always})" if always else ")"),
     )
 
 

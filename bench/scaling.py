@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import BIN, ROOT, table
+from common import BIN, ROOT, add_overrides, table
 from PIL import Image
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -50,14 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1500, 20000, 60000])
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help=f"parameter override (repeatable; always: {' '.join(DEFAULT_SETS)})",
-    )
+    add_overrides(parser, always=" ".join(DEFAULT_SETS))
     parser.add_argument("--source", type=Path, default=SOURCE, help="Fashion-MNIST IDX folder")
     parser.add_argument("--work", type=Path, help="folder to keep the projects in (default: temp)")
     parser.add_argument("--tag", default="scaling", help="output: bench/out/TAG.json")
