@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from common import ROOT, machine, median_time, run_child, table
+from common import ROOT, add_overrides, machine, median_time, run_child, table
 
 from headstart.files import timings_path, write_json
 
@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="image folder")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "work")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "results.json")
+    add_overrides(parser, always="head.epochs=E, head.patience=E, head.target_accuracy=0.9999")
     args = parser.parse_args(argv)
     quick = args.quick
     args.epochs = args.epochs or (3 if quick else 20)
@@ -64,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- data -----------------------------------------------------------------------------------
 
 
-def base_params(size: int | str, epochs: int, backbone_cache: Path):
+def base_params(size: int | str, epochs: int, backbone_cache: Path, overrides=()):
     from headstart import paramfile
     from headstart import params as params_module
 
@@ -77,6 +78,7 @@ def base_params(size: int | str, epochs: int, backbone_cache: Path):
             f"head.patience={epochs}",
             "head.target_accuracy=0.9999",
             f"weights.cache_dir={backbone_cache}",
+            *overrides,
         ],
     )
     return params_module.from_dict(raw)
@@ -108,7 +110,7 @@ def setup(args) -> dict:
     from headstart.artifacts import image_size
 
     size = args.size or "auto"
-    params = base_params(size, args.epochs, args.work / "weights-cache")
+    params = base_params(size, args.epochs, args.work / "weights-cache", args.overrides)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     link = work / "data"
