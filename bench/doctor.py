@@ -16,7 +16,9 @@ base.seed=SEED -S export.formats=[]` for every seed:
   accuracy clean / noisy / after each review, and per seed the share of the drop won back;
 - copies: 150 images re-encoded as JPEG q70-95, resized by up to ±10 %, cropped by up to 5 %,
   brightened by up to ±10 % (seeded), added beside their originals: how many pairs share a
-  split, and the held-out accuracy against the clean run's.
+  split, and the held-out accuracy against the clean run's; then --leak-rounds times
+  `headstart review --group-leaks` (the feature check's pairs into data-review.yaml as
+  `together`) and the run again: how many pairs straddle two splits after it.
 
     pip install -e ".[bench]"        # cleanlab (AGPL-3.0) for the comparison only
     python bench/doctor.py           # 3 seeds, about 40 minutes here
@@ -37,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, clone_with_data, headstart_run, table
+from common import BIN, ROOT, clone_with_data, headstart_run, run_child, table
 from heldout import CLASSES, SOURCE, fashion_images, probabilities, write_pngs
 from PIL import Image, ImageEnhance
 
@@ -51,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heldout", type=int, default=5000, help="held-out images in total")
     parser.add_argument("--noise", type=float, default=0.1, help="fraction of labels flipped")
     parser.add_argument("--copies", type=int, default=150, help="near-duplicates injected")
+    parser.add_argument(
+        "--leak-rounds", type=int, default=1, help="copies: review --group-leaks, rerun (times)"
+    )
     parser.add_argument("--source", type=Path, default=SOURCE)
     parser.add_argument(
         "--only",
@@ -195,6 +200,27 @@ def write_review(project: Path, policy: str, issues: list[dict]) -> dict[str, in
     return {"relabel": len(decided.relabel), "exclude": len(decided.exclude)}
 
 
+def review_of(project: Path):
+    from headstart import review
+
+    return review.load(project / review.REVIEW_FILE)
+
+
+def copies_found(project: Path, pairs: list[tuple[str, str]]) -> dict:
+    """How many injected pairs prepare grouped, how many straddle two splits, groups in all."""
+    split_of = manifest(project)
+    report = json.loads((project / "artifacts/data-report/report.json").read_text())
+    grouped = {f for g in report["near_duplicates"]["groups"] for f in g["files"]}
+    return {
+        "pairs": len(pairs),
+        "found": sum(a in grouped and b in grouped for a, b in pairs),
+        "straddling": sum(
+            split_of.get(a) != split_of.get(b) for a, b in pairs if a in split_of and b in split_of
+        ),
+        "groups": report["near_duplicates"]["count"],
+    }
+
+
 def doctor_findings(project: Path) -> dict:
     return json.loads((project / "artifacts/plots/doctor.json").read_text())
 
@@ -263,18 +289,19 @@ def main(argv=None) -> dict:
                         ["git", "checkout", "-q", "data-review.yaml"], cwd=project, check=True
                     )
             if name == "copies":
-                split_of = manifest(project)
-                report = json.loads((project / "artifacts/data-report/report.json").read_text())
-                grouped = {f for g in report["near_duplicates"]["groups"] for f in g["files"]}
-                result.update(
-                    pairs=len(pairs),
-                    found=sum(a in grouped and b in grouped for a, b in pairs),
-                    straddling=sum(
-                        split_of.get(a) != split_of.get(b)
-                        for a, b in pairs
-                        if a in split_of and b in split_of
-                    ),
-                    groups=report["near_duplicates"]["count"],
+                result.update(copies_found(project, pairs))
+                for round_ in range(1, args.leak_rounds + 1):
+                    env = {"PYTHONPATH": str(project)}
+                    run_child([str(BIN / "headstart"), "review", "--group-leaks"], project, env)
+                    child = headstart_run(project, seed, OVERRIDES)
+                    result[f"group-leaks x{round_}"] = {
+                        "seconds": child["seconds"],
+                        "heldout": release_accuracy(project, work / "heldout"),
+                        "together": len(review_of(project).together),
+                        **copies_found(project, pairs),
+                    }
+                subprocess.run(
+                    ["git", "checkout", "-q", "data-review.yaml"], cwd=project, check=True
                 )
             runs[name][seed] = result
             print(f"[seed {seed}] {name}: {result}", file=sys.stderr, flush=True)
@@ -315,21 +342,23 @@ def report_text(runs: dict) -> str:
                 rows.append((f"{policy} - noisy", _mean_sd(gain), f"{share:.2f}"))
         lines += [table(rows, ("paired per seed", "points", "share of the drop won back")), ""]
     noisy = list(runs.get("noisy", {}).values())
-    if not noisy:
-        return "\n".join(lines)
-    rows = [
-        (who, _mean_sd([r[who][0] for r in noisy]), _mean_sd([r[who][1] for r in noisy]))
-        for who in ("doctor", "cleanlab_cut", "doctor_all", "cleanlab")
-    ]
-    lines += [table(rows, ("flagged by", "precision", "recall")), ""]
-    copies = list(runs.get("copies", {}).values())
-    if not copies:
-        return "\n".join(lines)
-    lines.append(
-        f"near-duplicates: {copies[0]['found']} of {copies[0]['pairs']} injected pairs "
-        f"grouped, {copies[0]['straddling']} straddle two splits, "
-        f"{copies[0]['groups']} groups"
-    )
+    if noisy:
+        rows = [
+            (who, _mean_sd([r[who][0] for r in noisy]), _mean_sd([r[who][1] for r in noisy]))
+            for who in ("doctor", "cleanlab_cut", "doctor_all", "cleanlab")
+        ]
+        lines += [table(rows, ("flagged by", "precision", "recall")), ""]
+    for seed, run in runs.get("copies", {}).items():
+        lines.append(
+            f"seed {seed} near-duplicates: {run['found']} of {run['pairs']} injected pairs "
+            f"grouped, {run['straddling']} straddle two splits, {run['groups']} groups; "
+            + "; ".join(
+                f"after {key}: {after['straddling']} straddle ({after['together']} together "
+                f"pairs), held-out {after['heldout']:.3f}"
+                for key, after in run.items()
+                if key.startswith("group-leaks")
+            )
+        )
     return "\n".join(lines)
 
 

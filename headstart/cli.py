@@ -270,10 +270,18 @@ def review(
             "suggested class not checked).",
         ),
     ] = False,
+    group_leaks: Annotated[
+        bool,
+        typer.Option(
+            "--group-leaks",
+            help="Write every possible leak (a validation or test image whose features match a "
+            "training image's) as `together`: the next run keeps each pair in one split.",
+        ),
+    ] = False,
     project: ProjectOption = Path("."),
 ) -> None:
     """List the images the data doctor doubts (likely label errors, off-topic images,
-    near-duplicates across classes), from the last run's plots step."""
+    near-duplicates across classes, possible leaks), from the last run's plots step."""
     if sum([accept_strong, exclude_strong, accept > 0]) > 1:
         raise UserError("review: choose one of --accept N, --accept-strong, --exclude-strong")
     from headstart import params as params_module
@@ -309,9 +317,27 @@ def review(
     for group in found["label_conflicts"][:top]:
         typer.echo(f"      {', '.join(group['files'])}")
     leaks = found.get("possible_leaks", [])
-    typer.echo(f"Test images almost identical to a training image (features): {len(leaks)}")
+    together = {frozenset(group) for group in decided.together}
+    leaks = [
+        leak
+        for leak in found.get("possible_leaks", [])
+        if not any({leak["file"], leak["train"]} <= group for group in together)
+    ]
+    typer.echo(
+        f"Validation/test images almost identical to a training image (features): {len(leaks)}"
+    )
     for leak in leaks[:top]:
-        typer.echo(f"      {leak['test']} ~ {leak['train']}  (cosine {leak['similarity']:.3f})")
+        typer.echo(
+            f"      {leak['file']}  [{leak['split']}] ~ {leak['train']}  "
+            f"(cosine {leak['similarity']:.3f})"
+        )
+    if group_leaks and leaks:
+        decided.together += [[leak["file"], leak["train"]] for leak in leaks]
+        review_module.save(decided, review_file)
+        typer.echo(
+            f"wrote {len(leaks)} together pair(s) to {review_file}; the next `headstart run` "
+            "puts each pair in one split"
+        )
     accepted = strong if accept_strong or exclude_strong else issues[:accept]
     if accepted:
         for s in accepted:
@@ -324,11 +350,11 @@ def review(
             f"wrote {len(accepted)} {'exclude' if exclude_strong else 'relabel'} decision(s) "
             f"to {review_file}; check them, then `headstart run`"
         )
-    elif issues or off_topic or found["label_conflicts"] or leaks:  # nothing accepted: say how
-        typer.echo(
-            f"Decide in {review_module.REVIEW_FILE} (relabel / exclude / keep), or "
-            "`headstart review --exclude-strong` (or --accept-strong, --accept N); the next "
-            "run applies it."
+    elif issues or off_topic or found["label_conflicts"] or (leaks and not group_leaks):
+        typer.echo(  # nothing accepted: say how
+            f"Decide in {review_module.REVIEW_FILE} (relabel / exclude / keep / together), or "
+            "`headstart review --exclude-strong` (or --accept-strong, --accept N; "
+            "--group-leaks); the next run applies it."
         )
 
 

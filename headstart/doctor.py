@@ -177,30 +177,36 @@ LEAK_ROWS = 512  # test rows compared at a time
 
 
 def possible_leaks(prepared: Path, features: Path) -> list[dict]:
-    """Test images whose frozen-backbone features are almost those of a training image (cosine
-    similarity >= LEAK_SIMILARITY): copies prepare's near-duplicate tests did not link (a larger
-    crop, a flip, another rendering), reported for a person to check. Highest first."""
+    """Validation and test images whose frozen-backbone features are almost those of a
+    training image (cosine similarity >= LEAK_SIMILARITY): copies prepare's near-duplicate
+    tests did not link (a larger crop, a flip, another rendering), reported for a person to
+    check; `headstart review --group-leaks` keeps each pair in one split from the next run on.
+    Highest first."""
     train, _ = load_features(features, "train")
-    test, _ = load_features(features, "test")
     images = len(np.load(prepared / "train_labels.npy"))
-    tests = len(np.load(prepared / "test_labels.npy"))
 
     def unit(rows) -> np.ndarray:
         rows = np.asarray(rows, np.float32)
         return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
     base = unit(train[:images])  # first views: the images as they are
-    train_files, test_files = _files(prepared, "train"), _files(prepared, "test")
+    train_files = _files(prepared, "train")
     found = []
-    for start in range(0, tests, LEAK_ROWS):
-        similarity = unit(test[start : min(start + LEAK_ROWS, tests)]) @ base.T
-        best = similarity.argmax(axis=1)
-        for row in np.flatnonzero(similarity[np.arange(len(best)), best] >= LEAK_SIMILARITY):
-            found.append(
-                {
-                    "test": test_files[start + row],
-                    "train": train_files[best[row]],
-                    "similarity": round(float(similarity[row, best[row]]), 4),
-                }
-            )
+    for split in ("val", "test"):
+        if not (prepared / f"{split}_labels.npy").is_file():
+            continue
+        held, _ = load_features(features, split)
+        files, count = _files(prepared, split), len(np.load(prepared / f"{split}_labels.npy"))
+        for start in range(0, count, LEAK_ROWS):
+            similarity = unit(held[start : min(start + LEAK_ROWS, count)]) @ base.T
+            best = similarity.argmax(axis=1)
+            for row in np.flatnonzero(similarity[np.arange(len(best)), best] >= LEAK_SIMILARITY):
+                found.append(
+                    {
+                        "file": files[start + row],
+                        "split": split,
+                        "train": train_files[best[row]],
+                        "similarity": round(float(similarity[row, best[row]]), 4),
+                    }
+                )
     return sorted(found, key=lambda leak: -leak["similarity"])

@@ -22,6 +22,7 @@ Two images are linked when either test passes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -181,6 +182,7 @@ class NearDuplicates:
     groups: list[list[int]]
     pairs: list[tuple[int, int, int]]
     correlated: dict[tuple[int, int], float] = field(default_factory=dict)
+    reviewed: set[tuple[int, int]] = field(default_factory=set)  # linked by the review file
 
 
 def close_pairs(hashes: np.ndarray, max_distance: int = MAX_DISTANCE) -> list[tuple[int, int, int]]:
@@ -264,20 +266,25 @@ def group(
     max_distance: int = MAX_DISTANCE,
     ranks: np.ndarray | None = None,
     min_correlation: float = MIN_CORRELATION,
+    together: Sequence[tuple[int, int]] = (),
 ) -> NearDuplicates:
     """The near-duplicate groups of `hashes` (uint64, N x words): images within
     `max_distance` bits of another in the group, or (with `ranks`, from `signatures`) whose
     coefficient ranks correlate at least `min_correlation`, transitively (a chain of small
-    changes is still one group)."""
+    changes is still one group). `together`: (i, j) pairs a person linked (the review file's
+    `together`), whatever their distance (in `reviewed`)."""
     pairs = close_pairs(hashes, max_distance)
+    linked = {(i, j) for i, j, _ in pairs}
+    reviewed = {(min(i, j), max(i, j)) for i, j in together if i != j} - linked
+    pairs += [(i, j, distance(hashes[i], hashes[j])) for i, j in sorted(reviewed)]
     correlated: dict[tuple[int, int], float] = {}
     if ranks is not None:
         if len(ranks) != len(hashes):
             raise ValueError(f"group: {len(hashes)} hashes but {len(ranks)} rank rows")
-        linked = {(i, j) for i, j, _ in pairs}
+        linked |= reviewed
         for i, j, rho in correlated_pairs(ranks, min_correlation):
             if (i, j) not in linked:
                 correlated[i, j] = round(rho, 4)
                 pairs.append((i, j, distance(hashes[i], hashes[j])))
-        pairs.sort()
-    return NearDuplicates(components(len(hashes), pairs), pairs, correlated)
+    pairs.sort()
+    return NearDuplicates(components(len(hashes), pairs), pairs, correlated, reviewed)

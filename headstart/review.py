@@ -8,6 +8,8 @@ without moving or deleting any file.
       - bag/img_0007.png
     keep:                       # checked and right as they are: no longer flagged
       - shirt/img_0100.png
+    together:                   # copies of one picture the near-duplicate tests missed:
+      - [bag/img_0003.png, bag/img_0950.png]   # each list goes to one split
 
 `headstart review` lists the images the data doctor (headstart/doctor.py) doubts and can write
 accepted suggestions here; the file can equally be edited by hand.
@@ -23,13 +25,14 @@ import yaml
 from headstart.errors import UserError
 
 REVIEW_FILE = "data-review.yaml"
-SECTIONS = ("relabel", "exclude", "keep")
+SECTIONS = ("relabel", "exclude", "keep", "together")
 HEADER = """\
 # headstart data review: decisions about single images that the next `headstart run` (or
 # `dvc repro`) applies in prepare. Files are named as under the data folder (class/file.png).
 #   relabel: {file: class}   the class the image really is
 #   exclude: [file, ...]     left out of every split (reported as excluded)
 #   keep:    [file, ...]     checked and right: the data doctor no longer flags it
+#   together: [[file, file, ...], ...]   copies of one picture: each list goes to one split
 # `headstart review` lists the doubtful images and writes accepted suggestions here.
 """
 
@@ -43,9 +46,15 @@ class Review:
     relabel: dict[str, str] = field(default_factory=dict)
     exclude: list[str] = field(default_factory=list)
     keep: list[str] = field(default_factory=list)
+    together: list[list[str]] = field(default_factory=list)
 
     def named(self) -> set[str]:
+        """The files with a decision about their label or use (one each)."""
         return {*self.relabel, *self.exclude, *self.keep}
+
+    def files(self) -> set[str]:
+        """Every file the review names."""
+        return self.named() | {name for group in self.together for name in group}
 
 
 def load(path: Path | str) -> Review:
@@ -75,7 +84,14 @@ def load(path: Path | str) -> Review:
     for name, files in (("exclude", exclude), ("keep", keep)):
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise ReviewError(f"{path}: {name} must be a list of files")
-    review = Review({str(k): v for k, v in relabel.items()}, list(exclude), list(keep))
+    together = raw.get("together") or []
+    if not isinstance(together, list) or not all(
+        isinstance(g, list) and len(g) >= 2 and all(isinstance(f, str) for f in g) for g in together
+    ):
+        raise ReviewError(f"{path}: together must be a list of lists of two or more files")
+    review = Review(
+        {str(k): v for k, v in relabel.items()}, list(exclude), list(keep), list(together)
+    )
     twice = [f for f in review.named() if sum(f in s for s in (relabel, exclude, keep)) > 1]
     if twice:
         raise ReviewError(f"{path}: {sorted(twice)[0]} is named in two sections; keep one")
@@ -85,7 +101,7 @@ def load(path: Path | str) -> Review:
 def check(review: Review, path: Path | str, files: set[str], classes: set[str]) -> None:
     """A review naming a file that is not in the data folder, or relabelling to a class that
     has no folder, is one error line naming the entry."""
-    for name in sorted(review.named()):
+    for name in sorted(review.files()):
         if name not in files:
             raise ReviewError(
                 f"{path}: {name}: no such file under the data folder; fix the "
@@ -107,6 +123,7 @@ def save(review: Review, path: Path | str) -> None:
             ("relabel", dict(sorted(review.relabel.items()))),
             ("exclude", sorted(review.exclude)),
             ("keep", sorted(review.keep)),
+            ("together", sorted(sorted(group) for group in review.together)),
         )
         if value
     }

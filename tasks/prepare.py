@@ -347,7 +347,7 @@ def _apply_review(
 ) -> list[dict]:
     """Apply the review file: excluded files leave every split (status "excluded"), relabelled
     ones take their new class. No file is moved or deleted. Returns the relabellings made."""
-    if not decisions.named():
+    if not decisions.files():
         return []
     review.check(decisions, path, {i.path for i in seen}, set(folders))
     excluded, relabelled = set(decisions.exclude), []
@@ -388,9 +388,13 @@ def _resolve_duplicates(seen: list[_Seen]) -> list[dict]:
 HASH_PIXELS = 1 << 16  # pixels hashed at a time: neardup.phashes peaks near 32 bytes a pixel
 
 
-def _near_duplicates(items: list[_Seen], decoded: int, size: int) -> neardup.NearDuplicates:
+def _near_duplicates(
+    items: list[_Seen], decoded: int, size: int, together: list[list[str]] = ()
+) -> neardup.NearDuplicates:
     """The near-duplicate groups among the used images (indices into `items`), hashed from the
-    decoded-image file (descriptor `decoded`) a block of rows at a time: memory stays flat."""
+    decoded-image file (descriptor `decoded`) a block of rows at a time: memory stays flat.
+    `together`: the review file's groups of files to link whatever their distance (a member
+    that is not used, e.g. excluded, is left out)."""
     if not items:
         return neardup.NearDuplicates([], [])
     pixels = size * size * 3
@@ -404,7 +408,14 @@ def _near_duplicates(items: list[_Seen], decoded: int, size: int) -> neardup.Nea
         arrays = np.frombuffer(data, np.uint8).reshape(len(block), size, size, 3)
         stop = start + len(block)
         hashes[start:stop], ranks[start:stop] = neardup.signatures(arrays)
-    return neardup.group(hashes, neardup.MAX_DISTANCE, ranks, neardup.MIN_CORRELATION)
+    index = {item.path: n for n, item in enumerate(items)}
+    linked = []
+    for files in together:
+        members = [index[name] for name in files if name in index]
+        linked += [(members[0], other) for other in members[1:]]
+    return neardup.group(
+        hashes, neardup.MAX_DISTANCE, ranks, neardup.MIN_CORRELATION, together=linked
+    )
 
 
 REPORTED_PAIRS = 20  # per near-duplicate group, its closest linked pairs in the report
@@ -437,14 +448,18 @@ def near_duplicate_report(
                     for i, j, _ in pairs
                     if (i, j) in found.correlated
                 ],
+                "reviewed_pairs": [
+                    [items[i].path, items[j].path] for i, j, _ in pairs if (i, j) in found.reviewed
+                ],
             }
         )
     return {
         "method": f"perceptual hash ({neardup.HASH_BITS}-bit DCT of the content-centred grey "
         f"image); images whose hashes differ in at most {neardup.MAX_DISTANCE} bits, or whose "
         f"DCT coefficients' ranks correlate at least {neardup.MIN_CORRELATION} "
-        "(correlated_pairs), are linked, a group is every image linked through a chain; a "
-        "group always goes to one split",
+        "(correlated_pairs), are linked, and so are the files the review file's together "
+        "lists (reviewed_pairs); a group is every image linked through a chain; a group "
+        "always goes to one split",
         "max_distance": neardup.MAX_DISTANCE,
         "min_correlation": neardup.MIN_CORRELATION,
         "count": len(groups),
@@ -559,7 +574,7 @@ def prepare(
         p, seed = params.prepare, params.base.seed
         used_items = [item for item in seen if item.status == "used"]
         remembered = read_split_record(record, seed, p.val_fraction, p.test_fraction)
-        found = _near_duplicates(used_items, raw.fileno(), size)
+        found = _near_duplicates(used_items, raw.fileno(), size, decisions.together)
         placement = assign_splits(
             used_items, remembered, seed, p.val_fraction, p.test_fraction, found.groups
         )

@@ -90,23 +90,27 @@ def test_an_injected_mislabel_is_ranked_first_and_a_review_relabels_it(trained_c
     assert report["per_class"]["class_1"]["used"] == report["per_class"]["class_0"]["used"] + 1
 
 
-def test_a_test_image_with_a_training_images_features_is_a_possible_leak(tmp_path):
+def test_held_out_images_with_a_training_images_features_are_possible_leaks(tmp_path):
     from headstart.doctor import LEAK_SIMILARITY, possible_leaks
 
     prepared, features = tmp_path / "prepared", tmp_path / "features"
     prepared.mkdir()
     features.mkdir()
     rng = np.random.default_rng(0)
-    train, test = rng.normal(size=(20, 64)), rng.normal(size=(6, 64))
+    train, val, test = (rng.normal(size=(n, 64)) for n in (20, 3, 6))
     test[4] = 3.0 * train[7] + rng.normal(scale=0.01, size=64)  # the same image, rescaled
+    val[1] = 0.5 * train[2] + rng.normal(scale=0.01, size=64)
     rows = [["file", "sha256", "label", "split", "index"]]
-    rows += [[f"a/train_{i}.png", "", "a", "train", i] for i in range(20)]
-    rows += [[f"a/test_{i}.png", "", "a", "test", i] for i in range(6)]
+    for split, x in (("train", train), ("val", val), ("test", test)):
+        rows += [[f"a/{split}_{i}.png", "", "a", split, i] for i in range(len(x))]
     (prepared / "manifest.csv").write_text("\n".join(",".join(map(str, r)) for r in rows) + "\n")
-    for split, x in (("train", train), ("test", test)):
+    for split, x in (("train", train), ("val", val), ("test", test)):
         np.save(prepared / f"{split}_labels.npy", np.zeros(len(x), np.int32))
         np.save(features / f"{split}_features.npy", x.astype(np.float32))
         np.save(features / f"{split}_labels.npy", np.zeros(len(x), np.int32))
     leaks = possible_leaks(prepared, features)
-    assert [(leak["test"], leak["train"]) for leak in leaks] == [("a/test_4.png", "a/train_7.png")]
-    assert leaks[0]["similarity"] >= LEAK_SIMILARITY
+    assert sorted((leak["file"], leak["split"], leak["train"]) for leak in leaks) == [
+        ("a/test_4.png", "test", "a/train_7.png"),
+        ("a/val_1.png", "val", "a/train_2.png"),
+    ]
+    assert min(leak["similarity"] for leak in leaks) >= LEAK_SIMILARITY

@@ -68,6 +68,11 @@ def test_prepare_relabels_and_excludes_as_the_review_says_and_the_report_reconci
         ("exlude: [class_0/img_001.png]\n", "unknown section exlude"),
         ("exclude: [class_0/img_001.png\n", "not valid YAML"),
         ("exclude: [class_0/img_001.png]\nkeep: [class_0/img_001.png]\n", "named in two sections"),
+        (
+            "together: [[class_0/img_001.png, class_1/img_99.png]]\n",
+            "class_1/img_99.png: no such file under the data folder",
+        ),
+        ("together: [class_0/img_001.png]\n", "together must be a list of lists of two or more"),
     ],
 )
 def test_a_mistake_in_the_review_file_is_one_line_naming_it(tmp_path, text, message):
@@ -88,9 +93,50 @@ def test_a_mistake_in_the_review_file_is_one_line_naming_it(tmp_path, text, mess
     assert not (tmp_path / "prepared").exists()  # nothing half-written
 
 
+def test_files_the_review_file_lists_together_go_to_one_split_and_the_report_names_them(
+    tmp_path,
+):
+    data = tmp_path / "data"
+    write_good_images(data, classes=3, per_class=12)
+    plain = manifest(prepare(data, tmp_path / "plain", small_params(), tmp_path / "r0"))
+    by_split = {}
+    for name, (label, split) in sorted(plain.items()):
+        by_split.setdefault((label, split), name)
+    pair = [by_split["class_1", "train"], by_split["class_1", "test"]]  # apart without review
+    review_file = tmp_path / review.REVIEW_FILE
+    review.save(review.Review(together=[pair]), review_file)
+    out = prepare(
+        data, tmp_path / "prepared", small_params(), tmp_path / "report", review_file=review_file
+    )
+    used = manifest(out)
+    assert used[pair[0]][1] == used[pair[1]][1]
+    groups = json.loads((tmp_path / "report" / "report.json").read_text())["near_duplicates"]
+    listed = [g for g in groups["groups"] if set(pair) <= set(g["files"])]
+    assert len(listed) == 1 and listed[0]["reviewed_pairs"] == [sorted(pair)]
+
+
+def test_review_group_leaks_writes_each_possible_leak_as_together_once(tmp_path):
+    doctor_findings(tmp_path)
+    found_file = tmp_path / "artifacts/plots/doctor.json"
+    found = json.loads(found_file.read_text())
+    found["possible_leaks"] = [
+        {"file": "a/t1.png", "split": "test", "train": "a/x1.png", "similarity": 0.99},
+        {"file": "b/v2.png", "split": "val", "train": "b/x2.png", "similarity": 0.98},
+    ]
+    found_file.write_text(json.dumps(found))
+    result = run_cli("review", "--group-leaks", "--project", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "wrote 2 together pair(s)" in result.stdout
+    written = yaml.safe_load((tmp_path / review.REVIEW_FILE).read_text())
+    assert written == {"together": [["a/t1.png", "a/x1.png"], ["b/v2.png", "b/x2.png"]]}
+    again = run_cli("review", "--group-leaks", "--project", str(tmp_path))
+    assert "(features): 0" in again.stdout and "wrote" not in again.stdout
+    assert yaml.safe_load((tmp_path / review.REVIEW_FILE).read_text()) == written
+
+
 def test_the_review_file_round_trips_and_an_empty_one_changes_nothing(tmp_path):
     path = tmp_path / review.REVIEW_FILE
-    decided = review.Review({"a/1.png": "b"}, ["a/2.png"], ["b/3.png"])
+    decided = review.Review({"a/1.png": "b"}, ["a/2.png"], ["b/3.png"], [["a/4.png", "b/5.png"]])
     review.save(decided, path)
     assert review.load(path) == decided
     review.save(review.Review(), path)
