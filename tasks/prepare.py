@@ -408,7 +408,8 @@ def _near_duplicates(
         arrays = np.frombuffer(data, np.uint8).reshape(len(block), size, size, 3)
         stop = start + len(block)
         hashes[start:stop], ranks[start:stop] = neardup.signatures(arrays)
-    index = {item.path: n for n, item in enumerate(items)}
+    named = {name for files in together for name in files}
+    index = {item.path: n for n, item in enumerate(items) if item.path in named}
     linked = []
     for files in together:
         members = [index[name] for name in files if name in index]
