@@ -274,8 +274,8 @@ def review(
         bool,
         typer.Option(
             "--group-leaks",
-            help="Write every possible leak (a validation or test image whose features match a "
-            "training image's) as `together`: the next run keeps each pair in one split.",
+            help="Write every possible leak (two images in different splits whose features "
+            "almost match) as `together`: the next run keeps each pair in one split.",
         ),
     ] = False,
     project: ProjectOption = Path("."),
@@ -321,18 +321,16 @@ def review(
     leaks = [
         leak
         for leak in found.get("possible_leaks", [])
-        if not any({leak["file"], leak["train"]} <= group for group in together)
+        if not any({leak["file"], leak["match"]} <= group for group in together)
     ]
-    typer.echo(
-        f"Validation/test images almost identical to a training image (features): {len(leaks)}"
-    )
+    typer.echo(f"Images almost identical to one in another split (features): {len(leaks)}")
     for leak in leaks[:top]:
         typer.echo(
-            f"      {leak['file']}  [{leak['split']}] ~ {leak['train']}  "
-            f"(cosine {leak['similarity']:.3f})"
+            f"      {leak['file']}  [{leak['split']}] ~ {leak['match']}  [{leak['match_split']}]"
+            f"  (cosine {leak['similarity']:.3f})"
         )
     if group_leaks and leaks:
-        decided.together += [[leak["file"], leak["train"]] for leak in leaks]
+        decided.together += [[leak["file"], leak["match"]] for leak in leaks]
         review_module.save(decided, review_file)
         typer.echo(
             f"wrote {len(leaks)} together pair(s) to {review_file}; the next `headstart run` "

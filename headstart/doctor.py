@@ -32,6 +32,7 @@ from headstart.artifacts import (
     OUT_OF_FOLD_FILE,
     PROBABILITIES_FILE,
     REPORT_FILE,
+    SPLITS,
     load_features,
 )
 from headstart.files import read_json
@@ -172,40 +173,40 @@ def _off_topic(
     ]
 
 
-LEAK_SIMILARITY = 0.97  # cosine of backbone features above which a test image is reported
-LEAK_ROWS = 512  # test rows compared at a time
+LEAK_SIMILARITY = 0.95  # cosine of backbone features above which a pair is reported
+LEAK_ROWS = 512  # rows compared at a time
+LEAK_SPLITS = (("val", "train"), ("test", "train"), ("test", "val"))  # (image, its match)
 
 
 def possible_leaks(prepared: Path, features: Path) -> list[dict]:
-    """Validation and test images whose frozen-backbone features are almost those of a
-    training image (cosine similarity >= LEAK_SIMILARITY): copies prepare's near-duplicate
-    tests did not link (a larger crop, a flip, another rendering), reported for a person to
-    check; `headstart review --group-leaks` keeps each pair in one split from the next run on.
-    Highest first."""
-    train, _ = load_features(features, "train")
-    images = len(np.load(prepared / "train_labels.npy"))
+    """Images whose frozen-backbone features are almost those of an image in another split
+    (cosine similarity >= LEAK_SIMILARITY; a validation image against training images, a test
+    image against training and validation images): copies prepare's near-duplicate tests did
+    not link (a larger crop, another rendering), reported for a person to check; `headstart
+    review --group-leaks` keeps each pair in one split from the next run on. Highest first."""
 
-    def unit(rows) -> np.ndarray:
-        rows = np.asarray(rows, np.float32)
+    def unit(split: str) -> np.ndarray:
+        count = len(np.load(prepared / f"{split}_labels.npy"))
+        rows = np.asarray(load_features(features, split)[0][:count], np.float32)  # first views
         return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
-    base = unit(train[:images])  # first views: the images as they are
-    train_files = _files(prepared, "train")
+    present = [s for s in SPLITS if (prepared / f"{s}_labels.npy").is_file()]
     found = []
-    for split in ("val", "test"):
-        if not (prepared / f"{split}_labels.npy").is_file():
+    for split, other in LEAK_SPLITS:
+        if split not in present or other not in present:
             continue
-        held, _ = load_features(features, split)
-        files, count = _files(prepared, split), len(np.load(prepared / f"{split}_labels.npy"))
-        for start in range(0, count, LEAK_ROWS):
-            similarity = unit(held[start : min(start + LEAK_ROWS, count)]) @ base.T
+        held, base = unit(split), unit(other)
+        files, matches = _files(prepared, split), _files(prepared, other)
+        for start in range(0, len(held), LEAK_ROWS):
+            similarity = held[start : start + LEAK_ROWS] @ base.T
             best = similarity.argmax(axis=1)
             for row in np.flatnonzero(similarity[np.arange(len(best)), best] >= LEAK_SIMILARITY):
                 found.append(
                     {
                         "file": files[start + row],
                         "split": split,
-                        "train": train_files[best[row]],
+                        "match": matches[best[row]],
+                        "match_split": other,
                         "similarity": round(float(similarity[row, best[row]]), 4),
                     }
                 )

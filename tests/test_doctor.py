@@ -90,7 +90,7 @@ def test_an_injected_mislabel_is_ranked_first_and_a_review_relabels_it(trained_c
     assert report["per_class"]["class_1"]["used"] == report["per_class"]["class_0"]["used"] + 1
 
 
-def test_held_out_images_with_a_training_images_features_are_possible_leaks(tmp_path):
+def test_images_with_the_features_of_one_in_another_split_are_possible_leaks(tmp_path):
     from headstart.doctor import LEAK_SIMILARITY, possible_leaks
 
     prepared, features = tmp_path / "prepared", tmp_path / "features"
@@ -100,6 +100,7 @@ def test_held_out_images_with_a_training_images_features_are_possible_leaks(tmp_
     train, val, test = (rng.normal(size=(n, 64)) for n in (20, 3, 6))
     test[4] = 3.0 * train[7] + rng.normal(scale=0.01, size=64)  # the same image, rescaled
     val[1] = 0.5 * train[2] + rng.normal(scale=0.01, size=64)
+    test[0] = 2.0 * val[2] + rng.normal(scale=0.01, size=64)
     rows = [["file", "sha256", "label", "split", "index"]]
     for split, x in (("train", train), ("val", val), ("test", test)):
         rows += [[f"a/{split}_{i}.png", "", "a", split, i] for i in range(len(x))]
@@ -109,8 +110,9 @@ def test_held_out_images_with_a_training_images_features_are_possible_leaks(tmp_
         np.save(features / f"{split}_features.npy", x.astype(np.float32))
         np.save(features / f"{split}_labels.npy", np.zeros(len(x), np.int32))
     leaks = possible_leaks(prepared, features)
-    assert sorted((leak["file"], leak["split"], leak["train"]) for leak in leaks) == [
-        ("a/test_4.png", "test", "a/train_7.png"),
-        ("a/val_1.png", "val", "a/train_2.png"),
+    assert sorted((leak["file"], leak["match"], leak["match_split"]) for leak in leaks) == [
+        ("a/test_0.png", "a/val_2.png", "val"),
+        ("a/test_4.png", "a/train_7.png", "train"),
+        ("a/val_1.png", "a/train_2.png", "train"),
     ]
     assert min(leak["similarity"] for leak in leaks) >= LEAK_SIMILARITY

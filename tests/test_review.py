@@ -120,8 +120,20 @@ def test_review_group_leaks_writes_each_possible_leak_as_together_once(tmp_path)
     found_file = tmp_path / "artifacts/plots/doctor.json"
     found = json.loads(found_file.read_text())
     found["possible_leaks"] = [
-        {"file": "a/t1.png", "split": "test", "train": "a/x1.png", "similarity": 0.99},
-        {"file": "b/v2.png", "split": "val", "train": "b/x2.png", "similarity": 0.98},
+        {
+            "file": "a/t1.png",
+            "split": "test",
+            "match": "a/x1.png",
+            "match_split": "train",
+            "similarity": 0.99,
+        },
+        {
+            "file": "b/v2.png",
+            "split": "test",
+            "match": "b/x2.png",
+            "match_split": "val",
+            "similarity": 0.98,
+        },
     ]
     found_file.write_text(json.dumps(found))
     result = run_cli("review", "--group-leaks", "--project", str(tmp_path))
