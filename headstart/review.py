@@ -116,16 +116,21 @@ def check(review: Review, path: Path | str, files: set[str], classes: set[str]) 
 
 
 def save(review: Review, path: Path | str) -> None:
-    """Write the review (sections sorted), with the explaining header."""
+    """Write the review (sections sorted), with the explaining header; each `together` list
+    on one line."""
     body = {
         name: value
         for name, value in (
             ("relabel", dict(sorted(review.relabel.items()))),
             ("exclude", sorted(review.exclude)),
             ("keep", sorted(review.keep)),
-            ("together", sorted(sorted(group) for group in review.together)),
         )
         if value
     }
     text = HEADER + (yaml.safe_dump(body, sort_keys=False) if body else "")
+    if review.together:
+        groups = sorted(sorted(group) for group in review.together)
+        text += "together:\n" + "".join(
+            f"- {yaml.safe_dump(group, default_flow_style=True, width=1 << 16)}" for group in groups
+        )
     Path(path).write_text(text)
