@@ -316,7 +316,6 @@ def review(
     typer.echo(f"Near-duplicate groups across classes: {len(found['label_conflicts'])}")
     for group in found["label_conflicts"][:top]:
         typer.echo(f"      {', '.join(group['files'])}")
-    leaks = found.get("possible_leaks", [])
     together = {frozenset(group) for group in decided.together}
     leaks = [
         leak

@@ -389,7 +389,7 @@ HASH_PIXELS = 1 << 16  # pixels hashed at a time: neardup.phashes peaks near 32 
 
 
 def _near_duplicates(
-    items: list[_Seen], decoded: int, size: int, together: list[list[str]] = ()
+    items: list[_Seen], decoded: int, size: int, together: Sequence[Sequence[str]] = ()
 ) -> neardup.NearDuplicates:
     """The near-duplicate groups among the used images (indices into `items`), hashed from the
     decoded-image file (descriptor `decoded`) a block of rows at a time: memory stays flat.
@@ -413,7 +413,7 @@ def _near_duplicates(
     linked = []
     for files in together:
         members = [index[name] for name in files if name in index]
-        linked += [(members[0], other) for other in members[1:]]
+        linked += [(members[0], other) for other in members[1:]]  # none when < 2 are used
     return neardup.group(
         hashes, neardup.MAX_DISTANCE, ranks, neardup.MIN_CORRELATION, together=linked
     )

@@ -104,7 +104,8 @@ def test_files_the_review_file_lists_together_go_to_one_split_and_the_report_nam
         by_split.setdefault((label, split), name)
     pair = [by_split["class_1", "train"], by_split["class_1", "test"]]  # apart without review
     review_file = tmp_path / review.REVIEW_FILE
-    review.save(review.Review(together=[pair]), review_file)
+    gone = [by_split["class_0", "train"], by_split["class_2", "train"]]  # one excluded: no link
+    review.save(review.Review(exclude=gone[:1], together=[pair, gone]), review_file)
     out = prepare(
         data, tmp_path / "prepared", small_params(), tmp_path / "report", review_file=review_file
     )
