@@ -65,11 +65,13 @@ def doctor_lines(root: Path, params) -> list[str]:
         f"**Data doctor**: {len(found['label_issues'])} likely label errors "
         f"({sum(s['strong'] for s in found['label_issues'])} with strong evidence), "
         f"{len(found['off_topic'])} off-topic images, {near.get('count', 0)} near-duplicate "
-        f"groups ({len(near.get('label_conflicts', []))} across classes), "
+        f"group{'s' * (near.get('count', 0) != 1)} "
+        f"({len(near.get('label_conflicts', []))} across classes), "
         f"{len(found.get('possible_leaks', []))} pairs of images in different splits almost "
         "identical in the backbone's features; the review file "
-        f"excluded {len(decided.get('excluded', []))} and relabelled "
-        f"{len(decided.get('relabelled', []))} (`headstart review`; "
+        f"excluded {len(decided.get('excluded', []))}, relabelled "
+        f"{len(decided.get('relabelled', []))} and kept {len(decided.get('together', []))} "
+        "lists together (`headstart review`; "
         f"`{params.paths.plots}/suspects.png`)",
         "",
     ]

@@ -598,6 +598,7 @@ def prepare(
             "relabelled": relabelled,
             "excluded": [i.path for i in seen if i.status == "excluded"],
             "kept": sorted(decisions.keep),
+            "together": sorted(sorted(files) for files in decisions.together),
         }
         with atomic_dir(out_dir) as tmp:
             _write(tmp, seen, classes, raw.fileno(), size)

@@ -111,9 +111,10 @@ def test_files_the_review_file_lists_together_go_to_one_split_and_the_report_nam
     )
     used = manifest(out)
     assert used[pair[0]][1] == used[pair[1]][1]
-    groups = json.loads((tmp_path / "report" / "report.json").read_text())["near_duplicates"]
-    listed = [g for g in groups["groups"] if set(pair) <= set(g["files"])]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    listed = [g for g in report["near_duplicates"]["groups"] if set(pair) <= set(g["files"])]
     assert len(listed) == 1 and listed[0]["reviewed_pairs"] == [sorted(pair)]
+    assert report["review"]["together"] == sorted([sorted(pair), sorted(gone)])
 
 
 def test_review_group_leaks_writes_each_possible_leak_as_together_once(tmp_path):
