@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from headstart.errors import UserError
+from headstart.files import write_text
 
 REVIEW_FILE = "data-review.yaml"
 SECTIONS = ("relabel", "exclude", "keep", "together")
@@ -133,4 +134,4 @@ def save(review: Review, path: Path | str) -> None:
         text += "together:\n" + "".join(
             f"- {yaml.safe_dump(group, default_flow_style=True, width=1 << 16)}" for group in groups
         )
-    Path(path).write_text(text)
+    write_text(path, text)  # atomically: a person's decisions are never left half-written
