@@ -17,7 +17,12 @@ A second test on the same coefficients links what the hash's one bit per coeffic
 ranks of the 255 AC coefficients (int8, centred), compared by their correlation (Spearman's rho
 of the two images' coefficients). A crop plus a resize of a garment that fills the frame moves
 many coefficients across the median (the hash's bits flip) while their order changes little.
-Two images are linked when either test passes.
+A third test links the copies both miss, in the manner of Lowe's ratio test for matching image
+features: two images that are each other's nearest neighbour by that correlation, at least
+NEAREST_MIN_CORRELATION, and much nearer to each other than to anything else: (1 - rho) at most
+NEAREST_MAX_RATIO times (1 - the runner-up's rho). A copy stands out from its original's
+look-alikes; a look-alike has other look-alikes about as near.
+Two images are linked when any test passes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ _GREY = np.array([0.299, 0.587, 0.114], dtype=np.float64)  # ITU-R BT.601 luma
 # images whose coefficient ranks correlate at least this much are linked too: chosen on copies
 # and clean images synthesised from Fashion-MNIST train images (bench/neardup.py)
 MIN_CORRELATION = 0.92
+# mutual nearest neighbours by rank correlation are linked when they correlate at least this
+# much and (1 - rho) is at most NEAREST_MAX_RATIO of (1 - the runner-up's rho): chosen on the
+# same synthesis, kept apart from bench/doctor.py's data (bench/neardup.py)
+NEAREST_MIN_CORRELATION = 0.8
+NEAREST_MAX_RATIO = 0.5
 # pairwise distances are computed this many (hash, hash) cells at a time: memory stays bounded
 _BLOCK_CELLS = 1 << 18  # 2 MiB per uint64 temporary
 _RANK_BLOCK_CELLS = 1 << 18  # 1 MiB per float32 block of correlations
@@ -177,12 +187,15 @@ class NearDuplicates:
     """What `group` found: `groups`, each the ascending indices of images linked by chains of
     close pairs (two or more per group, ordered by their first index), and `pairs`, every
     linked (i, j, Hamming distance) with i < j: within the distance threshold, or over it and
-    linked by their ranks' correlation (those also in `correlated`, with the correlation)."""
+    linked by their ranks' correlation (those also in `correlated`, with the correlation), as
+    distinct nearest neighbours (in `nearest`) or by a person (in `reviewed`)."""
 
     groups: list[list[int]]
     pairs: list[tuple[int, int, int]]
     correlated: dict[tuple[int, int], float] = field(default_factory=dict)
     reviewed: set[tuple[int, int]] = field(default_factory=set)  # linked by the review file
+    # linked as distinct nearest neighbours: (rho, the runner-up's rho)
+    nearest: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
 
 
 def close_pairs(hashes: np.ndarray, max_distance: int = MAX_DISTANCE) -> list[tuple[int, int, int]]:
@@ -234,21 +247,64 @@ def components(count: int, pairs: list[tuple[int, int, int]]) -> list[list[int]]
     return sorted(members.values())
 
 
-def correlated_pairs(
-    ranks: np.ndarray, min_correlation: float = MIN_CORRELATION
-) -> list[tuple[int, int, float]]:
-    """Every (i, j, correlation), i < j, of coefficient ranks (int8, N x RANK_LENGTH) that
-    correlate at least `min_correlation`: every pair compared, a block of rows at a time."""
+def _two_best(block: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two largest values along `axis` of `block` and their positions (k x 2 each; -inf and
+    -1 where the axis is shorter than two). Two argmax passes: cheaper than sorting."""
+    block = block if axis == 1 else block.T
+    count, length = block.shape
+    values = np.full((count, 2), -np.inf, dtype=np.float32)
+    where = np.full((count, 2), -1, dtype=np.int64)
+    lines = np.arange(count)
+    for rank in range(min(2, length)):
+        where[:, rank] = np.argmax(block, axis=1)
+        values[:, rank] = block[lines, where[:, rank]]
+        if rank == 0 and length > 1:
+            block[lines, where[:, 0]] = -np.inf
+    if length > 1:
+        block[lines, where[:, 0]] = values[:, 0]  # put the best back
+    return values, where
+
+
+def _keep_top(
+    values: np.ndarray,
+    index: np.ndarray,
+    rows: np.ndarray,
+    found: tuple[np.ndarray, np.ndarray],
+    columns: np.ndarray,
+) -> None:
+    """Merge two best candidates per entry of `rows` (values, positions into `columns`) into the
+    running two best (`values`, `index`, N x 2) of those rows."""
+    merged_values = np.concatenate([values[rows], found[0]], axis=1)
+    positions = found[1]
+    merged_index = np.concatenate(
+        [index[rows], np.where(positions >= 0, columns[positions], -1)], axis=1
+    )
+    best = np.argsort(-merged_values, axis=1, kind="stable")[:, :2]
+    values[rows] = np.take_along_axis(merged_values, best, axis=1)
+    index[rows] = np.take_along_axis(merged_index, best, axis=1)
+
+
+def rank_scan(
+    ranks: np.ndarray, min_correlation: float
+) -> tuple[list[tuple[int, int, float]], np.ndarray, np.ndarray]:
+    """One pass over every pair of coefficient ranks (int8, N x RANK_LENGTH), a block of rows
+    at a time against the rows from the block on: the (i, j, correlation), i < j, at least
+    `min_correlation`, and each image's two nearest others (correlations and indices, N x 2;
+    -inf and -1 where there are fewer)."""
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape[1] != RANK_LENGTH:
         raise ValueError(f"correlated_pairs: expected N x {RANK_LENGTH} ranks, got {ranks.shape}")
     count = len(ranks)
     scaled = ranks.astype(np.float32) / np.float32(np.sqrt(_RANK_NORM))
+    values = np.full((count, 2), -np.inf, dtype=np.float32)
+    index = np.full((count, 2), -1, dtype=np.int64)
     rows = max(1, _RANK_BLOCK_CELLS // max(count, 1))
     found: list[tuple[int, int, float]] = []
     for start in range(0, count, rows):
         stop = min(start + rows, count)
         similar = scaled[start:stop] @ scaled[start:].T
+        block = np.arange(stop - start)
+        similar[block, block] = -np.inf  # each image with itself
         first, second = np.nonzero(similar >= min_correlation)
         later = second > first
         first, second = first[later], second[later]
@@ -258,6 +314,44 @@ def correlated_pairs(
             similar[first, second].astype(float).tolist(),
             strict=True,
         )
+        # the rows see every image from `start` on; the images after the block see the
+        # block's rows here (the rows before `start` saw them in their own blocks)
+        columns = np.arange(start, count)
+        _keep_top(values, index, columns[: stop - start], _two_best(similar, 1), columns)
+        if stop < count:
+            after = _two_best(similar[:, stop - start :], 0)
+            _keep_top(values, index, columns[stop - start :], after, columns[: stop - start])
+    return found, values, index
+
+
+def correlated_pairs(
+    ranks: np.ndarray, min_correlation: float = MIN_CORRELATION
+) -> list[tuple[int, int, float]]:
+    """Every (i, j, correlation), i < j, of coefficient ranks (int8, N x RANK_LENGTH) that
+    correlate at least `min_correlation`: every pair compared, a block of rows at a time."""
+    return rank_scan(ranks, min_correlation)[0]
+
+
+def nearest_pairs(
+    values: np.ndarray,
+    index: np.ndarray,
+    min_correlation: float = NEAREST_MIN_CORRELATION,
+    max_ratio: float = NEAREST_MAX_RATIO,
+) -> list[tuple[int, int, float, float]]:
+    """(i, j, rho, runner-up rho), i < j: images that are each other's nearest neighbour
+    (`values`, `index`: each image's two nearest, as `rank_scan` gives them), correlate at least
+    `min_correlation`, and are far nearer to each other than either is to its next nearest:
+    1 - rho <= max_ratio * (1 - runner-up)."""
+    found = []
+    for i, j in enumerate(index[:, 0].tolist()):
+        if j <= i or index[j, 0] != i:
+            continue  # each mutual pair once
+        rho = float(values[i, 0])
+        runner_up = max(float(values[i, 1]), float(values[j, 1]))
+        if runner_up == -np.inf:
+            continue  # two images: nothing to stand out from
+        if rho >= min_correlation and 1 - rho <= max_ratio * (1 - runner_up):
+            found.append((i, j, rho, runner_up))
     return found
 
 
@@ -270,21 +364,29 @@ def group(
 ) -> NearDuplicates:
     """The near-duplicate groups of `hashes` (uint64, N x words): images within
     `max_distance` bits of another in the group, or (with `ranks`, from `signatures`) whose
-    coefficient ranks correlate at least `min_correlation`, transitively (a chain of small
-    changes is still one group). `together`: (i, j) pairs a person linked (the review file's
+    coefficient ranks correlate at least `min_correlation` or who are distinct nearest
+    neighbours (`nearest_pairs`), transitively (a chain of small changes is still one group).
+    `together`: (i, j) pairs a person linked (the review file's
     `together`), whatever their distance (in `reviewed`)."""
     pairs = close_pairs(hashes, max_distance)
     linked = {(i, j) for i, j, _ in pairs}
     reviewed = {(min(i, j), max(i, j)) for i, j in together if i != j} - linked
     pairs += [(i, j, distance(hashes[i], hashes[j])) for i, j in sorted(reviewed)]
     correlated: dict[tuple[int, int], float] = {}
+    nearest: dict[tuple[int, int], tuple[float, float]] = {}
     if ranks is not None:
         if len(ranks) != len(hashes):
             raise ValueError(f"group: {len(hashes)} hashes but {len(ranks)} rank rows")
         linked |= reviewed
-        for i, j, rho in correlated_pairs(ranks, min_correlation):
+        above, values, index = rank_scan(ranks, min_correlation)
+        for i, j, rho in above:
             if (i, j) not in linked:
                 correlated[i, j] = round(rho, 4)
                 pairs.append((i, j, distance(hashes[i], hashes[j])))
+        linked |= set(correlated)
+        for i, j, rho, runner_up in nearest_pairs(values, index):
+            if (i, j) not in linked:
+                nearest[i, j] = (round(rho, 4), round(runner_up, 4))
+                pairs.append((i, j, distance(hashes[i], hashes[j])))
     pairs.sort()
-    return NearDuplicates(components(len(hashes), pairs), pairs, correlated, reviewed)
+    return NearDuplicates(components(len(hashes), pairs), pairs, correlated, reviewed, nearest)

@@ -449,6 +449,11 @@ def near_duplicate_report(
                     for i, j, _ in pairs
                     if (i, j) in found.correlated
                 ],
+                "nearest_pairs": [
+                    [items[i].path, items[j].path, *found.nearest[i, j]]
+                    for i, j, _ in pairs
+                    if (i, j) in found.nearest
+                ],
                 "reviewed_pairs": [
                     [items[i].path, items[j].path] for i, j, _ in pairs if (i, j) in found.reviewed
                 ],
@@ -458,11 +463,16 @@ def near_duplicate_report(
         "method": f"perceptual hash ({neardup.HASH_BITS}-bit DCT of the content-centred grey "
         f"image); images whose hashes differ in at most {neardup.MAX_DISTANCE} bits, or whose "
         f"DCT coefficients' ranks correlate at least {neardup.MIN_CORRELATION} "
-        "(correlated_pairs), are linked, and so are the files the review file's together "
-        "lists (reviewed_pairs); a group is every image linked through a chain; a group "
-        "always goes to one split",
+        "(correlated_pairs), or that are each other's nearest neighbour by that correlation, "
+        f"at least {neardup.NEAREST_MIN_CORRELATION}, with 1 - rho at most "
+        f"{neardup.NEAREST_MAX_RATIO} of 1 - the runner-up's rho (nearest_pairs: rho, "
+        "runner-up), are linked, and so are the files the review file's together lists "
+        "(reviewed_pairs); a group is every image linked through a chain; a group always "
+        "goes to one split",
         "max_distance": neardup.MAX_DISTANCE,
         "min_correlation": neardup.MIN_CORRELATION,
+        "nearest_min_correlation": neardup.NEAREST_MIN_CORRELATION,
+        "nearest_max_ratio": neardup.NEAREST_MAX_RATIO,
         "count": len(groups),
         "images": sum(len(group["files"]) for group in groups),
         "groups": groups,
