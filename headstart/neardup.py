@@ -293,7 +293,7 @@ def rank_scan(
     -inf and -1 where there are fewer)."""
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape[1] != RANK_LENGTH:
-        raise ValueError(f"correlated_pairs: expected N x {RANK_LENGTH} ranks, got {ranks.shape}")
+        raise ValueError(f"rank_scan: expected N x {RANK_LENGTH} ranks, got {ranks.shape}")
     count = len(ranks)
     scaled = ranks.astype(np.float32) / np.float32(np.sqrt(_RANK_NORM))
     values = np.full((count, 2), -np.inf, dtype=np.float32)
