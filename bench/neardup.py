@@ -13,7 +13,7 @@ the distinct-nearest-neighbour test.
 3. Other clean data: the demo (--demo, default data/ if present) and scikit-image's 200 LFW
    photos: the share flagged.
 
-    python bench/neardup.py          # a few minutes here
+    python bench/neardup.py          # about 20 s here
 """
 
 from __future__ import annotations
@@ -67,16 +67,23 @@ def copy_of(image: Image.Image, mode: str, rng: np.random.Generator) -> bytes:
     return buffer.getvalue()
 
 
-def links(arrays: np.ndarray, rho: float | None, nearest: tuple[float, float] | None) -> set:
-    """The (i, j) pairs one rule links among `arrays`: the hash, or with `rho` also the rank
-    correlation, and with `nearest` (min rho, max ratio) also distinct nearest neighbours."""
+def links(arrays: np.ndarray, rules: list[tuple]) -> list[set]:
+    """Per rule (rho, nearest), the (i, j) pairs it links among `arrays`: the hash, or with
+    `rho` also the rank correlation, and with `nearest` (min rho, max ratio) also distinct
+    nearest neighbours. The signatures and one correlation pass serve every rule."""
     hashes, ranks = neardup.signatures(arrays)
-    found = {(i, j) for i, j, _ in neardup.close_pairs(hashes)}
-    if rho is not None:
-        above, values, index = neardup.rank_scan(ranks, rho)
-        found |= {(i, j) for i, j, _ in above}
-        if nearest is not None:
-            found |= {(i, j) for i, j, *_ in neardup.nearest_pairs(values, index, *nearest)}
+    hashed = {(i, j) for i, j, _ in neardup.close_pairs(hashes)}
+    lowest = min((rho for rho, _ in rules if rho is not None), default=None)
+    if lowest is not None:
+        above, values, index = neardup.rank_scan(ranks, lowest)
+    found = []
+    for rho, nearest in rules:
+        pairs = set(hashed)
+        if rho is not None:
+            pairs |= {(i, j) for i, j, r in above if r >= rho}
+            if nearest is not None:
+                pairs |= {(i, j) for i, j, *_ in neardup.nearest_pairs(values, index, *nearest)}
+        found.append(pairs)
     return found
 
 
@@ -92,9 +99,11 @@ RULES += [(neardup.MIN_CORRELATION, (0.8, ratio)) for ratio in (0.4, 0.5, 0.6)]
 RULES += [(neardup.MIN_CORRELATION, (floor, 0.5)) for floor in (0.7, 0.85)]
 
 
-def flagged_share(arrays: np.ndarray, rho: float | None, nearest: tuple | None) -> float:
-    """The share of `arrays` that one rule links to another (what prepare would group)."""
-    return len({i for pair in links(arrays, rho, nearest) for i in pair}) / len(arrays)
+def flagged_shares(arrays: np.ndarray, rules: list[tuple]) -> list[float]:
+    """Per rule, the share of `arrays` it links to another (what prepare would group)."""
+    return [
+        len({i for pair in found for i in pair}) / len(arrays) for found in links(arrays, rules)
+    ]
 
 
 def synthesis(bench_rows: set[int]) -> list[tuple]:
@@ -114,8 +123,7 @@ def synthesis(bench_rows: set[int]) -> list[tuple]:
         modes.append(mode)
     stacked, modes_array = np.stack(arrays), np.array(modes)
     rows_out = []
-    for rho, nearest in RULES:
-        found = links(stacked, rho, nearest)
+    for (rho, nearest), found in zip(RULES, links(stacked, RULES), strict=True):
         linked = np.array([(5000 + k, 6000 + k) in found for k in range(1000)])
         flagged = {i for pair in found for i in pair if i < 5000}
         per_mode = " ".join(f"{m} {linked[modes_array == m].mean():.3f}" for m in MODES)
@@ -156,14 +164,16 @@ def doctor_copies(seeds: list[int]) -> tuple[list[tuple], dict]:
             split = {row["file"]: row["split"] for row in csv.DictReader(handle)}
         straddling[seed] = sum(split[a] != split[b] for a, b in pairs)
     rows, missed = [], []
-    for rule in DOCTOR_RULES:
-        found = links(everything, *rule)
+    shares = flagged_shares(clean, DOCTOR_RULES)
+    for rule, found, share in zip(
+        DOCTOR_RULES, links(everything, DOCTOR_RULES), shares, strict=True
+    ):
         linked = [pair in found for pair in wanted]
         rows.append(
             (
                 rule_name(*rule),
                 f"{sum(linked)}/150",
-                f"{flagged_share(clean, *rule):.2%}",
+                f"{share:.2%}",
                 ", ".join(f"seed {s}: {n}" for s, n in straddling.items())
                 if rule == DEFAULT
                 else "",
@@ -215,12 +225,10 @@ def main(argv=None) -> None:
             for f in faces
         ]
         both = np.stack(photos + copies)
-        linked = []
-        for rule in DOCTOR_RULES:
-            found = links(both, *rule)
-            linked.append(
-                (rule_name(*rule), f"{sum((k, 200 + k) in found for k in range(200))}/200")
-            )
+        linked = [
+            (rule_name(*rule), f"{sum((k, 200 + k) in found for k in range(200))}/200")
+            for rule, found in zip(DOCTOR_RULES, links(both, DOCTOR_RULES), strict=True)
+        ]
         heading = "LFW photos cropped by 1 px in 25, scaled back to 27 px, among all 400"
         print(table(linked, (heading, "linked")))
         print()
@@ -228,7 +236,7 @@ def main(argv=None) -> None:
         (
             name,
             len(arrays),
-            *(f"{flagged_share(np.stack(arrays), *rule):.2%}" for rule in DOCTOR_RULES),
+            *(f"{share:.2%}" for share in flagged_shares(np.stack(arrays), DOCTOR_RULES)),
         )
         for name, arrays in clean_sets.items()
     ]

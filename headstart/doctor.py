@@ -96,9 +96,14 @@ def strong_evidence(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray
     return given < STRONG * means[labels]
 
 
-def _files(prepared: Path, split: str) -> list[str]:
+def _files(prepared: Path) -> dict[str, list[str]]:
+    """Each split's files in row order, from one read of the manifest."""
+    files: dict[str, list[str]] = {split: [] for split in SPLITS}
     with open(prepared / MANIFEST_FILE, newline="") as handle:
-        return [row["file"] for row in csv.DictReader(handle) if row["split"] == split]
+        for row in csv.DictReader(handle):
+            if row["split"] in files:
+                files[row["split"]].append(row["file"])
+    return files
 
 
 def examine(
@@ -108,6 +113,7 @@ def examine(
     `off_topic` (file, label, ood_score, threshold), `label_conflicts` (near-duplicate groups
     across classes, from prepare's report). Files a person marked `keep` are left out."""
     classes = read_json(prepared / LABELS_FILE)["classes"]
+    files_of = _files(prepared)
     suspects = []
     sources = {"train": transfer / OUT_OF_FOLD_FILE, "val": transfer / PROBABILITIES_FILE}
     for split, source in sources.items():
@@ -119,7 +125,7 @@ def examine(
         else:
             with np.load(source) as recorded:
                 probabilities = recorded["val"]
-        files = _files(prepared, split)
+        files = files_of[split]
         ranked, suggested = label_issues(probabilities, labels)
         strong = strong_evidence(probabilities, labels)
         suspects += [
@@ -140,7 +146,7 @@ def examine(
         "per-class thresholds, prune by noise rate, ranked by self-confidence; strong: "
         f"self-confidence under {STRONG} x its class's threshold",
         "label_issues": suspects,
-        "off_topic": _off_topic(prepared, release, features, classes, keep),
+        "off_topic": _off_topic(prepared, release, features, classes, keep, files_of["train"]),
         "possible_leaks": possible_leaks(prepared, features),
         "label_conflicts": read_json(report / REPORT_FILE)["near_duplicates"]["label_conflicts"]
         if (report / REPORT_FILE).is_file()
@@ -149,7 +155,12 @@ def examine(
 
 
 def _off_topic(
-    prepared: Path, release: Path, features: Path, classes: list[str], keep: set[str]
+    prepared: Path,
+    release: Path,
+    features: Path,
+    classes: list[str],
+    keep: set[str],
+    files: list[str],
 ) -> list[dict]:
     from headstart import ood
 
@@ -159,7 +170,6 @@ def _off_topic(
     train, labels = load_features(features, "train")
     images = len(np.load(prepared / "train_labels.npy"))
     scores = detector.score(train[:images])  # first views: the images as they are
-    files = _files(prepared, "train")
     rows = [int(r) for r in np.argsort(-scores, kind="stable") if scores[r] > detector.threshold]
     return [
         {
@@ -191,12 +201,14 @@ def possible_leaks(prepared: Path, features: Path) -> list[dict]:
         return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
     present = [s for s in SPLITS if (prepared / f"{s}_labels.npy").is_file()]
+    units = {split: unit(split) for split in present}  # each split read once
+    files_of = _files(prepared)
     found = []
     for split, other in LEAK_SPLITS:
-        if split not in present or other not in present:
+        if split not in units or other not in units:
             continue
-        held, base = unit(split), unit(other)
-        files, matches = _files(prepared, split), _files(prepared, other)
+        held, base = units[split], units[other]
+        files, matches = files_of[split], files_of[other]
         for start in range(0, len(held), LEAK_ROWS):
             similarity = held[start : start + LEAK_ROWS] @ base.T
             best = similarity.argmax(axis=1)

@@ -261,12 +261,24 @@ def test_coefficient_ranks_correlate_as_pearson_on_the_ranks_says():
     assert neardup.correlation(ranks[2], ranks[2]) == pytest.approx(1.0)
 
 
+def planted_ranks(count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = np.arange(neardup.RANK_LENGTH) - neardup.RANK_LENGTH // 2
+    return np.stack([rng.permutation(base) for _ in range(count)]).astype(np.int8)
+
+
+def shuffled(ranks: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """`ranks` with a share of its entries permuted among themselves: less correlated."""
+    out = ranks.copy()
+    moved = rng.choice(len(out), round(share * len(out)), replace=False)
+    out[moved] = out[rng.permutation(moved)]
+    return out
+
+
 def test_correlated_pairs_finds_exactly_the_planted_pairs_across_blocks():
     """Random rank orders barely correlate; a copy with a few ranks swapped correlates
     almost 1 and is found wherever it lies; a reversed order is not near."""
-    rng = np.random.default_rng(26)
-    base = np.arange(neardup.RANK_LENGTH) - neardup.RANK_LENGTH // 2
-    ranks = np.stack([rng.permutation(base) for _ in range(3000)]).astype(np.int8)
+    ranks = planted_ranks(3000, 26)
     ranks[2999] = ranks[0]
     ranks[2999, [0, 1]] = ranks[2999, [1, 0]]
     ranks[1500] = -ranks[1499]
@@ -291,20 +303,6 @@ def test_a_crop_and_resize_the_hash_misses_is_linked_by_its_coefficient_ranks():
     assert found.correlated[74, 200] >= neardup.MIN_CORRELATION
     # the distinct-nearest-neighbour test may link look-alikes, at most 1 % of the photos
     assert len({i for pair in found.nearest for i in pair}) <= 2
-
-
-def planted_ranks(count: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = np.arange(neardup.RANK_LENGTH) - neardup.RANK_LENGTH // 2
-    return np.stack([rng.permutation(base) for _ in range(count)]).astype(np.int8)
-
-
-def shuffled(ranks: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
-    """`ranks` with a share of its entries permuted among themselves: less correlated."""
-    out = ranks.copy()
-    moved = rng.choice(len(out), round(share * len(out)), replace=False)
-    out[moved] = out[rng.permutation(moved)]
-    return out
 
 
 def test_rank_scan_keeps_each_images_two_nearest_across_blocks():
