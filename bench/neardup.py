@@ -12,6 +12,8 @@ the distinct-nearest-neighbour test.
    without the copies: the share flagged.
 3. Other clean data: the demo (--demo, default data/ if present) and scikit-image's 200 LFW
    photos: the share flagged.
+Each also gives what prepare keeps in one split without flagging it: the look-alike pairs
+(neardup.LOOK_ALIKE_*), as pairs kept together and as the share of clean images in them.
 
     python bench/neardup.py          # about 20 s here
 """
@@ -99,6 +101,18 @@ RULES += [(neardup.MIN_CORRELATION, (0.8, ratio)) for ratio in (0.4, 0.5, 0.6)]
 RULES += [(neardup.MIN_CORRELATION, (floor, 0.5)) for floor in (0.7, 0.85)]
 
 
+def kept_together(arrays: np.ndarray) -> tuple[np.ndarray, float]:
+    """As prepare splits them: each image's unit (the images that go to one split whole; -1
+    when alone), and the share of images in a look-alike pair (kept together, not flagged)."""
+    hashes, ranks = neardup.signatures(arrays)
+    found = neardup.group(hashes, ranks=ranks)
+    unit = np.full(len(arrays), -1)
+    for n, members in enumerate(found.units):
+        unit[members] = n
+    in_pairs = {i for pair in found.look_alikes for i in pair}
+    return unit, len(in_pairs) / len(arrays)
+
+
 def flagged_shares(arrays: np.ndarray, rules: list[tuple]) -> list[float]:
     """Per rule, the share of `arrays` it links to another (what prepare would group)."""
     return [
@@ -126,6 +140,8 @@ def synthesis(bench_rows: set[int]) -> list[tuple]:
     for (rho, nearest), found in zip(RULES, links(stacked, RULES), strict=True):
         linked = np.array([(5000 + k, 6000 + k) in found for k in range(1000)])
         flagged = {i for pair in found for i in pair if i < 5000}
+        if (rho, nearest) == DEFAULT:
+            flagged_default = len(flagged) / 5000
         per_mode = " ".join(f"{m} {linked[modes_array == m].mean():.3f}" for m in MODES)
         rows_out.append(
             (
@@ -135,6 +151,19 @@ def synthesis(bench_rows: set[int]) -> list[tuple]:
                 f"{len(flagged) / 5000:.2%}",
             )
         )
+    unit, _ = kept_together(stacked)
+    together = np.array(
+        [unit[5000 + k] >= 0 and unit[5000 + k] == unit[6000 + k] for k in range(1000)]
+    )
+    rows_out.append(
+        (
+            "default, and look-alikes kept in one split (not flagged)",
+            f"{together.mean():.3f}",
+            " ".join(f"{m} {together[modes_array == m].mean():.3f}" for m in MODES),
+            f"{flagged_default:.2%}, and {np.mean(unit[:5000] >= 0) - flagged_default:.2%} more "
+            "kept together",
+        )
+    )
     return rows_out
 
 
@@ -180,6 +209,17 @@ def doctor_copies(seeds: list[int]) -> tuple[list[tuple], dict]:
             )
         )
         missed = [pairs[n][0] for n, ok in enumerate(linked) if not ok]
+    unit, _ = kept_together(everything)
+    _, kept_share = kept_together(clean)
+    together = sum(unit[i] >= 0 and unit[i] == unit[j] for i, j in wanted)
+    rows.append(
+        (
+            "default, and look-alikes kept in one split (not flagged)",
+            f"{together}/150 in one unit",
+            f"{rows[-1][2]}, and {kept_share:.2%} kept together",
+            "",
+        )
+    )
     rows_by_row = {r for rows in train.values() for r in rows}
     return rows, {"missed": missed, "rows": rows_by_row}
 
@@ -229,6 +269,9 @@ def main(argv=None) -> None:
             (rule_name(*rule), f"{sum((k, 200 + k) in found for k in range(200))}/200")
             for rule, found in zip(DOCTOR_RULES, links(both, DOCTOR_RULES), strict=True)
         ]
+        unit, _ = kept_together(both)
+        together = sum(unit[k] >= 0 and unit[k] == unit[200 + k] for k in range(200))
+        linked.append(("default, and look-alikes kept in one split", f"{together}/200"))
         heading = "LFW photos cropped by 1 px in 25, scaled back to 27 px, among all 400"
         print(table(linked, (heading, "linked")))
         print()
@@ -237,12 +280,21 @@ def main(argv=None) -> None:
             name,
             len(arrays),
             *(f"{share:.2%}" for share in flagged_shares(np.stack(arrays), DOCTOR_RULES)),
+            f"{kept_together(np.stack(arrays))[1]:.2%}",
         )
         for name, arrays in clean_sets.items()
     ]
     print()
     print(
-        table(rows, ("clean data", "images", *(f"flagged: {rule_name(*r)}" for r in DOCTOR_RULES)))
+        table(
+            rows,
+            (
+                "clean data",
+                "images",
+                *(f"flagged: {rule_name(*r)}" for r in DOCTOR_RULES),
+                "look-alikes kept together",
+            ),
+        )
     )
 
 

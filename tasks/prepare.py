@@ -468,7 +468,11 @@ def near_duplicate_report(
         f"{neardup.NEAREST_MAX_RATIO} of 1 - the runner-up's rho (nearest_pairs: rho, "
         "runner-up), are linked, and so are the files the review file's together lists "
         "(reviewed_pairs); a group is every image linked through a chain; a group always "
-        "goes to one split",
+        "goes to one split. Look-alikes: mutual nearest neighbours, at least "
+        f"{neardup.LOOK_ALIKE_MIN_CORRELATION}, with 1 - rho at most "
+        f"{neardup.LOOK_ALIKE_MAX_RATIO:.2f} of the runner-up's (Lowe's cut), not linked "
+        "otherwise: not near-duplicates, but kept in one split with each other (and their "
+        "groups), in case one is a copy the tests missed",
         "max_distance": neardup.MAX_DISTANCE,
         "min_correlation": neardup.MIN_CORRELATION,
         "nearest_min_correlation": neardup.NEAREST_MIN_CORRELATION,
@@ -476,6 +480,10 @@ def near_duplicate_report(
         "count": len(groups),
         "images": sum(len(group["files"]) for group in groups),
         "groups": groups,
+        "look_alikes": [
+            {"files": [items[i].path, items[j].path], "rho": rho, "runner_up": runner_up}
+            for (i, j), (rho, runner_up) in sorted(found.look_alikes.items())
+        ],
         "joined": [{"file": i.path, "label": i.label, "split": i.split} for i in placement.joined],
         "moved": [
             {"file": i.path, "label": i.label, "from": before, "to": i.split}
@@ -587,7 +595,7 @@ def prepare(
         remembered = read_split_record(record, seed, p.val_fraction, p.test_fraction)
         found = _near_duplicates(used_items, raw.fileno(), size, decisions.together)
         placement = assign_splits(
-            used_items, remembered, seed, p.val_fraction, p.test_fraction, found.groups
+            used_items, remembered, seed, p.val_fraction, p.test_fraction, found.units
         )
         for split in SPLITS:
             if not any(i.split == split for i in seen):
@@ -636,7 +644,7 @@ def _log_placement(placement: Placement, used: int, record_name: str) -> None:
     kept = used - placement.dealt - len(placement.joined) - len(placement.moved)
     log.info(
         "prepare: split: %d image(s) kept where %s had them, %d new dealt, %d new joined their "
-        "near-duplicates' split, %d moved to their group's split",
+        "near-duplicates' (or look-alike's) split, %d moved to their group's split",
         kept,
         record_name,
         placement.dealt,
@@ -710,10 +718,11 @@ def summary(report: dict) -> str:
     for conflict in report["label_conflicts"]:
         lines.append(f"  label conflict {', '.join(map(printable, conflict['files']))}")
     near = report["near_duplicates"]
-    if near["count"]:
+    if near["count"] or near["look_alikes"]:
         lines.append(
             f"  near-duplicates: {near['count']} group(s) of {near['images']} images, each kept "
-            f"in one split; {len(near['joined'])} new image(s) joined their group's split, "
+            f"in one split, and {len(near['look_alikes'])} look-alike pair(s) kept together; "
+            f"{len(near['joined'])} new image(s) joined their group's split, "
             f"{len(near['moved'])} moved to it; {len(near['label_conflicts'])} group(s) span "
             "classes (label-conflict candidates); see report.json near_duplicates"
         )

@@ -379,3 +379,48 @@ def test_prepare_keeps_a_crop_and_resize_copy_with_its_original_and_reports_the_
     assert group["files"] == nearer and splits[nearer[0]] == splits[nearer[1]]
     ((*files, rho, runner_up),) = group["nearest_pairs"]
     assert sorted(files) == nearer and rho >= near["nearest_min_correlation"] > runner_up
+
+
+def test_a_look_alike_pair_is_kept_in_one_split_but_not_reported_as_near_duplicates():
+    """Among random rank orders: a mutual nearest pair at rho ~0.65 passes Lowe's own cut but
+    not the near-duplicate tests (a look-alike); one at ~0.9 is a near-duplicate; three at
+    ~0.65 to each other are each other's runner-ups: nothing. Look-alikes join the units that
+    go to one split whole, never the reported groups."""
+    rng = np.random.default_rng(11)
+    ranks = planted_ranks(600, 12)
+    ranks[500] = shuffled(ranks[10], 0.3, rng)  # the look-alike pair
+    ranks[501] = shuffled(ranks[40], 0.1, rng)  # a near-duplicate
+    common = planted_ranks(1, 13)[0]  # three shuffles of one order: a crowd
+    ranks[20], ranks[502], ranks[503] = (shuffled(common, 0.2, rng) for _ in range(3))
+    hashes = rng.integers(0, 2**63, size=(600, neardup.HASH_WORDS), dtype=np.uint64)
+    rho = lambda i, j: neardup.correlation(ranks[i], ranks[j])  # noqa: E731
+    assert neardup.LOOK_ALIKE_MIN_CORRELATION <= rho(10, 500) < neardup.NEAREST_MIN_CORRELATION
+    crowd = [rho(20, 502), rho(20, 503), rho(502, 503)]
+    assert neardup.LOOK_ALIKE_MIN_CORRELATION <= min(crowd) <= max(crowd) < neardup.MIN_CORRELATION
+    found = neardup.group(hashes, ranks=ranks)
+    assert found.groups == [[40, 501]]
+    assert list(found.look_alikes) == [(10, 500)]
+    (look_rho, runner_up) = found.look_alikes[10, 500]
+    assert 1 - look_rho <= neardup.LOOK_ALIKE_MAX_RATIO * (1 - runner_up)
+    assert found.units == [[10, 500], [40, 501]]
+
+
+def test_prepare_keeps_a_look_alike_crop_in_its_originals_split_and_lists_it_apart(tmp_path):
+    """A real photo cropped by 4 % that no near-duplicate test links, but that is its
+    original's distinct nearest neighbour under Lowe's cut: same split, listed under
+    look_alikes, not as a group; the text report says so."""
+    data = tmp_path / "data"
+    for index, image in enumerate(lfw_images()):
+        folder = data / ("face" if index < 100 else "other")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"lfw_{index:03d}.png").write_bytes(encoded(image))
+    (data / "face" / "copy.png").write_bytes(crop_and_resize(lfw_images()[0]))
+    splits, near = run_prepare(data, tmp_path, "run")
+    pair = ["face/copy.png", "face/lfw_000.png"]
+    assert not any("face/copy.png" in g["files"] for g in near["groups"])
+    (look_alike,) = [p for p in near["look_alikes"] if "face/copy.png" in p["files"]]
+    assert sorted(look_alike["files"]) == pair
+    assert near["nearest_min_correlation"] > look_alike["rho"] > look_alike["runner_up"]
+    assert splits[pair[0]] == splits[pair[1]]
+    text = (tmp_path / "run" / "report" / "report.txt").read_text()
+    assert f"{len(near['look_alikes'])} look-alike pair(s) kept together" in text
