@@ -128,29 +128,24 @@ def precision_recall(flagged: set[str], truth: set[str]) -> tuple[float, float]:
 
 
 def cleanlab_flags(project: Path) -> tuple[set[str], set[str]]:
-    """cleanlab's find_label_issues on the probabilities the doctor read, split by split: as
-    it is, and only where the doctor sees strong evidence (doctor.strong_evidence)."""
+    """cleanlab's find_label_issues on the probabilities the doctor read (doctor.doubts), split
+    by split: as it is, and only where the doctor sees strong evidence (doctor.strong_evidence)."""
     import csv
 
     from cleanlab.filter import find_label_issues
 
-    from headstart.doctor import strong_evidence
+    from headstart.doctor import doubts, strong_evidence
 
-    prepared, transfer = project / "artifacts/prepared", project / "artifacts/transfer"
-    with open(prepared / "manifest.csv", newline="") as handle:
+    artifacts = project / "artifacts"
+    with open(artifacts / "prepared/manifest.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     flagged, cut = set(), set()
-    for split in ("train", "val"):
+    found = doubts(artifacts / "prepared", artifacts / "transfer", artifacts / "features")
+    for split, (probs, labels) in found.items():
         files = [r["file"] for r in rows if r["split"] == split]
-        labels = np.load(prepared / f"{split}_labels.npy")
-        if split == "train":
-            probabilities = np.load(transfer / "train_out_of_fold.npy")
-        else:
-            probabilities = np.load(transfer / "probabilities.npz")["val"]
-        probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
-        issues = find_label_issues(labels, probabilities)
+        issues = find_label_issues(labels, probs)
         flagged |= {files[i] for i in np.flatnonzero(issues)}
-        strong = strong_evidence(probabilities, labels)
+        strong = strong_evidence(probs, labels)
         cut |= {files[i] for i in np.flatnonzero(issues & strong)}
     return flagged, cut
 

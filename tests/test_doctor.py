@@ -12,6 +12,7 @@ import pytest
 import yaml
 from helpers import class_pattern, run_in
 
+from headstart import doctor
 from headstart.doctor import label_issues
 
 
@@ -63,6 +64,29 @@ def test_clean_labels_of_a_confident_model_flag_nothing():
 
 
 @pytest.mark.slow
+def test_neighbours_vote_without_an_images_own_label_and_never_give_a_class_zero():
+    """Three clusters of 12 images; one image in cluster 0 is labelled 1. Its own vote left
+    out, its 10 neighbours all say 0; a validation image in cluster 2 gets cluster 2's votes."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(3, 8)) * 5
+    base = np.repeat(centres, 12, axis=0) + rng.normal(size=(36, 8)) * 0.3
+    labels = np.repeat(np.arange(3), 12)
+    labels[4] = 1
+    votes = doctor.neighbour_votes(base, base, labels, 3, own=True)
+    assert votes.shape == (36, 3) and np.allclose(votes.sum(axis=1), 1)
+    floor = doctor.PSEUDO_VOTES / 3 / (doctor.NEIGHBOURS + doctor.PSEUDO_VOTES)
+    assert votes[4, 1] == pytest.approx(floor) and votes[4, 0] == votes[4].max()
+    counted = doctor.neighbour_votes(base, base, labels, 3, own=False)  # itself among its 10
+    assert counted[4, 1] == pytest.approx(floor + 1 / (doctor.NEIGHBOURS + doctor.PSEUDO_VOTES))
+    held = doctor.neighbour_votes(centres[2:] + 0.1, base, labels, 3, own=False)
+    assert held.argmax() == 2 and held[0, 2] > 0.9
+
+
+def test_two_opinions_join_as_their_normalised_geometric_mean():
+    joined = doctor.joined(np.array([[0.5, 0.5], [0.2, 0.8]]), np.array([[0.9, 0.1], [0.2, 0.8]]))
+    assert joined == pytest.approx(np.array([[0.75, 0.25], [0.2, 0.8]]))
+
+
 def test_an_injected_mislabel_is_ranked_first_and_a_review_relabels_it(trained_copy):
     root = trained_copy
     class_pattern(1, seed=4242).save(root / "data" / "class_0" / "odd_one.png")  # a class_1 image
