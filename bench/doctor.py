@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds", type=int, default=1, help="review-and-rerun rounds per policy (a user's loop)"
     )
+    parser.add_argument("--keep", action="store_true", help="keep the projects (path printed)")
     return parser.parse_args(argv)
 
 
@@ -305,7 +306,10 @@ def main(argv=None) -> dict:
 
     out = write_json(ROOT / "bench" / "out" / "doctor.json", {"argv": sys.argv[1:], "runs": runs})
     print(f"wrote {out}", file=sys.stderr)
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"kept {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return runs
 
 
