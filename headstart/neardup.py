@@ -406,10 +406,11 @@ def group(
         for i, j, rho, runner_up in loose:  # the strict ones among them
             if (i, j) in linked:
                 continue
-            found = nearest if (i, j) in strict else look_alikes
-            found[i, j] = (round(rho, 4), round(runner_up, 4))
             if (i, j) in strict:
+                nearest[i, j] = (round(rho, 4), round(runner_up, 4))
                 pairs.append((i, j, distance(hashes[i], hashes[j])))
+            else:
+                look_alikes[i, j] = (round(rho, 4), round(runner_up, 4))
     pairs.sort()
     units = components(len(hashes), pairs + [(i, j, 0) for i, j in look_alikes])
     return NearDuplicates(
