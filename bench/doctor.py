@@ -135,13 +135,15 @@ def cleanlab_flags(project: Path) -> tuple[set[str], set[str]]:
 
     from cleanlab.filter import find_label_issues
 
-    from headstart.doctor import doubts, strong_evidence
+    from headstart.doctor import doubts, first_views, strong_evidence
 
     artifacts = project / "artifacts"
     with open(artifacts / "prepared/manifest.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     flagged, cut = set(), set()
-    found = doubts(artifacts / "prepared", artifacts / "transfer", artifacts / "features")
+    prepared = artifacts / "prepared"
+    views = first_views(prepared, artifacts / "features")
+    found = doubts(prepared, artifacts / "transfer", views)
     for split, (probs, labels) in found.items():
         files = [r["file"] for r in rows if r["split"] == split]
         issues = find_label_issues(labels, probs)

@@ -144,12 +144,13 @@ def joined(model: np.ndarray, votes: np.ndarray) -> np.ndarray:
 
 
 def doubts(
-    prepared: Path, transfer: Path, features: Path
+    prepared: Path, transfer: Path, views: dict[str, np.ndarray]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per split the doctor examines (train, val): (probabilities, given labels), the model's
-    out-of-sample probabilities joined to the training images' votes (`neighbour_votes`)."""
+    out-of-sample probabilities joined to the training images' votes (`neighbour_votes`;
+    `views`: each split's features, from `first_views`)."""
     sources = {"train": transfer / OUT_OF_FOLD_FILE, "val": transfer / PROBABILITIES_FILE}
-    train = _first_views(prepared, features, "train")
+    train = views["train"]
     train_labels = np.load(prepared / "train_labels.npy")
     found = {}
     for split, source in sources.items():
@@ -157,21 +158,26 @@ def doubts(
             continue
         labels = np.load(prepared / f"{split}_labels.npy")
         if split == "train":
-            model, rows = np.load(source), train
+            model = np.load(source)
         else:
             with np.load(source) as recorded:
                 model = recorded["val"]
-            rows = _first_views(prepared, features, split)
-        votes = neighbour_votes(rows, train, train_labels, model.shape[1], own=split == "train")
+        votes = neighbour_votes(
+            views[split], train, train_labels, model.shape[1], own=split == "train"
+        )
         found[split] = (joined(model, votes), labels)
     return found
 
 
-def _first_views(prepared: Path, features: Path, split: str) -> np.ndarray:
-    """A split's cached features of the images as they are (the first views; augmented views,
-    where cached, follow them)."""
-    count = len(np.load(prepared / f"{split}_labels.npy"))
-    return np.asarray(load_features(features, split)[0][:count], np.float32)
+def first_views(prepared: Path, features: Path) -> dict[str, np.ndarray]:
+    """Each prepared split's cached features of the images as they are (the first views;
+    augmented views, where cached, follow them), read once for every check."""
+    views = {}
+    for split in SPLITS:
+        if (prepared / f"{split}_labels.npy").is_file():
+            count = len(np.load(prepared / f"{split}_labels.npy"))
+            views[split] = np.asarray(load_features(features, split)[0][:count], np.float32)
+    return views
 
 
 def _files(prepared: Path) -> dict[str, list[str]]:
@@ -193,7 +199,8 @@ def examine(
     classes = read_json(prepared / LABELS_FILE)["classes"]
     files_of = _files(prepared)
     suspects = []
-    for split, (probabilities, labels) in doubts(prepared, transfer, features).items():
+    views = first_views(prepared, features)
+    for split, (probabilities, labels) in doubts(prepared, transfer, views).items():
         files = files_of[split]
         ranked, suggested = label_issues(probabilities, labels)
         strong = strong_evidence(probabilities, labels)
@@ -216,8 +223,10 @@ def examine(
         "images by backbone features, per-class thresholds, prune by noise rate, ranked by "
         f"self-confidence; strong: self-confidence under {STRONG} x its class's threshold",
         "label_issues": suspects,
-        "off_topic": _off_topic(prepared, release, features, classes, keep, files_of["train"]),
-        "possible_leaks": possible_leaks(prepared, features),
+        "off_topic": _off_topic(
+            prepared, release, views["train"], classes, keep, files_of["train"]
+        ),
+        "possible_leaks": possible_leaks(prepared, views),
         "label_conflicts": read_json(report / REPORT_FILE)["near_duplicates"]["label_conflicts"]
         if (report / REPORT_FILE).is_file()
         else [],
@@ -227,7 +236,7 @@ def examine(
 def _off_topic(
     prepared: Path,
     release: Path,
-    features: Path,
+    train: np.ndarray,
     classes: list[str],
     keep: set[str],
     files: list[str],
@@ -237,9 +246,8 @@ def _off_topic(
     if not (release / ood.OOD_FILE).is_file():
         return []
     detector, _ = ood.load(release)
-    train, labels = load_features(features, "train")
-    images = len(np.load(prepared / "train_labels.npy"))
-    scores = detector.score(train[:images])  # first views: the images as they are
+    labels = np.load(prepared / "train_labels.npy")
+    scores = detector.score(train)  # first views: the images as they are
     rows = [int(r) for r in np.argsort(-scores, kind="stable") if scores[r] > detector.threshold]
     return [
         {
@@ -258,19 +266,17 @@ LEAK_ROWS = 512  # rows compared at a time
 LEAK_SPLITS = (("val", "train"), ("test", "train"), ("test", "val"))  # (image, its match)
 
 
-def possible_leaks(prepared: Path, features: Path) -> list[dict]:
+def possible_leaks(prepared: Path, views: dict[str, np.ndarray]) -> list[dict]:
     """Images whose frozen-backbone features are almost those of an image in another split
     (cosine similarity >= LEAK_SIMILARITY; a validation image against training images, a test
     image against training and validation images): copies prepare's near-duplicate tests did
     not link (a larger crop, another rendering), reported for a person to check; `headstart
-    review --group-leaks` keeps each pair in one split from the next run on. Highest first."""
-
-    def unit(split: str) -> np.ndarray:
-        rows = _first_views(prepared, features, split)
-        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-
-    present = [s for s in SPLITS if (prepared / f"{s}_labels.npy").is_file()]
-    units = {split: unit(split) for split in present}  # each split read once
+    review --group-leaks` keeps each pair in one split from the next run on (`views`: each
+    split's features, from `first_views`). Highest first."""
+    units = {
+        split: rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        for split, rows in views.items()
+    }
     files_of = _files(prepared)
     found = []
     for split, other in LEAK_SPLITS:

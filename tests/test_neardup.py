@@ -245,6 +245,14 @@ def lfw_images() -> list[Image.Image]:
     ]
 
 
+def write_lfw_classes(data: Path) -> None:
+    """The 200 LFW photos as two classes in `data`: face/lfw_000..099, other/lfw_100..199."""
+    for index, image in enumerate(lfw_images()):
+        folder = data / ("face" if index < 100 else "other")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"lfw_{index:03d}.png").write_bytes(encoded(image))
+
+
 def crop_and_resize(image: Image.Image) -> bytes:
     """One pixel in 25 (4 %) cropped off the top and the left, scaled back up to 27 px."""
     return encoded(image.crop((1, 1, 25, 25)).resize((27, 27)))
@@ -361,10 +369,7 @@ def test_a_crop_both_tests_miss_is_linked_as_a_distinct_nearest_neighbour():
 
 def test_prepare_keeps_a_crop_and_resize_copy_with_its_original_and_reports_the_link(tmp_path):
     data = tmp_path / "data"
-    for index, image in enumerate(lfw_images()):
-        folder = data / ("face" if index < 100 else "other")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"lfw_{index:03d}.png").write_bytes(encoded(image))
+    write_lfw_classes(data)
     (data / "face" / "copy.png").write_bytes(crop_and_resize(lfw_images()[74]))
     (data / "face" / "copy9.png").write_bytes(crop_and_resize(lfw_images()[9]))
     splits, near = run_prepare(data, tmp_path, "run")
@@ -410,10 +415,7 @@ def test_prepare_keeps_a_look_alike_crop_in_its_originals_split_and_lists_it_apa
     original's distinct nearest neighbour under Lowe's cut: same split, listed under
     look_alikes, not as a group; the text report says so."""
     data = tmp_path / "data"
-    for index, image in enumerate(lfw_images()):
-        folder = data / ("face" if index < 100 else "other")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"lfw_{index:03d}.png").write_bytes(encoded(image))
+    write_lfw_classes(data)
     (data / "face" / "copy.png").write_bytes(crop_and_resize(lfw_images()[0]))
     splits, near = run_prepare(data, tmp_path, "run")
     pair = ["face/copy.png", "face/lfw_000.png"]
